@@ -1,0 +1,20 @@
+//! Runtime plumbing shared by every Tessera process.
+//!
+//! # Layout
+//! - [`config`]: the one configuration format (TOML file plus `TESSERA_*` environment
+//!   overrides) read by every role.
+//! - [`telemetry`]: tracing to stderr, installed before anything else so that a failed
+//!   start always explains itself, plus the Prometheus recorder.
+//! - [`admin`]: the admin HTTP listener every process serves: `/health/live`,
+//!   `/health/ready` and `/metrics`.
+//! - [`shutdown`]: SIGTERM/SIGINT handling and a cancellation token that tasks watch.
+//! - [`start`]: the common start-up sequence a binary's `main` calls.
+
+pub mod admin;
+pub mod config;
+pub mod shutdown;
+pub mod start;
+pub mod telemetry;
+
+pub use config::Config;
+pub use shutdown::Shutdown;

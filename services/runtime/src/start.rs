@@ -1,0 +1,85 @@
+//! The start-up sequence every binary shares: parse `--config`, load the
+//! configuration, install logging and metrics, start the admin listener, run the
+//! role, and turn any error into a logged message and a non-zero exit code.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::admin::{self, Health};
+use crate::config::{Config, LogConfig};
+use crate::shutdown::Shutdown;
+use crate::telemetry;
+
+#[derive(Parser, Debug)]
+struct CommonArgs {
+    /// Path of the TOML configuration file shared by every role.
+    #[arg(long, env = "TESSERA_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+/// What a role's main function receives.
+pub struct Started {
+    pub role: &'static str,
+    pub config: Config,
+    pub shutdown: Shutdown,
+    pub health: Arc<Health>,
+    pub metrics: PrometheusHandle,
+}
+
+/// Run a role to completion. Returns the process exit code.
+pub fn run<F, Fut>(role: &'static str, main: F) -> ExitCode
+where
+    F: FnOnce(Started) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    let args = CommonArgs::parse();
+    let config = match Config::load(args.config.as_deref(), std::env::vars()) {
+        Ok(config) => config,
+        Err(error) => {
+            telemetry::init_tracing(&LogConfig::default());
+            tracing::error!(role, "cannot start: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    telemetry::init_tracing(&config.log);
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(error) => {
+            tracing::error!(role, "cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        let metrics = telemetry::install_metrics()?;
+        let shutdown = Shutdown::new();
+        shutdown.listen_for_signals();
+        let health = Arc::new(Health::default());
+        if let Some(addr) = config.admin.listen {
+            let (health, metrics, shutdown) = (health.clone(), metrics.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                if let Err(error) = admin::serve(addr, health, metrics, shutdown.clone()).await {
+                    tracing::error!("{error:#}");
+                    shutdown.trigger();
+                }
+            });
+        }
+        tracing::info!(role, version = env!("CARGO_PKG_VERSION"), "starting");
+        main(Started { role, config, shutdown, health, metrics }).await
+    });
+    match result {
+        Ok(()) => {
+            tracing::info!(role, "stopped");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            tracing::error!(role, "fatal: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

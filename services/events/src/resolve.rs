@@ -1,0 +1,131 @@
+//! State resolution through ruma (no hand-written algorithm), plus the two
+//! inputs ruma asks the caller for: each fork's auth chain and, from room
+//! version 12, the conflicted state subgraph.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use ruma::room_version_rules::{RoomVersionRules, StateResolutionVersion};
+use ruma::state_res::utils::event_id_set::EventIdSet;
+use ruma::{EventId, OwnedEventId};
+
+use crate::pdu::Pdu;
+
+/// A room state: (event type, state key) → event ID.
+pub type StateMap = ruma::state_res::StateMap<OwnedEventId>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    #[error("room version uses state resolution v1, which is not supported")]
+    UnsupportedVersion,
+    #[error("state resolution failed: {0}")]
+    Ruma(#[from] ruma::state_res::Error),
+}
+
+/// Resolve several forks of a room's state into one. `fetch` must find every
+/// event of the forks and of their auth chains that the server has.
+pub fn resolve(
+    rules: &RoomVersionRules,
+    forks: &[StateMap],
+    fetch: impl Fn(&EventId) -> Option<Arc<Pdu>>,
+) -> Result<StateMap, ResolveError> {
+    let StateResolutionVersion::V2(state_res_rules) = &rules.state_res else {
+        return Err(ResolveError::UnsupportedVersion);
+    };
+    if forks.len() == 1 {
+        return Ok(forks[0].clone());
+    }
+    let auth_chains: Vec<EventIdSet<OwnedEventId>> = forks
+        .iter()
+        .map(|fork| auth_chain(fork.values().cloned(), &fetch).into_iter().collect())
+        .collect();
+    let resolved = ruma::state_res::resolve(
+        &rules.authorization,
+        state_res_rules,
+        forks.iter(),
+        auth_chains,
+        &fetch,
+        |conflicted| {
+            let seeds: Vec<OwnedEventId> = conflicted.values().flatten().cloned().collect();
+            Some(conflicted_state_subgraph(&seeds, &fetch).into_iter().collect())
+        },
+    )?;
+    Ok(resolved)
+}
+
+/// The full recursive auth chain of some events (not including the events
+/// themselves unless one is in another's chain).
+pub fn auth_chain(
+    events: impl IntoIterator<Item = OwnedEventId>,
+    fetch: impl Fn(&EventId) -> Option<Arc<Pdu>>,
+) -> HashSet<OwnedEventId> {
+    let mut chain = HashSet::new();
+    let mut todo: Vec<OwnedEventId> = Vec::new();
+    for id in events {
+        if let Some(pdu) = fetch(&id) {
+            todo.extend(pdu.auth_events().iter().cloned());
+        }
+    }
+    while let Some(id) = todo.pop() {
+        if chain.insert(id.clone())
+            && let Some(pdu) = fetch(&id)
+        {
+            todo.extend(pdu.auth_events().iter().filter(|a| !chain.contains(*a)).cloned());
+        }
+    }
+    chain
+}
+
+/// The conflicted state subgraph (state resolution v2.1): every event that is
+/// reachable through `auth_events` from some conflicted state event and from
+/// which some conflicted state event is reachable, the conflicted events
+/// included.
+pub fn conflicted_state_subgraph(
+    conflicted: &[OwnedEventId],
+    fetch: impl Fn(&EventId) -> Option<Arc<Pdu>>,
+) -> HashSet<OwnedEventId> {
+    let seeds: HashSet<&OwnedEventId> = conflicted.iter().collect();
+    // Everything reachable from the conflicted events, with its auth edges.
+    let mut edges: HashMap<OwnedEventId, Vec<OwnedEventId>> = HashMap::new();
+    let mut todo: Vec<OwnedEventId> = conflicted.to_vec();
+    while let Some(id) = todo.pop() {
+        if edges.contains_key(&id) {
+            continue;
+        }
+        let parents = fetch(&id).map(|p| p.auth_events().to_vec()).unwrap_or_default();
+        todo.extend(parents.iter().filter(|p| !edges.contains_key(*p)).cloned());
+        edges.insert(id, parents);
+    }
+    // Which of those reach a conflicted event: memoised depth-first search
+    // (iterative, since auth chains can be long).
+    let mut reaches: HashMap<OwnedEventId, bool> = HashMap::new();
+    for start in edges.keys() {
+        if reaches.contains_key(start) {
+            continue;
+        }
+        let mut stack: Vec<(OwnedEventId, usize)> = vec![(start.clone(), 0)];
+        let mut on_stack: HashSet<OwnedEventId> = HashSet::from([start.clone()]);
+        while let Some((node, next_child)) = stack.pop() {
+            let children = &edges[&node];
+            if next_child < children.len() {
+                stack.push((node.clone(), next_child + 1));
+                let child = &children[next_child];
+                if edges.contains_key(child) && !reaches.contains_key(child) && on_stack.insert(child.clone()) {
+                    stack.push((child.clone(), 0));
+                }
+                continue;
+            }
+            let reached = children.iter().any(|c| seeds.contains(c) || reaches.get(c).copied().unwrap_or(false));
+            reaches.insert(node.clone(), reached);
+            on_stack.remove(&node);
+        }
+    }
+    edges
+        .keys()
+        .filter(|id| seeds.contains(id) || reaches.get(*id).copied().unwrap_or(false))
+        .cloned()
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;

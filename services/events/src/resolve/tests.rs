@@ -1,0 +1,88 @@
+use std::sync::Arc;
+
+use ruma::RoomVersionId;
+use ruma::events::StateEventType;
+use serde_json::json;
+
+use super::*;
+use crate::room_setup::Preset;
+use crate::room_state::tests::{create_room, fetch, index, setup};
+use crate::test_support::{key, server, template};
+
+#[test]
+fn a_demotion_beats_a_concurrent_action_it_forbids() {
+    for version in crate::room_version::supported() {
+        // Alice creates a room; Bob joins and is given power 50 (enough to rename).
+        let mut s = setup(version.clone(), Preset::PublicChat, &[]);
+        s.public = true;
+        s.name = None;
+        let (mut room, mut events) = create_room(&s);
+        let mut push = |room: &mut crate::room_state::RoomState, t| {
+            let pdu = room.create_event(&t, key(), server()).unwrap();
+            room.apply(pdu.clone());
+            events.push(pdu.clone());
+            pdu
+        };
+        push(&mut room, template("bob", "m.room.member", Some("@bob:test.local"), json!({"membership": "join"})));
+        let mut pl = room.get(&StateEventType::RoomPowerLevels, "").unwrap().content_value();
+        pl["users"]["@bob:test.local"] = json!(50);
+        push(&mut room, template("alice", "m.room.power_levels", Some(""), pl.clone()));
+
+        // Fork: on one branch Alice demotes Bob; on the other Bob renames the room.
+        let mut branch_a = room.clone();
+        let mut branch_b = room.clone();
+        pl["users"]["@bob:test.local"] = json!(0);
+        let demote = push(&mut branch_a, template("alice", "m.room.power_levels", Some(""), pl));
+        let mut rename = template("bob", "m.room.name", Some(""), json!({"name": "Bob's room"}));
+        rename.origin_server_ts += 10;
+        let rename = push(&mut branch_b, rename);
+
+        let map = index(&events);
+        let resolved = resolve(room.rules(), &[branch_a.state_map(), branch_b.state_map()], fetch(&map)).unwrap();
+        let pl_key = (StateEventType::RoomPowerLevels, String::new());
+        assert_eq!(resolved[&pl_key], demote.event_id(), "{version}: the demotion stands");
+        let name_key = (StateEventType::RoomName, String::new());
+        assert!(
+            !resolved.contains_key(&name_key),
+            "{version}: the rename by a demoted user is dropped, got {:?} (rename {})",
+            resolved.get(&name_key),
+            rename.event_id()
+        );
+    }
+}
+
+#[test]
+fn non_conflicting_forks_merge() {
+    let mut s = setup(RoomVersionId::V12, Preset::PrivateChat, &[]);
+    s.topic = None;
+    let (room, mut events) = create_room(&s);
+    let mut a = room.clone();
+    let mut b = room.clone();
+    let topic = a.create_event(&template("alice", "m.room.topic", Some(""), json!({"topic": "t"})), key(), server()).unwrap();
+    a.apply(topic.clone());
+    let avatar = b.create_event(&template("alice", "m.room.avatar", Some(""), json!({"url": "mxc://x/y"})), key(), server()).unwrap();
+    b.apply(avatar.clone());
+    events.extend([topic.clone(), avatar.clone()]);
+    let map = index(&events);
+    let resolved = resolve(room.rules(), &[a.state_map(), b.state_map()], fetch(&map)).unwrap();
+    assert_eq!(resolved[&(StateEventType::RoomTopic, String::new())], topic.event_id());
+    assert_eq!(resolved[&(StateEventType::RoomAvatar, String::new())], avatar.event_id());
+}
+
+#[test]
+fn conflicted_subgraph_is_the_paths_between_conflicted_events() {
+    let (_, events) = create_room(&setup(RoomVersionId::V11, Preset::PrivateChat, &[]));
+    let map: std::collections::HashMap<_, Arc<Pdu>> = index(&events);
+    // events[0] create, [1] alice join, [2] power levels: PL's auth chain reaches the join and create.
+    let pl = events[2].event_id().to_owned();
+    let create = events[0].event_id().to_owned();
+    let join = events[1].event_id().to_owned();
+    let subgraph = conflicted_state_subgraph(&[pl.clone(), create.clone()], fetch(&map));
+    assert!(subgraph.contains(&pl) && subgraph.contains(&create));
+    assert!(subgraph.contains(&join), "join lies on the path from power levels to create");
+    // With only the join and create conflicted, power levels is not between them.
+    let subgraph = conflicted_state_subgraph(&[join.clone(), create.clone()], fetch(&map));
+    assert!(!subgraph.contains(&pl));
+    let chain = auth_chain([pl], fetch(&map));
+    assert!(chain.contains(&create) && chain.contains(&join));
+}

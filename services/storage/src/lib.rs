@@ -1,1 +1,140 @@
-//! placeholder
+//! Postgres storage: the only code in Tessera that writes SQL.
+//!
+//! # Layout
+//! - [`schema`]: migrations (applied under an advisory lock by exactly one
+//!   process at a time) and the schema compatibility check.
+//! - [`cluster`]: cluster settings, room-worker registrations and partition
+//!   leases with their epochs (the fencing tokens).
+//! - [`keys`]: the cluster's signing key.
+//! - [`persist`]: the fenced write of a batch of events for one room.
+//! - [`events`]: reading events back, with what clients see around them
+//!   (redactions, transaction IDs, replaced state).
+//! - [`rooms`]: room metadata, current and historical state, members, aliases.
+//! - [`users`]: accounts, devices, access tokens, registration tokens and the
+//!   registration helpers (nonces, interactive-auth sessions).
+//! - [`account`]: account data and filters.
+//! - [`sync`]: sync checkpoints and the queries `/sync` makes.
+
+pub mod account;
+pub mod cluster;
+pub mod events;
+pub mod keys;
+pub mod persist;
+pub mod rooms;
+pub mod schema;
+pub mod sync;
+pub mod users;
+
+#[cfg(any(test, feature = "test-util"))]
+pub mod test_util;
+
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+pub use tokio_postgres;
+
+/// Errors from storage. `Fenced` and `Conflict` are expected outcomes callers
+/// act on; the rest are infrastructure failures.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot get a database connection: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error("database error: {0}")]
+    Db(#[from] tokio_postgres::Error),
+    /// The writer no longer holds the partition lease at the epoch it claimed.
+    #[error("partition {partition} is no longer owned by this worker at epoch {epoch}")]
+    Fenced { partition: u32, epoch: i64 },
+    /// A uniqueness constraint refused the write (the constraint's name).
+    #[error("conflict on {0}")]
+    Conflict(String),
+    /// Data in the database does not parse.
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    /// The schema is missing or outside this binary's compatibility range.
+    #[error("{0}")]
+    Incompatible(String),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// The connection pool and every query, grouped by module as `impl Store` blocks.
+#[derive(Clone)]
+pub struct Store {
+    pool: Pool,
+}
+
+impl Store {
+    /// Connect, retrying for `connect_timeout` so that a cluster whose database
+    /// starts a little later still comes up; then fail with a clear message.
+    pub async fn connect(url: &str, pool_size: usize, connect_timeout: Duration) -> Result<Self> {
+        let config: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| StoreError::Incompatible(format!("invalid database URL: {e}")))?;
+        let manager = Manager::from_config(
+            config,
+            tokio_postgres::NoTls,
+            ManagerConfig { recycling_method: RecyclingMethod::Fast },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(pool_size.max(1))
+            .build()
+            .map_err(|e| StoreError::Incompatible(format!("cannot build the connection pool: {e}")))?;
+        let deadline = tokio::time::Instant::now() + connect_timeout;
+        loop {
+            match pool.get().await {
+                Ok(client) => {
+                    client.simple_query("SELECT 1").await?;
+                    return Ok(Self { pool });
+                }
+                Err(error) if tokio::time::Instant::now() < deadline => {
+                    tracing::warn!(database = %redact_url(url), %error, "database not reachable yet; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(error) => {
+                    return Err(StoreError::Incompatible(format!(
+                        "cannot connect to the database at {}: {error}",
+                        redact_url(url)
+                    )));
+                }
+            }
+        }
+    }
+
+    pub(crate) async fn client(&self) -> Result<deadpool_postgres::Object> {
+        Ok(self.pool.get().await?)
+    }
+}
+
+/// The URL with any password replaced, for log lines.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// Map a unique-violation into [`StoreError::Conflict`], other errors unchanged.
+pub(crate) fn conflict(error: tokio_postgres::Error) -> StoreError {
+    if let Some(db) = error.as_db_error()
+        && *db.code() == tokio_postgres::error::SqlState::UNIQUE_VIOLATION
+    {
+        return StoreError::Conflict(db.constraint().unwrap_or("unique").to_owned());
+    }
+    StoreError::Db(error)
+}
+
+#[cfg(test)]
+mod tests;
+
+#[cfg(test)]
+#[test]
+fn passwords_do_not_reach_logs() {
+    assert_eq!(redact_url("postgres://u:secret@h:5432/db"), "postgres://u:***@h:5432/db");
+    assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+}

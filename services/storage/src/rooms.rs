@@ -1,0 +1,262 @@
+//! Rooms: metadata, current and historical state, members, aliases.
+
+use crate::events::{EVENT_COLUMNS, EVENT_JOINS, StoredEvent};
+use crate::{Result, Store, conflict};
+
+#[derive(Debug, Clone)]
+pub struct RoomRow {
+    pub room_id: String,
+    pub partition: u32,
+    pub room_version: String,
+    pub creator: String,
+    pub is_public: bool,
+    pub head_pos: i64,
+    pub depth: i64,
+    pub forward_extremities: Vec<String>,
+}
+
+/// A user's membership in a room as of some position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MembershipRow {
+    pub room_id: String,
+    pub pos: i64,
+    pub membership: String,
+    pub event_id: String,
+}
+
+impl Store {
+    pub async fn room(&self, room_id: &str) -> Result<Option<RoomRow>> {
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                "SELECT room_id, partition, room_version, creator, is_public, head_pos, depth, forward_extremities
+                 FROM rooms WHERE room_id = $1",
+                &[&room_id],
+            )
+            .await?;
+        Ok(row.map(|r| RoomRow {
+            room_id: r.get(0),
+            partition: r.get::<_, i32>(1) as u32,
+            room_version: r.get(2),
+            creator: r.get(3),
+            is_public: r.get(4),
+            head_pos: r.get(5),
+            depth: r.get(6),
+            forward_extremities: r.get(7),
+        }))
+    }
+
+    /// The room's current state events.
+    pub async fn current_state(&self, room_id: &str) -> Result<Vec<StoredEvent>> {
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS} FROM room_state s JOIN events e ON e.event_id = s.event_id {EVENT_JOINS}
+             WHERE s.room_id = $1 ORDER BY s.pos"
+        );
+        let rows = self.client().await?.query(&sql, &[&room_id]).await?;
+        Ok(rows.iter().map(StoredEvent::from_row).collect())
+    }
+
+    /// One current state event.
+    pub async fn state_event(&self, room_id: &str, kind: &str, state_key: &str) -> Result<Option<StoredEvent>> {
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS} FROM room_state s JOIN events e ON e.event_id = s.event_id {EVENT_JOINS}
+             WHERE s.room_id = $1 AND s.type = $2 AND s.state_key = $3"
+        );
+        let row = self.client().await?.query_opt(&sql, &[&room_id, &kind, &state_key]).await?;
+        Ok(row.as_ref().map(StoredEvent::from_row))
+    }
+
+    /// The room state right after position `pos`: the newest history row per
+    /// slot at or before it.
+    pub async fn state_at(&self, room_id: &str, pos: i64) -> Result<Vec<StoredEvent>> {
+        let sql = format!(
+            "WITH slots AS (
+                 SELECT DISTINCT ON (type, state_key) event_id FROM room_state_history
+                 WHERE room_id = $1 AND pos <= $2
+                 ORDER BY type, state_key, pos DESC
+             )
+             SELECT {EVENT_COLUMNS} FROM slots s JOIN events e ON e.event_id = s.event_id {EVENT_JOINS}
+             ORDER BY e.pos"
+        );
+        let rows = self.client().await?.query(&sql, &[&room_id, &pos]).await?;
+        Ok(rows.iter().map(StoredEvent::from_row).collect())
+    }
+
+    /// Slots whose state changed in (after, upto], each with its value at `upto`.
+    pub async fn state_changes(&self, room_id: &str, after: i64, upto: i64) -> Result<Vec<StoredEvent>> {
+        let sql = format!(
+            "WITH slots AS (
+                 SELECT DISTINCT ON (type, state_key) event_id FROM room_state_history
+                 WHERE room_id = $1 AND pos > $2 AND pos <= $3
+                 ORDER BY type, state_key, pos DESC
+             )
+             SELECT {EVENT_COLUMNS} FROM slots s JOIN events e ON e.event_id = s.event_id {EVENT_JOINS}
+             ORDER BY e.pos"
+        );
+        let rows = self.client().await?.query(&sql, &[&room_id, &after, &upto]).await?;
+        Ok(rows.iter().map(StoredEvent::from_row).collect())
+    }
+
+    /// Current members with a given membership: (user ID, member event JSON).
+    pub async fn members(&self, room_id: &str, membership: Option<&str>) -> Result<Vec<StoredEvent>> {
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS} FROM room_state s JOIN events e ON e.event_id = s.event_id {EVENT_JOINS}
+             WHERE s.room_id = $1 AND s.type = 'm.room.member' AND ($2::text IS NULL OR s.membership = $2)
+             ORDER BY s.state_key"
+        );
+        let rows = self.client().await?.query(&sql, &[&room_id, &membership]).await?;
+        Ok(rows.iter().map(StoredEvent::from_row).collect())
+    }
+
+    /// A user's current membership in a room.
+    pub async fn membership(&self, room_id: &str, user_id: &str) -> Result<Option<String>> {
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                "SELECT membership FROM room_state WHERE room_id = $1 AND type = 'm.room.member' AND state_key = $2",
+                &[&room_id, &user_id],
+            )
+            .await?;
+        Ok(row.and_then(|r| r.get(0)))
+    }
+
+    /// Rooms the user is currently in with the given membership.
+    pub async fn rooms_with_membership(&self, user_id: &str, membership: &str) -> Result<Vec<String>> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT room_id FROM room_state WHERE type = 'm.room.member' AND state_key = $1 AND membership = $2
+                 ORDER BY room_id",
+                &[&user_id, &membership],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    /// Every membership change of a user, in each room's order.
+    pub async fn membership_history(&self, user_id: &str) -> Result<Vec<MembershipRow>> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT room_id, pos, membership, event_id FROM room_state_history
+                 WHERE type = 'm.room.member' AND state_key = $1 AND event_id IS NOT NULL
+                 ORDER BY room_id, pos",
+                &[&user_id],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| MembershipRow {
+                room_id: r.get(0),
+                pos: r.get(1),
+                membership: r.get::<_, Option<String>>(2).unwrap_or_default(),
+                event_id: r.get(3),
+            })
+            .collect())
+    }
+
+    /// A user's membership changes in one room: (position, membership).
+    pub async fn room_membership_history(&self, room_id: &str, user_id: &str) -> Result<Vec<(i64, String)>> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT pos, membership FROM room_state_history
+                 WHERE room_id = $1 AND type = 'm.room.member' AND state_key = $2 ORDER BY pos",
+                &[&room_id, &user_id],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get::<_, Option<String>>(1).unwrap_or_default())).collect())
+    }
+
+    /// History visibility changes of a room: (position, visibility).
+    pub async fn history_visibility_changes(&self, room_id: &str) -> Result<Vec<(i64, String)>> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT h.pos, e.json::jsonb -> 'content' ->> 'history_visibility'
+                 FROM room_state_history h JOIN events e ON e.event_id = h.event_id
+                 WHERE h.room_id = $1 AND h.type = 'm.room.history_visibility' AND h.state_key = ''
+                 ORDER BY h.pos",
+                &[&room_id],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), r.get::<_, Option<String>>(1).unwrap_or_else(|| "shared".to_owned())))
+            .collect())
+    }
+
+    pub async fn alias_room(&self, alias: &str) -> Result<Option<String>> {
+        let row = self.client().await?.query_opt("SELECT room_id FROM room_aliases WHERE alias = $1", &[&alias]).await?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    pub async fn alias_creator(&self, alias: &str) -> Result<Option<String>> {
+        let row = self.client().await?.query_opt("SELECT creator FROM room_aliases WHERE alias = $1", &[&alias]).await?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    pub async fn room_aliases(&self, room_id: &str) -> Result<Vec<String>> {
+        let rows = self
+            .client()
+            .await?
+            .query("SELECT alias FROM room_aliases WHERE room_id = $1 ORDER BY alias", &[&room_id])
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    /// Create an alias; [`StoreError::Conflict`] if it is taken.
+    pub async fn create_alias(&self, alias: &str, room_id: &str, creator: &str) -> Result<()> {
+        self.client()
+            .await?
+            .execute("INSERT INTO room_aliases (alias, room_id, creator) VALUES ($1, $2, $3)", &[&alias, &room_id, &creator])
+            .await
+            .map_err(conflict)?;
+        Ok(())
+    }
+
+    pub async fn delete_alias(&self, alias: &str) -> Result<bool> {
+        let n = self.client().await?.execute("DELETE FROM room_aliases WHERE alias = $1", &[&alias]).await?;
+        Ok(n == 1)
+    }
+
+    pub async fn set_room_public(&self, room_id: &str, public: bool) -> Result<bool> {
+        let n = self
+            .client()
+            .await?
+            .execute("UPDATE rooms SET is_public = $2 WHERE room_id = $1", &[&room_id, &public])
+            .await?;
+        Ok(n == 1)
+    }
+
+    /// Public rooms with their joined member counts, most members first.
+    pub async fn public_rooms(&self, limit: i64, offset: i64) -> Result<(Vec<(String, i64)>, i64)> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT r.room_id, count(s.state_key) AS members FROM rooms r
+                 LEFT JOIN room_state s ON s.room_id = r.room_id AND s.type = 'm.room.member' AND s.membership = 'join'
+                 WHERE r.is_public GROUP BY r.room_id ORDER BY members DESC, r.room_id LIMIT $1 OFFSET $2",
+                &[&limit, &offset],
+            )
+            .await?;
+        let total: i64 = client.query_one("SELECT count(*) FROM rooms WHERE is_public", &[]).await?.get(0);
+        Ok((rows.iter().map(|r| (r.get(0), r.get(1))).collect(), total))
+    }
+
+    /// Room heads (latest positions) of many rooms.
+    pub async fn room_heads(&self, room_ids: &[String]) -> Result<Vec<(String, i64)>> {
+        let rows = self
+            .client()
+            .await?
+            .query("SELECT room_id, head_pos FROM rooms WHERE room_id = ANY($1)", &[&room_ids])
+            .await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+}

@@ -1,0 +1,37 @@
+//! A fresh database per test: `tessera_t_<random>` on the server named by
+//! `TESSERA_TEST_DATABASE_URL` (default: local Postgres as `root`), migrated and
+//! ready. Tests never share data.
+
+use std::time::Duration;
+
+use rand::Rng;
+
+use crate::Store;
+
+/// Where test databases are created.
+pub fn admin_url() -> String {
+    std::env::var("TESSERA_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://root@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// A new empty database; returns its URL.
+pub async fn create_database() -> String {
+    let name = format!("tessera_t_{:016x}", rand::thread_rng().r#gen::<u64>());
+    let admin = admin_url();
+    let (client, connection) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("tests need Postgres at {admin}: {e}"));
+    tokio::spawn(connection);
+    client.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create test database");
+    match admin.rsplit_once('/') {
+        Some((base, _)) => format!("{base}/{name}"),
+        None => panic!("database URL {admin} has no database name"),
+    }
+}
+
+/// A migrated store on a new database.
+pub async fn store() -> Store {
+    let url = create_database().await;
+    let store = Store::connect(&url, 8, Duration::from_secs(5)).await.expect("connect");
+    store.migrate().await.expect("migrate");
+    store
+}

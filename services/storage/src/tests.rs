@@ -1,0 +1,5 @@
+//! Storage tests against a real Postgres (one fresh database each).
+
+mod cluster;
+mod persist;
+mod schema;

@@ -126,8 +126,9 @@ impl Store {
             .collect())
     }
 
-    /// Take a free or expired partition. Returns the new epoch, or `None` if
-    /// someone else holds it.
+    /// Take a free or expired partition (or one a previous incarnation of this
+    /// worker still holds: the new epoch fences it). Returns the new epoch, or
+    /// `None` if someone else holds it.
     pub async fn claim_partition(&self, partition: u32, worker_id: &str, ttl: Duration) -> Result<Option<i64>> {
         let row = self
             .client()
@@ -135,7 +136,7 @@ impl Store {
             .query_opt(
                 "UPDATE partition_leases
                  SET owner = $2, epoch = epoch + 1, expires_at = now() + make_interval(secs => $3::float8 / 1000.0)
-                 WHERE partition = $1 AND (owner IS NULL OR expires_at <= now())
+                 WHERE partition = $1 AND (owner IS NULL OR expires_at <= now() OR owner = $2)
                  RETURNING epoch",
                 &[&(partition as i32), &worker_id, &millis(ttl)],
             )

@@ -111,6 +111,20 @@ pub fn build_create_event(
     finish(object, rules, key, server_name, room_id)
 }
 
+/// The room ID a room v12 create event will give its room, computed without
+/// the signing key (the reference hash leaves signatures out). Lets a caller
+/// route a new room to its partition's owner before the owner builds it.
+pub fn v12_room_id(template: &EventTemplate, rules: &RoomVersionRules) -> Result<ruma::OwnedRoomId, BuildError> {
+    let content = content_object(&template.content)?;
+    let mut object = base_object(template, content);
+    object.insert("auth_events".to_owned(), CanonicalJsonValue::Array(vec![]));
+    object.insert("prev_events".to_owned(), CanonicalJsonValue::Array(vec![]));
+    object.insert("depth".to_owned(), int(1));
+    ruma::signatures::add_content_hash_to_event(&mut object).map_err(|e| BuildError::Signing(e.to_string()))?;
+    let event_id = event_id_of(&object, rules)?;
+    RoomId::new_v2(event_id.as_str().trim_start_matches('$')).map_err(|e| BuildError::Signing(e.to_string()))
+}
+
 fn content_object(content: &serde_json::Value) -> Result<CanonicalJsonObject, BuildError> {
     if !content.is_object() {
         return Err(BuildError::ContentNotObject);

@@ -99,6 +99,53 @@ impl RoomState {
         self.get(&StateEventType::RoomMember, user_id).and_then(|pdu| pdu.membership())
     }
 
+    /// A user's power level; `None` means unlimited (a room v12 creator).
+    pub fn power_level(&self, user_id: &ruma::UserId) -> Option<i64> {
+        let rules = &self.rules.authorization;
+        if let Some(create) = self.get(&StateEventType::RoomCreate, "")
+            && rules.explicitly_privilege_room_creators
+            && ruma::state_res::events::RoomCreateEvent::new(Arc::clone(create))
+                .creators(rules)
+                .is_ok_and(|creators| creators.contains(user_id))
+        {
+            return None;
+        }
+        match self.get(&StateEventType::RoomPowerLevels, "") {
+            Some(pl) => ruma::state_res::events::RoomPowerLevelsEvent::new(Arc::clone(pl))
+                .user_power_level(user_id, rules)
+                .map(i64::from)
+                .ok()
+                .or(Some(0)),
+            // Without power levels the creator has 100, everyone else 0.
+            None => {
+                let creator = self.get(&StateEventType::RoomCreate, "").map(|c| c.sender().to_owned());
+                Some(if creator.as_deref() == Some(user_id) { 100 } else { 0 })
+            }
+        }
+    }
+
+    /// Whether a redaction by `redactor` hides an event sent by `target_sender`
+    /// from clients: senders may redact their own events, others need the
+    /// room's `redact` level.
+    pub fn redaction_applies(&self, redactor: &ruma::UserId, target_sender: &ruma::UserId) -> bool {
+        if redactor == target_sender {
+            return true;
+        }
+        let required = self
+            .get(&StateEventType::RoomPowerLevels, "")
+            .and_then(|pl| {
+                ruma::state_res::events::RoomPowerLevelsEvent::new(Arc::clone(pl))
+                    .get_as_int_or_default(
+                        ruma::state_res::events::RoomPowerLevelsIntField::Redact,
+                        &self.rules.authorization,
+                    )
+                    .ok()
+            })
+            .map(i64::from)
+            .unwrap_or(50);
+        self.power_level(redactor).is_none_or(|level| level >= required)
+    }
+
     /// Build, hash and sign a new event on top of the current state and check it
     /// against the authorization rules. Does not change the state: call
     /// [`RoomState::apply`] once the event is accepted.

@@ -171,3 +171,33 @@ pub(crate) fn index(events: &[Arc<Pdu>]) -> HashMap<OwnedEventId, Arc<Pdu>> {
 pub(crate) fn fetch(map: &HashMap<OwnedEventId, Arc<Pdu>>) -> impl Fn(&EventId) -> Option<Arc<Pdu>> + '_ {
     move |id| map.get(id).cloned()
 }
+
+#[test]
+fn power_levels_and_redaction_rights() {
+    for version in versions() {
+        let (mut room, _) = create_room(&setup(version.clone(), Preset::PublicChat, &[]));
+        let join = template("bob", "m.room.member", Some("@bob:test.local"), json!({"membership": "join"}));
+        room.apply(room.create_event(&join, key(), server()).unwrap());
+        let alice = user("alice");
+        let bob = user("bob");
+        if version == RoomVersionId::V12 {
+            assert_eq!(room.power_level(&alice), None, "creators are unlimited in v12");
+        } else {
+            assert_eq!(room.power_level(&alice), Some(100));
+        }
+        assert_eq!(room.power_level(&bob), Some(0));
+        assert!(room.redaction_applies(&bob, &bob), "own events");
+        assert!(!room.redaction_applies(&bob, &alice), "not others' without power");
+        assert!(room.redaction_applies(&alice, &bob), "moderators redact anyone");
+    }
+}
+
+#[test]
+fn v12_room_ids_can_be_computed_before_signing() {
+    let s = setup(RoomVersionId::V12, Preset::PrivateChat, &[]);
+    let (create_template, _) = room_setup::templates(&s);
+    let rules = room_version::rules(&RoomVersionId::V12).unwrap();
+    let predicted = crate::build::v12_room_id(&create_template, &rules).unwrap();
+    let (room, _) = create_room(&s);
+    assert_eq!(predicted, room.room_id());
+}

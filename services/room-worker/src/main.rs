@@ -1,1 +1,141 @@
-fn main() {}
+//! `tessera-room-worker`: owns the rooms of the partitions it holds leases for.
+//!
+//! # Layout (the same shape in every service crate)
+//! - `main.rs`: wiring and start-up.
+//! - [`api`]: the gRPC handlers: ownership check, then hand the work to the engine.
+//! - [`engine`]: per-room queues and the fair scheduler that runs them.
+//! - [`process`]: what a turn does for one room: build, authorise, persist, publish.
+//! - [`load`]: loading a room's in-memory state from storage.
+
+mod api;
+mod engine;
+mod load;
+mod process;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tessera_cluster::Ownership;
+use tessera_cluster::leases::{LeaseConfig, LeaseEvent, LeaseManager};
+use tessera_events::keys::SigningKey;
+use tessera_proto::room_worker::room_worker_server::RoomWorkerServer;
+use tessera_replication::{Publisher, StreamKeys};
+use tessera_runtime::start::Started;
+use tessera_storage::Store;
+
+fn main() -> ExitCode {
+    tessera_runtime::start::run("room-worker", run)
+}
+
+async fn run(started: Started) -> anyhow::Result<()> {
+    let config = &started.config;
+    let store = Store::connect(
+        &config.database.url,
+        config.database.pool_size,
+        Duration::from_secs(config.database.connect_timeout_secs),
+    )
+    .await?;
+    if config.database.migrate_on_start {
+        store.migrate().await?;
+    } else {
+        store.check_compatibility().await?;
+    }
+    store.init_cluster(&config.server_name, config.cluster.partitions).await?;
+    let stored = store
+        .signing_key(|| {
+            let (document, version) = SigningKey::generate();
+            let public = SigningKey::from_document(&document, &version).expect("fresh key parses").public_key_base64();
+            (document, version, public)
+        })
+        .await?;
+    let version = stored.key_id.trim_start_matches("ed25519:");
+    let key = Arc::new(SigningKey::from_document(&stored.pkcs8, version).context("stored signing key")?);
+
+    let redis = redis::Client::open(config.redis.url.as_str()).context("invalid redis.url")?;
+    let keys = StreamKeys::new(&config.redis.key_prefix);
+    let publisher = tokio::time::timeout(
+        Duration::from_secs(config.database.connect_timeout_secs),
+        Publisher::new(&redis, keys, config.redis.stream_max_len),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("cannot connect to Redis at {}: timed out", config.redis.url))?
+    .with_context(|| format!("cannot connect to Redis at {}", config.redis.url))?;
+
+    let listener = tokio::net::TcpListener::bind(config.room_worker.listen)
+        .await
+        .with_context(|| format!("cannot bind the gRPC listener on {}", config.room_worker.listen))?;
+    let local = listener.local_addr()?;
+    let advertise = config.room_worker.advertise.clone().unwrap_or_else(|| local.to_string());
+    let worker_id = config.room_worker.worker_id.clone().unwrap_or_else(default_worker_id);
+    tracing::info!(%worker_id, listen = %local, %advertise, "room-worker listening");
+
+    let ownership = Ownership::new();
+    let engine = engine::Engine::start(engine::EngineConfig {
+        worker_id: worker_id.clone(),
+        store: store.clone(),
+        publisher,
+        key,
+        server_name: config.server_name.clone(),
+        partitions: config.cluster.partitions,
+        concurrency: config.room_worker.concurrency,
+        batch_size: config.room_worker.batch_size,
+    });
+
+    let (leases, mut lease_events) = LeaseManager::new(
+        store.clone(),
+        LeaseConfig {
+            worker_id: worker_id.clone(),
+            advertise_addr: advertise.clone(),
+            ttl: Duration::from_millis(config.cluster.lease_ttl_ms),
+            interval: Duration::from_millis(config.cluster.heartbeat_interval_ms),
+        },
+        Arc::clone(&ownership),
+    );
+    {
+        let engine = Arc::clone(&engine);
+        tokio::spawn(async move {
+            while let Some(event) = lease_events.recv().await {
+                match event {
+                    LeaseEvent::Lost { partition } | LeaseEvent::Released { partition } => engine.forget_partition(partition),
+                    LeaseEvent::Acquired { .. } => {}
+                }
+            }
+        });
+    }
+
+    let service = api::RoomWorkerApi::new(Arc::clone(&engine), Arc::clone(&ownership), store.clone(), config.cluster.partitions);
+    let server_stop = tessera_runtime::Shutdown::new();
+    let server = {
+        let stop = server_stop.clone();
+        tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(RoomWorkerServer::new(service))
+                .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), stop.cancelled())
+                .await
+        })
+    };
+    started.health.set_ready(true);
+
+    // Leases run until SIGTERM, then hand every partition over after its
+    // in-flight work ends; only then does the gRPC server stop.
+    let drain_timeout = Duration::from_millis(config.room_worker.drain_timeout_ms);
+    let shutdown = started.shutdown.clone();
+    let leases_task = tokio::spawn(leases.run(async move { shutdown.cancelled().await }));
+    started.shutdown.cancelled().await;
+    started.health.set_ready(false);
+    if tokio::time::timeout(drain_timeout, leases_task).await.is_err() {
+        tracing::warn!("drain did not finish in time; remaining leases will expire");
+    }
+    server_stop.trigger();
+    server.await?.context("gRPC server")?;
+    Ok(())
+}
+
+fn default_worker_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "room-worker".to_owned());
+    format!("{host}-{}", std::process::id())
+}

@@ -1,0 +1,152 @@
+//! The gRPC handlers. Each checks that this worker owns the room's partition
+//! (answering with the owner's address if not), turns the request into a job
+//! and waits for the engine's answer, which comes only after commit.
+
+use std::sync::Arc;
+
+use tessera_cluster::{NotOwned, Ownership, PartitionGuard};
+use tessera_events::build::EventTemplate;
+use tessera_events::ruma::{OwnedRoomId, RoomId, RoomVersionId, UserId};
+use tessera_proto::OWNER_METADATA;
+use tessera_proto::room_worker::room_worker_server::RoomWorker;
+use tessera_proto::room_worker::{
+    CreateRoomRequest, CreateRoomResponse, EventOutcome, Refusal as ProtoRefusal, SubmitEventsRequest,
+    SubmitEventsResponse, create_room_response, event_outcome,
+};
+use tessera_storage::Store;
+use tessera_storage::persist::TxnKey;
+use tokio::sync::oneshot;
+use tonic::{Request, Response, Status};
+
+use crate::engine::{Engine, Job};
+use crate::process::{Answer, CreateRoom, Refusal, Request as EventRequest, Work};
+
+pub struct RoomWorkerApi {
+    engine: Arc<Engine>,
+    ownership: Arc<Ownership>,
+    store: Store,
+    partitions: u32,
+}
+
+impl RoomWorkerApi {
+    pub fn new(engine: Arc<Engine>, ownership: Arc<Ownership>, store: Store, partitions: u32) -> Self {
+        Self { engine, ownership, store, partitions }
+    }
+
+    /// Enter the room's partition, or explain where to go instead.
+    async fn enter(&self, room_id: &RoomId) -> Result<PartitionGuard, Status> {
+        let partition = tessera_cluster::partition_of(room_id.as_str(), self.partitions);
+        match self.ownership.enter(partition) {
+            Ok(guard) => Ok(guard),
+            Err(NotOwned::Moving(p)) => Err(Status::unavailable(format!("partition {p} is being handed over; retry"))),
+            Err(NotOwned::Elsewhere(p)) => {
+                metrics::counter!("tessera_room_worker_redirects_total").increment(1);
+                match self.store.partition_owner(p).await {
+                    Ok(Some(owner)) if owner.worker_id != self.engine.worker_id => {
+                        let mut status = Status::failed_precondition(format!(
+                            "partition {p} is owned by {} at {}",
+                            owner.worker_id, owner.grpc_addr
+                        ));
+                        if let Ok(value) = owner.grpc_addr.parse() {
+                            status.metadata_mut().insert(OWNER_METADATA, value);
+                        }
+                        Err(status)
+                    }
+                    Ok(_) => Err(Status::unavailable(format!("partition {p} has no owner right now; retry"))),
+                    Err(error) => Err(Status::unavailable(format!("cannot look up the owner of partition {p}: {error}"))),
+                }
+            }
+        }
+    }
+
+    async fn run(&self, room_id: OwnedRoomId, guard: PartitionGuard, work: Work) -> Result<Answer, Status> {
+        let (reply, answer) = oneshot::channel();
+        self.engine.submit(room_id, Job { work, reply, guard });
+        answer.await.map_err(|_| Status::unavailable("the room-worker dropped the job; retry"))
+    }
+}
+
+fn template(t: tessera_proto::room_worker::EventTemplate) -> Result<(EventTemplate, Option<TxnKey>), Status> {
+    let content: serde_json::Value = serde_json::from_str(&t.content_json)
+        .map_err(|e| Status::invalid_argument(format!("content_json is not JSON: {e}")))?;
+    let sender = UserId::parse(t.sender.as_str()).map_err(|e| Status::invalid_argument(format!("sender: {e}")))?;
+    let redacts = t
+        .redacts
+        .map(|r| tessera_events::ruma::EventId::parse(r.as_str()).map_err(|e| Status::invalid_argument(format!("redacts: {e}"))))
+        .transpose()?;
+    let txn = t.txn.map(|txn| TxnKey { user_id: sender.to_string(), device_id: txn.device_id, txn_id: txn.txn_id });
+    Ok((
+        EventTemplate {
+            kind: t.r#type,
+            state_key: t.state_key,
+            content,
+            sender,
+            origin_server_ts: t.origin_server_ts,
+            redacts,
+        },
+        txn,
+    ))
+}
+
+fn refusal(r: Refusal) -> ProtoRefusal {
+    ProtoRefusal { errcode: r.errcode.to_owned(), message: r.message }
+}
+
+#[tonic::async_trait]
+impl RoomWorker for RoomWorkerApi {
+    async fn submit_events(&self, request: Request<SubmitEventsRequest>) -> Result<Response<SubmitEventsResponse>, Status> {
+        let request = request.into_inner();
+        let room_id = RoomId::parse(request.room_id.as_str()).map_err(|e| Status::invalid_argument(format!("room_id: {e}")))?;
+        let requests = request
+            .events
+            .into_iter()
+            .map(|t| template(t).map(|(template, txn)| EventRequest { template, txn }))
+            .collect::<Result<Vec<_>, _>>()?;
+        if requests.is_empty() {
+            return Ok(Response::new(SubmitEventsResponse { outcomes: vec![] }));
+        }
+        let guard = self.enter(&room_id).await?;
+        match self.run(room_id, guard, Work::Submit(requests)).await? {
+            Answer::Events(outcomes) => Ok(Response::new(SubmitEventsResponse {
+                outcomes: outcomes
+                    .into_iter()
+                    .map(|o| EventOutcome {
+                        outcome: Some(match o {
+                            Ok(id) => event_outcome::Outcome::EventId(id.to_string()),
+                            Err(r) => event_outcome::Outcome::Refusal(refusal(r)),
+                        }),
+                    })
+                    .collect(),
+            })),
+            Answer::Retry(message) => Err(Status::unavailable(message)),
+            Answer::Created(_) => Err(Status::internal("unexpected answer")),
+        }
+    }
+
+    async fn create_room(&self, request: Request<CreateRoomRequest>) -> Result<Response<CreateRoomResponse>, Status> {
+        let request = request.into_inner();
+        let room_id = RoomId::parse(request.room_id.as_str()).map_err(|e| Status::invalid_argument(format!("room_id: {e}")))?;
+        let version = RoomVersionId::try_from(request.room_version.as_str())
+            .map_err(|e| Status::invalid_argument(format!("room_version: {e}")))?;
+        let create = template(request.create.ok_or_else(|| Status::invalid_argument("missing create event"))?)?.0;
+        let events = request.events.into_iter().map(|t| template(t).map(|(t, _)| t)).collect::<Result<Vec<_>, _>>()?;
+        let guard = self.enter(&room_id).await?;
+        let work = Work::Create(Box::new(CreateRoom {
+            version,
+            create,
+            events,
+            is_public: request.is_public,
+            alias: request.alias,
+        }));
+        match self.run(room_id, guard, work).await? {
+            Answer::Created(result) => Ok(Response::new(CreateRoomResponse {
+                outcome: Some(match result {
+                    Ok(id) => create_room_response::Outcome::RoomId(id.to_string()),
+                    Err(r) => create_room_response::Outcome::Refusal(refusal(r)),
+                }),
+            })),
+            Answer::Retry(message) => Err(Status::unavailable(message)),
+            Answer::Events(_) => Err(Status::internal("unexpected answer")),
+        }
+    }
+}

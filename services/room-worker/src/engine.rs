@@ -1,0 +1,184 @@
+//! Per-room queues and the fair scheduler.
+//!
+//! Each active room has a FIFO queue of jobs. A room with work is in the ready
+//! queue at most once; `concurrency` executors take rooms from it, run one
+//! *turn* (at most `batch_size` events of that room), and put the room at the
+//! back if it still has work. So a room with a deep backlog gets one turn in
+//! every round like any other, and a room with one new event waits for at most
+//! one turn of each room ahead of it, never for another room's whole backlog.
+//! Within a room, turns never overlap: its events are ordered.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use tessera_cluster::PartitionGuard;
+use tessera_events::keys::SigningKey;
+use tessera_events::room_state::RoomState;
+use tessera_events::ruma::{OwnedRoomId, OwnedServerName, RoomId};
+use tessera_replication::Publisher;
+use tessera_storage::Store;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::process;
+
+pub struct EngineConfig {
+    pub worker_id: String,
+    pub store: Store,
+    pub publisher: Publisher,
+    pub key: Arc<SigningKey>,
+    pub server_name: String,
+    pub partitions: u32,
+    pub concurrency: usize,
+    pub batch_size: usize,
+}
+
+/// One piece of work for a room, answered through `reply` once committed.
+pub struct Job {
+    pub work: process::Work,
+    pub reply: oneshot::Sender<process::Answer>,
+    /// Held until the answer is sent, so a handoff waits for this job.
+    pub guard: PartitionGuard,
+}
+
+impl Job {
+    fn weight(&self) -> usize {
+        match &self.work {
+            process::Work::Submit(templates) => templates.len().max(1),
+            process::Work::Create(_) => usize::MAX / 2,
+        }
+    }
+}
+
+#[derive(Default)]
+struct RoomQueue {
+    jobs: VecDeque<Job>,
+    /// In the ready queue or being run right now.
+    scheduled: bool,
+}
+
+pub struct Engine {
+    pub(crate) worker_id: String,
+    pub(crate) store: Store,
+    pub(crate) publisher: Publisher,
+    pub(crate) key: Arc<SigningKey>,
+    pub(crate) server_name: OwnedServerName,
+    pub(crate) partitions: u32,
+    batch_size: usize,
+    queues: Mutex<HashMap<OwnedRoomId, RoomQueue>>,
+    ready: mpsc::UnboundedSender<OwnedRoomId>,
+    /// Rooms whose state is in memory.
+    states: Mutex<HashMap<OwnedRoomId, RoomState>>,
+    /// Serializes commit-then-publish per partition, so stream entries are
+    /// appended in position order.
+    partition_locks: Vec<tokio::sync::Mutex<()>>,
+}
+
+impl Engine {
+    pub fn start(config: EngineConfig) -> Arc<Self> {
+        let (ready, rx) = mpsc::unbounded_channel();
+        let engine = Arc::new(Self {
+            worker_id: config.worker_id,
+            store: config.store,
+            publisher: config.publisher,
+            key: config.key,
+            server_name: OwnedServerName::try_from(config.server_name).expect("validated server_name"),
+            partitions: config.partitions,
+            batch_size: config.batch_size.max(1),
+            queues: Mutex::new(HashMap::new()),
+            ready,
+            states: Mutex::new(HashMap::new()),
+            partition_locks: (0..config.partitions).map(|_| tokio::sync::Mutex::new(())).collect(),
+        });
+        let rx = Arc::new(tokio::sync::Mutex::new(rx));
+        for _ in 0..config.concurrency.max(1) {
+            tokio::spawn(Arc::clone(&engine).executor(Arc::clone(&rx)));
+        }
+        engine
+    }
+
+    /// Queue a job behind the room's earlier ones.
+    pub fn submit(&self, room_id: OwnedRoomId, job: Job) {
+        let mut queues = self.queues.lock().expect("queues lock");
+        let queue = queues.entry(room_id.clone()).or_default();
+        queue.jobs.push_back(job);
+        metrics::gauge!("tessera_room_worker_queued_jobs").increment(1.0);
+        if !queue.scheduled {
+            queue.scheduled = true;
+            let _ = self.ready.send(room_id);
+        }
+    }
+
+    /// Drop in-memory state of a partition's rooms (the lease is gone).
+    pub fn forget_partition(&self, partition: u32) {
+        let partitions = self.partitions;
+        self.states
+            .lock()
+            .expect("states lock")
+            .retain(|room, _| tessera_cluster::partition_of(room.as_str(), partitions) != partition);
+    }
+
+    pub(crate) fn cached_state(&self, room_id: &RoomId) -> Option<RoomState> {
+        self.states.lock().expect("states lock").get(room_id).cloned()
+    }
+
+    pub(crate) fn cache_state(&self, state: RoomState) {
+        self.states.lock().expect("states lock").insert(state.room_id().to_owned(), state);
+    }
+
+    pub(crate) fn drop_state(&self, room_id: &RoomId) {
+        self.states.lock().expect("states lock").remove(room_id);
+    }
+
+    pub(crate) fn partition_lock(&self, partition: u32) -> &tokio::sync::Mutex<()> {
+        &self.partition_locks[partition as usize]
+    }
+
+    async fn executor(self: Arc<Self>, rx: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<OwnedRoomId>>>) {
+        loop {
+            let room_id = match rx.lock().await.recv().await {
+                Some(room_id) => room_id,
+                None => return,
+            };
+            let jobs = self.take_turn(&room_id);
+            if !jobs.is_empty() {
+                let count = jobs.len();
+                process::run_turn(&self, &room_id, jobs).await;
+                metrics::gauge!("tessera_room_worker_queued_jobs").decrement(count as f64);
+            }
+            self.end_turn(room_id);
+        }
+    }
+
+    /// The jobs of one turn: at least one, then more while they fit the batch size.
+    fn take_turn(&self, room_id: &RoomId) -> Vec<Job> {
+        let mut queues = self.queues.lock().expect("queues lock");
+        let Some(queue) = queues.get_mut(room_id) else { return vec![] };
+        let mut jobs = Vec::new();
+        let mut weight = 0;
+        while let Some(job) = queue.jobs.front() {
+            let w = job.weight();
+            if !jobs.is_empty() && (weight + w > self.batch_size || matches!(job.work, process::Work::Create(_))) {
+                break;
+            }
+            weight += w;
+            jobs.push(queue.jobs.pop_front().expect("front exists"));
+            if matches!(jobs.last().map(|j| &j.work), Some(process::Work::Create(_))) {
+                break;
+            }
+        }
+        jobs
+    }
+
+    fn end_turn(&self, room_id: OwnedRoomId) {
+        let mut queues = self.queues.lock().expect("queues lock");
+        match queues.get_mut(&room_id) {
+            Some(queue) if !queue.jobs.is_empty() => {
+                let _ = self.ready.send(room_id);
+            }
+            Some(_) => {
+                queues.remove(&room_id);
+            }
+            None => {}
+        }
+    }
+}

@@ -1,0 +1,345 @@
+//! One turn for one room: build each new event on the room's state, check it
+//! against the authorization rules, persist the accepted ones in one fenced
+//! transaction, publish them to the partition's stream, then answer.
+//!
+//! Nothing is acknowledged before it is committed. If the commit fails
+//! (the lease moved, the database is unreachable) every job of the turn gets
+//! an error the caller retries, and the room's in-memory state is dropped so
+//! the next turn reloads it from the truth.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tessera_events::Pdu;
+use tessera_events::build::{BuildError, EventTemplate, build_create_event, v12_room_id};
+use tessera_events::room_state::{CreateError, RoomState};
+use tessera_events::room_version;
+use tessera_events::ruma::{EventId, OwnedEventId, OwnedUserId, RoomId, RoomVersionId, UserId};
+use tessera_replication::EventEntry;
+use tessera_storage::persist::{Batch, EventToPersist, NewRoom, StateChange, TxnKey};
+use tessera_storage::StoreError;
+
+use crate::engine::{Engine, Job};
+use crate::load::load_room;
+
+/// An event to create, with the client transaction that asked for it.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub template: EventTemplate,
+    pub txn: Option<TxnKey>,
+}
+
+pub struct CreateRoom {
+    pub version: RoomVersionId,
+    pub create: EventTemplate,
+    pub events: Vec<EventTemplate>,
+    pub is_public: bool,
+    pub alias: Option<String>,
+}
+
+pub enum Work {
+    Submit(Vec<Request>),
+    Create(Box<CreateRoom>),
+}
+
+/// A Matrix error for the client: errcode and message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub errcode: &'static str,
+    pub message: String,
+}
+
+impl Refusal {
+    fn new(errcode: &'static str, message: impl Into<String>) -> Self {
+        Self { errcode, message: message.into() }
+    }
+}
+
+pub type Outcome = Result<OwnedEventId, Refusal>;
+
+pub enum Answer {
+    Events(Vec<Outcome>),
+    Created(Result<tessera_events::ruma::OwnedRoomId, Refusal>),
+    /// Nothing was written; the caller should retry (possibly elsewhere).
+    Retry(String),
+}
+
+fn refusal_for(error: &CreateError) -> Refusal {
+    match error {
+        CreateError::Forbidden(e) => Refusal::new("M_FORBIDDEN", e.to_string()),
+        CreateError::Build(BuildError::TooLarge(_)) => Refusal::new("M_TOO_LARGE", error.to_string()),
+        CreateError::Build(
+            BuildError::ContentNotObject | BuildError::NonCanonicalContent(_) | BuildError::InvalidContent(_),
+        ) => Refusal::new("M_BAD_JSON", error.to_string()),
+        CreateError::Build(_) => Refusal::new("M_UNKNOWN", error.to_string()),
+    }
+}
+
+pub async fn run_turn(engine: &Engine, room_id: &RoomId, jobs: Vec<Job>) {
+    let started = Instant::now();
+    let mut jobs = jobs;
+    if matches!(jobs.first().map(|j| &j.work), Some(Work::Create(_))) {
+        let job = jobs.remove(0);
+        let Work::Create(create) = job.work else { unreachable!("checked above") };
+        let answer = create_room(engine, room_id, *create, job.guard.epoch()).await;
+        let _ = job.reply.send(answer);
+        drop(job.guard);
+    }
+    if !jobs.is_empty() {
+        submit(engine, room_id, jobs).await;
+    }
+    metrics::histogram!("tessera_room_worker_turn_seconds").record(started.elapsed().as_secs_f64());
+}
+
+/// One accepted event on its way to storage.
+struct Accepted {
+    pdu: Arc<Pdu>,
+    replaced: Option<Arc<Pdu>>,
+    txn: Option<TxnKey>,
+    redacts: Option<String>,
+}
+
+async fn submit(engine: &Engine, room_id: &RoomId, jobs: Vec<Job>) {
+    let state = match engine.cached_state(room_id) {
+        Some(state) => Some(state),
+        None => match load_room(&engine.store, room_id).await {
+            Ok(state) => state,
+            Err(error) => return answer_all(jobs, Answer::Retry(format!("cannot load room: {error}"))),
+        },
+    };
+    let Some(state) = state else {
+        for job in jobs {
+            let n = match &job.work {
+                Work::Submit(requests) => requests.len(),
+                Work::Create(_) => 1,
+            };
+            let _ = job.reply.send(Answer::Events(vec![Err(Refusal::new("M_NOT_FOUND", format!("unknown room {room_id}"))); n]));
+        }
+        return;
+    };
+
+    let mut working = state;
+    let mut accepted: Vec<Accepted> = Vec::new();
+    let mut outcomes: Vec<Vec<Outcome>> = Vec::with_capacity(jobs.len());
+    let mut txns_in_turn: HashMap<TxnKey, OwnedEventId> = HashMap::new();
+    for job in &jobs {
+        let Work::Submit(requests) = &job.work else { continue };
+        let mut job_outcomes = Vec::with_capacity(requests.len());
+        for request in requests {
+            if let Some(txn) = &request.txn {
+                if let Some(id) = txns_in_turn.get(txn) {
+                    job_outcomes.push(Ok(id.clone()));
+                    continue;
+                }
+                match engine.store.txn_event(&txn.user_id, &txn.device_id, &txn.txn_id).await {
+                    Ok(Some(id)) => {
+                        job_outcomes.push(EventId::parse(id).map_err(|e| Refusal::new("M_UNKNOWN", e.to_string())));
+                        continue;
+                    }
+                    Ok(None) => {}
+                    Err(error) => return answer_all(jobs, Answer::Retry(error.to_string())),
+                }
+            }
+            match working.create_event(&request.template, &engine.key, &engine.server_name) {
+                Ok(pdu) => {
+                    let redacts = match pdu.redacts() {
+                        Some(target) => redaction_target(engine, &working, &accepted, &pdu, target).await,
+                        None => None,
+                    };
+                    let replaced = working.apply(Arc::clone(&pdu));
+                    if let Some(txn) = &request.txn {
+                        txns_in_turn.insert(txn.clone(), pdu.event_id().to_owned());
+                    }
+                    job_outcomes.push(Ok(pdu.event_id().to_owned()));
+                    accepted.push(Accepted { pdu, replaced, txn: request.txn.clone(), redacts });
+                }
+                Err(error) => {
+                    metrics::counter!("tessera_room_worker_refused_events_total", "errcode" => refusal_for(&error).errcode).increment(1);
+                    job_outcomes.push(Err(refusal_for(&error)));
+                }
+            }
+        }
+        outcomes.push(job_outcomes);
+    }
+
+    if !accepted.is_empty() {
+        let epoch = jobs[0].guard.epoch();
+        if let Err(error) = commit(engine, &working, accepted, None, vec![], epoch).await {
+            engine.drop_state(room_id);
+            return answer_all(jobs, Answer::Retry(error.to_string()));
+        }
+    }
+    engine.cache_state(working);
+    for (job, outcome) in jobs.into_iter().zip(outcomes) {
+        let _ = job.reply.send(Answer::Events(outcome));
+    }
+}
+
+/// The target of a redaction, if the redaction should hide it from clients.
+async fn redaction_target(engine: &Engine, room: &RoomState, accepted: &[Accepted], redaction: &Pdu, target: &EventId) -> Option<String> {
+    let target_sender: OwnedUserId = match accepted.iter().find(|a| a.pdu.event_id() == target) {
+        Some(a) => a.pdu.sender().to_owned(),
+        None => {
+            let stored = engine.store.event(target.as_str()).await.ok()??;
+            if stored.room_id != room.room_id().as_str() {
+                return None;
+            }
+            stored.pdu().ok()?.sender().to_owned()
+        }
+    };
+    room.redaction_applies(redaction.sender(), &target_sender).then(|| target.to_string())
+}
+
+fn answer_all(jobs: Vec<Job>, answer: Answer) {
+    for job in jobs {
+        let copy = match &answer {
+            Answer::Retry(m) => Answer::Retry(m.clone()),
+            Answer::Events(o) => Answer::Events(o.clone()),
+            Answer::Created(c) => Answer::Created(c.clone()),
+        };
+        let _ = job.reply.send(copy);
+    }
+}
+
+/// Persist accepted events (fenced by `epoch`), then publish them.
+async fn commit(
+    engine: &Engine,
+    room: &RoomState,
+    accepted: Vec<Accepted>,
+    new_room: Option<NewRoom>,
+    aliases: Vec<(String, String)>,
+    epoch: i64,
+) -> Result<(), StoreError> {
+    let partition = tessera_cluster::partition_of(room.room_id().as_str(), engine.partitions);
+    let events: Vec<EventToPersist> = accepted
+        .iter()
+        .map(|a| {
+            let pdu = &a.pdu;
+            let membership = pdu.membership();
+            EventToPersist {
+                event_id: pdu.event_id().to_string(),
+                kind: pdu.kind().to_string(),
+                state_key: pdu.state_key().map(str::to_owned),
+                sender: pdu.sender().to_string(),
+                origin_server_ts: pdu.origin_server_ts() as i64,
+                depth: pdu.depth() as i64,
+                membership: membership.clone(),
+                rejected: false,
+                prev_state_event_id: a.replaced.as_ref().map(|p| p.event_id().to_string()),
+                json: pdu.canonical_string(),
+                state_changes: pdu
+                    .state_key()
+                    .map(|k| {
+                        vec![StateChange {
+                            kind: pdu.kind().to_string(),
+                            state_key: k.to_owned(),
+                            event_id: Some(pdu.event_id().to_string()),
+                            membership,
+                        }]
+                    })
+                    .unwrap_or_default(),
+                redacts: a.redacts.clone(),
+                txn: a.txn.clone(),
+            }
+        })
+        .collect();
+    let batch = Batch {
+        partition,
+        worker_id: engine.worker_id.clone(),
+        epoch,
+        room_id: room.room_id().to_string(),
+        new_room,
+        events,
+        depth: room.depth() as i64,
+        extremities: room.extremities().iter().map(|e| e.to_string()).collect(),
+        aliases,
+    };
+    let _order = engine.partition_lock(partition).lock().await;
+    let positions = engine.store.persist(&batch).await?;
+    let entries: Vec<EventEntry> = accepted
+        .iter()
+        .zip(&positions)
+        .map(|(a, pos)| EventEntry {
+            pos: *pos,
+            room_id: room.room_id().to_string(),
+            event_id: a.pdu.event_id().to_string(),
+            kind: a.pdu.kind().to_string(),
+            state_key: a.pdu.state_key().map(str::to_owned),
+            membership: a.pdu.membership(),
+            rejected: false,
+        })
+        .collect();
+    metrics::counter!("tessera_room_worker_persisted_events_total").increment(entries.len() as u64);
+    engine.publisher.publish(partition, &entries).await;
+    Ok(())
+}
+
+async fn create_room(engine: &Engine, room_id: &RoomId, request: CreateRoom, epoch: i64) -> Answer {
+    let refuse = |errcode, message: String| Answer::Created(Err(Refusal::new(errcode, message)));
+    let Some(rules) = room_version::rules(&request.version) else {
+        return refuse("M_UNSUPPORTED_ROOM_VERSION", format!("room version {} is not supported", request.version));
+    };
+    let derived = rules.authorization.room_create_event_id_as_room_id;
+    if derived {
+        match v12_room_id(&request.create, &rules) {
+            Ok(id) if id == room_id => {}
+            Ok(id) => return refuse("M_INVALID_PARAM", format!("room ID {room_id} does not match its create event ({id})")),
+            Err(e) => return refuse("M_BAD_JSON", e.to_string()),
+        }
+    }
+    let create = match build_create_event(&request.create, &rules, (!derived).then_some(room_id), &engine.key, &engine.server_name) {
+        Ok(pdu) => Arc::new(pdu),
+        Err(e) => return Answer::Created(Err(refusal_for(&CreateError::Build(e)))),
+    };
+    // A retried request builds the identical create event (ed25519 signatures
+    // are deterministic), so an existing room with that create event means the
+    // first attempt committed.
+    match engine.store.room(room_id.as_str()).await {
+        Ok(Some(_)) => {
+            return match engine.store.state_event(room_id.as_str(), "m.room.create", "").await {
+                Ok(Some(stored)) if stored.event_id == create.event_id().as_str() => Answer::Created(Ok(room_id.to_owned())),
+                Ok(_) => refuse("M_ROOM_IN_USE", format!("room {room_id} already exists")),
+                Err(e) => Answer::Retry(e.to_string()),
+            };
+        }
+        Ok(None) => {}
+        Err(e) => return Answer::Retry(e.to_string()),
+    }
+    let Some(mut state) = RoomState::from_create(Arc::clone(&create), request.version.clone()) else {
+        return refuse("M_UNSUPPORTED_ROOM_VERSION", format!("room version {} is not supported", request.version));
+    };
+    let mut accepted = vec![Accepted { pdu: Arc::clone(&create), replaced: None, txn: None, redacts: None }];
+    for template in &request.events {
+        match state.create_event(template, &engine.key, &engine.server_name) {
+            Ok(pdu) => {
+                let replaced = state.apply(Arc::clone(&pdu));
+                accepted.push(Accepted { pdu, replaced, txn: None, redacts: None });
+            }
+            Err(error) => {
+                let mut refusal = refusal_for(&error);
+                refusal.message = format!("{} event {:?} refused: {}", template.kind, template.state_key, refusal.message);
+                if refusal.errcode == "M_FORBIDDEN" {
+                    // An initial event the room's own rules refuse is a bad request, not a permission problem.
+                    refusal.errcode = "M_INVALID_PARAM";
+                }
+                return Answer::Created(Err(refusal));
+            }
+        }
+    }
+    let creator: &UserId = create.sender();
+    let new_room = NewRoom { version: request.version.to_string(), creator: creator.to_string(), is_public: request.is_public };
+    let aliases = request.alias.iter().map(|a| (a.clone(), creator.to_string())).collect();
+    match commit(engine, &state, accepted, Some(new_room), aliases, epoch).await {
+        Ok(()) => {
+            engine.cache_state(state);
+            metrics::counter!("tessera_room_worker_rooms_created_total").increment(1);
+            Answer::Created(Ok(room_id.to_owned()))
+        }
+        Err(StoreError::Conflict(constraint)) if constraint.contains("alias") => {
+            refuse("M_ROOM_IN_USE", "the room alias is already taken".to_owned())
+        }
+        Err(StoreError::Conflict(_)) => refuse("M_ROOM_IN_USE", format!("room {room_id} already exists")),
+        Err(error) => Answer::Retry(error.to_string()),
+    }
+}

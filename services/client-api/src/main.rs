@@ -1,1 +1,68 @@
-fn main() {}
+//! `tessera-client-api`: the client-server API except `/sync`.
+//!
+//! Stateless: any number of replicas serve any request. Reads come straight
+//! from Postgres; anything that creates an event goes to the owner of the
+//! room's partition over gRPC and is answered once committed.
+//!
+//! # Layout (the same shape in every service crate)
+//! - `main.rs`: wiring and start-up.
+//! - [`state`]: what every handler can reach.
+//! - [`api`]: HTTP routes and handlers, one file per area of the spec.
+//! - [`rooms`]: sending work to room-workers.
+//! - [`visibility`]: history visibility: which events a user may read.
+
+mod api;
+mod rooms;
+mod state;
+mod visibility;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use tessera_cluster::router::RoomRouter;
+use tessera_replication::{Publisher, StreamKeys};
+use tessera_runtime::start::Started;
+use tessera_storage::Store;
+
+fn main() -> ExitCode {
+    tessera_runtime::start::run("client-api", run)
+}
+
+async fn run(started: Started) -> anyhow::Result<()> {
+    let config = started.config.clone();
+    let store = Store::connect(
+        &config.database.url,
+        config.database.pool_size,
+        Duration::from_secs(config.database.connect_timeout_secs),
+    )
+    .await?;
+    if config.database.migrate_on_start {
+        store.migrate().await?;
+    } else {
+        store.check_compatibility().await?;
+    }
+    store.init_cluster(&config.server_name, config.cluster.partitions).await?;
+    let redis = redis::Client::open(config.redis.url.as_str()).context("invalid redis.url")?;
+    let publisher = tokio::time::timeout(
+        Duration::from_secs(config.database.connect_timeout_secs),
+        Publisher::new(&redis, StreamKeys::new(&config.redis.key_prefix), config.redis.stream_max_len),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("cannot connect to Redis at {}: timed out", config.redis.url))?
+    .with_context(|| format!("cannot connect to Redis at {}", config.redis.url))?;
+
+    let router = RoomRouter::new(store.clone(), config.cluster.partitions);
+    let listen = config.client_api.listen;
+    let app = state::AppState::new(store, router, publisher, config);
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot bind the client API listener on {listen}"))?;
+    tracing::info!(listen = %listener.local_addr()?, "client API listening");
+    started.health.set_ready(true);
+    let shutdown = started.shutdown.clone();
+    axum::serve(listener, api::router(app, started.health.clone(), started.metrics.clone()))
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await?;
+    Ok(())
+}

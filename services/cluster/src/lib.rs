@@ -8,12 +8,14 @@
 //!   in-flight counter that lets a handoff wait for running work.
 //! - [`leases`]: the loop that heartbeats, renews, claims and hands over leases.
 //! - [`directory`]: for callers, where a partition's owner is (cached).
+//! - [`router`]: calling a room's owner over gRPC, following redirects and handoffs.
 
 pub mod assignment;
 pub mod directory;
 pub mod leases;
 pub mod ownership;
 pub mod partition;
+pub mod router;
 
 pub use ownership::{NotOwned, Ownership, PartitionGuard};
 pub use partition::partition_of;

@@ -6,13 +6,17 @@
 //! - [`extract`]: request extractors: ruma's typed requests ([`Ruma`]), plain
 //!   JSON bodies ([`MatrixJson`]), with bad input mapped to `M_NOT_JSON`,
 //!   `M_BAD_JSON`, `M_INVALID_PARAM` or `M_TOO_LARGE`.
+//! - [`filter`]: the client filters of `/messages` and `/sync`.
 //! - [`auth`]: access tokens (hashed before lookup) and the [`auth::Authed`] extractor.
+//! - [`render`]: stored events in the client event format.
 //! - [`layers`]: CORS, request metrics, and the fallback for unknown endpoints.
 
 pub mod auth;
 pub mod error;
 pub mod extract;
+pub mod filter;
 pub mod layers;
+pub mod render;
 
 pub use error::{MatrixError, MatrixResult};
 pub use extract::{MatrixJson, Ruma};

@@ -125,10 +125,11 @@ impl Default for ClusterConfig {
 pub struct RegistrationConfig {
     /// Open registration: anyone may create an account through `/register`.
     /// Off by default; leave it off on any public server unless you mean it.
-    pub enabled: bool,
-    /// Allow `/register` for holders of a registration token
-    /// (`m.login.registration_token`), even while open registration is off.
-    pub registration_requires_token: bool,
+    pub open: bool,
+    /// Holders of a registration token (`m.login.registration_token`, created
+    /// with the Synapse-compatible admin API) may register even while open
+    /// registration is off.
+    pub tokens: bool,
     /// Shared secret for `/_synapse/admin/v1/register` (the endpoint
     /// `register_new_matrix_user` uses). Unset disables that endpoint.
     pub shared_secret: Option<String>,
@@ -136,7 +137,7 @@ pub struct RegistrationConfig {
 
 impl Default for RegistrationConfig {
     fn default() -> Self {
-        Self { enabled: false, registration_requires_token: true, shared_secret: None }
+        Self { open: false, tokens: true, shared_secret: None }
     }
 }
 

@@ -10,7 +10,7 @@ fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
 fn defaults_load_without_a_file() {
     let config = Config::load(None, env(&[])).unwrap();
     assert_eq!(config.cluster.partitions, 256);
-    assert!(!config.registration.enabled);
+    assert!(!config.registration.open, "registration is closed by default");
 }
 
 #[test]

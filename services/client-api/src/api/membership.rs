@@ -1,0 +1,203 @@
+//! Membership: join (by ID or alias), leave, invite, kick, ban, unban, knock.
+//! Each becomes an `m.room.member` event sent through the room's owner, which
+//! applies the authorization rules; this layer adds the checks that give
+//! clearer errors (unknown room, unknown user, not banned).
+
+use axum::Json;
+use axum::extract::{Path, State};
+use ruma::{OwnedRoomId, OwnedUserId, RoomId, RoomAliasId, UserId};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tessera_matrix_http::auth::Authed;
+use tessera_matrix_http::{MatrixError, MatrixJson, MatrixResult};
+
+use crate::rooms::{send, template};
+use crate::state::AppState;
+
+#[derive(Deserialize, Default)]
+pub struct ReasonBody {
+    reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+pub struct TargetBody {
+    user_id: Option<String>,
+    reason: Option<String>,
+}
+
+pub fn parse_room_id(room: &str) -> MatrixResult<OwnedRoomId> {
+    RoomId::parse(room).map_err(|e| MatrixError::invalid_param(format!("Invalid room ID {room:?}: {e}")))
+}
+
+/// A room ID, or an alias resolved through our alias table.
+async fn resolve_room(state: &AppState, room: &str) -> MatrixResult<OwnedRoomId> {
+    if room.starts_with('#') {
+        let alias = RoomAliasId::parse(room).map_err(|e| MatrixError::invalid_param(format!("Invalid alias: {e}")))?;
+        let room_id = state.store.alias_room(alias.as_str()).await?.ok_or_else(|| MatrixError::not_found(format!("Room alias {alias} not found")))?;
+        parse_room_id(&room_id)
+    } else {
+        parse_room_id(room)
+    }
+}
+
+async fn require_room(state: &AppState, room_id: &RoomId) -> MatrixResult<()> {
+    if state.store.room(room_id.as_str()).await?.is_none() {
+        return Err(MatrixError::not_found(format!(
+            "Unknown room {room_id} (joining rooms on other servers needs federation, which this server does not do yet)"
+        )));
+    }
+    Ok(())
+}
+
+fn target(state: &AppState, body: &TargetBody) -> MatrixResult<OwnedUserId> {
+    let user = body.user_id.as_deref().ok_or_else(|| MatrixError::bad_json("user_id is required"))?;
+    let user_id = UserId::parse(user).map_err(|e| MatrixError::invalid_param(format!("Invalid user ID: {e}")))?;
+    if !state.is_local(&user_id) {
+        return Err(MatrixError::forbidden(format!(
+            "{user_id} is on another server: that needs federation, which this server does not do yet"
+        )));
+    }
+    Ok(user_id)
+}
+
+fn member_content(membership: &str, reason: Option<&str>) -> Value {
+    let mut content = json!({ "membership": membership });
+    if let Some(reason) = reason {
+        content["reason"] = json!(reason);
+    }
+    content
+}
+
+/// Send `sender`'s membership change for `target`.
+async fn change(state: &AppState, room_id: &RoomId, sender: &UserId, target: &UserId, content: Value) -> MatrixResult<()> {
+    send(state, room_id, template(sender, "m.room.member", Some(target.as_str()), &content)).await?;
+    Ok(())
+}
+
+async fn join(state: &AppState, auth: &Authed, room_id: OwnedRoomId, reason: Option<String>) -> MatrixResult<Json<Value>> {
+    require_room(state, &room_id).await?;
+    if state.store.membership(room_id.as_str(), auth.user_id.as_str()).await?.as_deref() == Some("join") {
+        return Ok(Json(json!({ "room_id": room_id })));
+    }
+    let mut content = member_content("join", reason.as_deref());
+    if let Some(profile) = state.store.user(auth.user_id.as_str()).await? {
+        if let Some(name) = profile.displayname {
+            content["displayname"] = json!(name);
+        }
+        if let Some(avatar) = profile.avatar_url {
+            content["avatar_url"] = json!(avatar);
+        }
+    }
+    change(state, &room_id, &auth.user_id, &auth.user_id, content).await?;
+    Ok(Json(json!({ "room_id": room_id })))
+}
+
+pub async fn join_by_id(
+    State(state): State<AppState>,
+    auth: Authed,
+    Path(room): Path<String>,
+    MatrixJson(body): MatrixJson<ReasonBody>,
+) -> MatrixResult<Json<Value>> {
+    join(&state, &auth, parse_room_id(&room)?, body.reason).await
+}
+
+pub async fn join_by_id_or_alias(
+    State(state): State<AppState>,
+    auth: Authed,
+    Path(room): Path<String>,
+    MatrixJson(body): MatrixJson<ReasonBody>,
+) -> MatrixResult<Json<Value>> {
+    let room_id = resolve_room(&state, &room).await?;
+    join(&state, &auth, room_id, body.reason).await
+}
+
+pub async fn knock(
+    State(state): State<AppState>,
+    auth: Authed,
+    Path(room): Path<String>,
+    MatrixJson(body): MatrixJson<ReasonBody>,
+) -> MatrixResult<Json<Value>> {
+    let room_id = resolve_room(&state, &room).await?;
+    require_room(&state, &room_id).await?;
+    change(&state, &room_id, &auth.user_id, &auth.user_id, member_content("knock", body.reason.as_deref())).await?;
+    Ok(Json(json!({ "room_id": room_id })))
+}
+
+pub async fn leave(
+    State(state): State<AppState>,
+    auth: Authed,
+    Path(room): Path<String>,
+    MatrixJson(body): MatrixJson<ReasonBody>,
+) -> MatrixResult<Json<Value>> {
+    let room_id = parse_room_id(&room)?;
+    require_room(&state, &room_id).await?;
+    match state.store.membership(room_id.as_str(), auth.user_id.as_str()).await?.as_deref() {
+        Some("join" | "invite" | "knock") => {}
+        Some("leave") => return Ok(Json(json!({}))),
+        _ => return Err(MatrixError::forbidden("You are not in this room")),
+    }
+    change(&state, &room_id, &auth.user_id, &auth.user_id, member_content("leave", body.reason.as_deref())).await?;
+    Ok(Json(json!({})))
+}
+
+pub async fn invite(
+    State(state): State<AppState>,
+    auth: Authed,
+    Path(room): Path<String>,
+    MatrixJson(body): MatrixJson<TargetBody>,
+) -> MatrixResult<Json<Value>> {
+    let room_id = parse_room_id(&room)?;
+    let target = target(&state, &body)?;
+    require_room(&state, &room_id).await?;
+    if state.store.user(target.as_str()).await?.is_none() {
+        return Err(MatrixError::not_found(format!("Unknown user {target}")));
+    }
+    change(&state, &room_id, &auth.user_id, &target, member_content("invite", body.reason.as_deref())).await?;
+    Ok(Json(json!({})))
+}
+
+pub async fn kick(
+    State(state): State<AppState>,
+    auth: Authed,
+    Path(room): Path<String>,
+    MatrixJson(body): MatrixJson<TargetBody>,
+) -> MatrixResult<Json<Value>> {
+    let room_id = parse_room_id(&room)?;
+    let target = target(&state, &body)?;
+    require_room(&state, &room_id).await?;
+    match state.store.membership(room_id.as_str(), target.as_str()).await?.as_deref() {
+        Some("join" | "invite" | "knock") => {}
+        _ => return Err(MatrixError::forbidden(format!("{target} is not in the room"))),
+    }
+    change(&state, &room_id, &auth.user_id, &target, member_content("leave", body.reason.as_deref())).await?;
+    Ok(Json(json!({})))
+}
+
+pub async fn ban(
+    State(state): State<AppState>,
+    auth: Authed,
+    Path(room): Path<String>,
+    MatrixJson(body): MatrixJson<TargetBody>,
+) -> MatrixResult<Json<Value>> {
+    let room_id = parse_room_id(&room)?;
+    let target = target(&state, &body)?;
+    require_room(&state, &room_id).await?;
+    change(&state, &room_id, &auth.user_id, &target, member_content("ban", body.reason.as_deref())).await?;
+    Ok(Json(json!({})))
+}
+
+pub async fn unban(
+    State(state): State<AppState>,
+    auth: Authed,
+    Path(room): Path<String>,
+    MatrixJson(body): MatrixJson<TargetBody>,
+) -> MatrixResult<Json<Value>> {
+    let room_id = parse_room_id(&room)?;
+    let target = target(&state, &body)?;
+    require_room(&state, &room_id).await?;
+    if state.store.membership(room_id.as_str(), target.as_str()).await?.as_deref() != Some("ban") {
+        return Err(MatrixError::forbidden(format!("{target} is not banned")));
+    }
+    change(&state, &room_id, &auth.user_id, &target, member_content("leave", body.reason.as_deref())).await?;
+    Ok(Json(json!({})))
+}

@@ -1,0 +1,141 @@
+//! Calling the owner of a room: look the partition's owner up, call it, and
+//! follow redirects and handoffs until the call lands or the retry budget runs
+//! out. Callers never need to know which worker owns what.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use tessera_proto::OWNER_METADATA;
+use tessera_proto::room_worker::room_worker_client::RoomWorkerClient;
+use tessera_proto::room_worker::{CreateRoomRequest, CreateRoomResponse, SubmitEventsRequest, SubmitEventsResponse};
+use tessera_storage::Store;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+use crate::directory::OwnerDirectory;
+use crate::partition::partition_of;
+
+/// Why a call did not land.
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    /// The owner answered with an error that retrying will not fix.
+    #[error("{0}")]
+    Rejected(Status),
+    /// No owner answered within the retry budget.
+    #[error("no room-worker could take the request: {0}")]
+    Unavailable(String),
+}
+
+pub struct RoomRouter {
+    directory: OwnerDirectory,
+    partitions: u32,
+    channels: Mutex<HashMap<String, Channel>>,
+    budget: Duration,
+    attempt_timeout: Duration,
+}
+
+impl RoomRouter {
+    pub fn new(store: Store, partitions: u32) -> Self {
+        Self {
+            directory: OwnerDirectory::new(store),
+            partitions,
+            channels: Mutex::new(HashMap::new()),
+            budget: Duration::from_secs(20),
+            attempt_timeout: Duration::from_secs(10),
+        }
+    }
+
+    pub async fn submit(&self, room_id: &str, request: SubmitEventsRequest) -> Result<SubmitEventsResponse, RouteError> {
+        self.call(room_id, |mut client| {
+            let request = request.clone();
+            async move { client.submit_events(request).await }
+        })
+        .await
+    }
+
+    pub async fn create_room(&self, room_id: &str, request: CreateRoomRequest) -> Result<CreateRoomResponse, RouteError> {
+        self.call(room_id, |mut client| {
+            let request = request.clone();
+            async move { client.create_room(request).await }
+        })
+        .await
+    }
+
+    fn channel(&self, addr: &str) -> Result<Channel, RouteError> {
+        let mut channels = self.channels.lock().expect("channels lock");
+        if let Some(channel) = channels.get(addr) {
+            return Ok(channel.clone());
+        }
+        let uri = if addr.contains("://") { addr.to_owned() } else { format!("http://{addr}") };
+        let channel = Endpoint::from_shared(uri)
+            .map_err(|e| RouteError::Unavailable(format!("bad room-worker address {addr}: {e}")))?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        channels.insert(addr.to_owned(), channel.clone());
+        Ok(channel)
+    }
+
+    async fn call<T, F, Fut>(&self, room_id: &str, f: F) -> Result<T, RouteError>
+    where
+        F: Fn(RoomWorkerClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let partition = partition_of(room_id, self.partitions);
+        let deadline = Instant::now() + self.budget;
+        let mut backoff = Duration::from_millis(50);
+        let mut hinted: Option<String> = None;
+        let mut last_error = String::from("no owner known");
+        loop {
+            let addr = match hinted.take() {
+                Some(addr) => Some(addr),
+                None => match self.directory.owner(partition).await {
+                    Ok(owner) => owner.map(|o| o.grpc_addr),
+                    Err(error) => {
+                        last_error = error.to_string();
+                        None
+                    }
+                },
+            };
+            if let Some(addr) = addr {
+                let client = RoomWorkerClient::new(self.channel(&addr)?);
+                match tokio::time::timeout(self.attempt_timeout, f(client)).await {
+                    Ok(Ok(response)) => return Ok(response.into_inner()),
+                    Ok(Err(status)) => match status.code() {
+                        Code::FailedPrecondition => {
+                            self.directory.invalidate(partition);
+                            hinted = status
+                                .metadata()
+                                .get(OWNER_METADATA)
+                                .and_then(|v| v.to_str().ok())
+                                .map(str::to_owned);
+                            last_error = status.message().to_owned();
+                            metrics::counter!("tessera_room_router_redirects_total").increment(1);
+                            if hinted.is_some() {
+                                continue;
+                            }
+                        }
+                        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded | Code::Aborted => {
+                            self.directory.invalidate(partition);
+                            last_error = format!("{addr}: {}", status.message());
+                        }
+                        _ => return Err(RouteError::Rejected(status)),
+                    },
+                    Err(_) => {
+                        self.directory.invalidate(partition);
+                        last_error = format!("{addr}: timed out");
+                    }
+                }
+            }
+            if Instant::now() + backoff > deadline {
+                metrics::counter!("tessera_room_router_failures_total").increment(1);
+                return Err(RouteError::Unavailable(last_error));
+            }
+            metrics::counter!("tessera_room_router_retries_total").increment(1);
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(500));
+        }
+    }
+}

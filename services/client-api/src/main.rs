@@ -9,12 +9,10 @@
 //! - [`state`]: what every handler can reach.
 //! - [`api`]: HTTP routes and handlers, one file per area of the spec.
 //! - [`rooms`]: sending work to room-workers.
-//! - [`visibility`]: history visibility: which events a user may read.
 
 mod api;
 mod rooms;
 mod state;
-mod visibility;
 
 use std::process::ExitCode;
 use std::time::Duration;

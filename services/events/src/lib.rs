@@ -17,6 +17,7 @@
 //! - [`room_state`]: the in-memory state a room's owner builds new events on.
 //! - [`room_setup`]: the events `createRoom` produces for each preset.
 //! - [`client`]: rendering PDUs in the client-server event format, with redaction.
+//! - [`visibility`]: history visibility: which events a user may read.
 //! - [`limits`]: size limits from the specification.
 
 pub mod auth;
@@ -29,6 +30,7 @@ pub mod resolve;
 pub mod room_setup;
 pub mod room_state;
 pub mod room_version;
+pub mod visibility;
 
 #[cfg(test)]
 mod test_support;

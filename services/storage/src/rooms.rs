@@ -250,6 +250,36 @@ impl Store {
         Ok((rows.iter().map(|r| (r.get(0), r.get(1))).collect(), total))
     }
 
+    /// (joined, invited) member counts, for room summaries.
+    pub async fn member_counts(&self, room_id: &str) -> Result<(i64, i64)> {
+        let row = self
+            .client()
+            .await?
+            .query_one(
+                "SELECT count(*) FILTER (WHERE membership = 'join'), count(*) FILTER (WHERE membership = 'invite')
+                 FROM room_state WHERE room_id = $1 AND type = 'm.room.member'",
+                &[&room_id],
+            )
+            .await?;
+        Ok((row.get(0), row.get(1)))
+    }
+
+    /// Up to `limit` joined or invited members other than `exclude`, oldest
+    /// first: the "heroes" clients name unnamed rooms after.
+    pub async fn heroes(&self, room_id: &str, exclude: &str, limit: i64) -> Result<Vec<String>> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                "SELECT state_key FROM room_state
+                 WHERE room_id = $1 AND type = 'm.room.member' AND membership IN ('join', 'invite') AND state_key <> $2
+                 ORDER BY pos LIMIT $3",
+                &[&room_id, &exclude, &limit],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
     /// Room heads (latest positions) of many rooms.
     pub async fn room_heads(&self, room_ids: &[String]) -> Result<Vec<(String, i64)>> {
         let rows = self

@@ -14,7 +14,14 @@ use tessera_storage::events::{Direction, StoredEvent};
 
 use super::membership::parse_room_id;
 use crate::state::AppState;
-use crate::visibility::Visibility;
+use tessera_events::visibility::Visibility;
+
+pub async fn load_visibility(state: &AppState, room_id: &str, user_id: &str) -> MatrixResult<Visibility> {
+    Ok(Visibility::new(
+        state.store.room_membership_history(room_id, user_id).await?,
+        state.store.history_visibility_changes(room_id).await?,
+    ))
+}
 
 fn viewer(auth: &Authed) -> Viewer<'_> {
     Viewer { user_id: auth.user_id.as_str(), device_id: &auth.device_id }
@@ -25,7 +32,7 @@ async fn access(state: &AppState, room_id: &str, auth: &Authed) -> MatrixResult<
     if state.store.room(room_id).await?.is_none() {
         return Err(MatrixError::forbidden("You are not allowed to view this room (unknown room)"));
     }
-    let visibility = Visibility::load(&state.store, room_id, auth.user_id.as_str()).await?;
+    let visibility = load_visibility(&state, room_id, auth.user_id.as_str()).await?;
     if visibility.readable_upto() == Some(-1) && !visibility.world_readable_now() {
         return Err(MatrixError::forbidden("You are not in this room"));
     }
@@ -56,7 +63,7 @@ pub async fn event(State(state): State<AppState>, auth: Authed, Path((room, even
     if stored.room_id != room_id.as_str() || stored.rejected {
         return Err(not_found());
     }
-    let visibility = Visibility::load(&state.store, room_id.as_str(), auth.user_id.as_str()).await?;
+    let visibility = load_visibility(&state, room_id.as_str(), auth.user_id.as_str()).await?;
     if !visible(&visibility, &stored, auth.user_id.as_str()) {
         return Err(not_found());
     }

@@ -4,9 +4,8 @@
 //! or the room's `m.room.history_visibility` at `p` allows it:
 //! `world_readable` to anyone, `shared` to current members, `invited` to users
 //! invited at `p`. Users always see their own membership events. This is the
-//! rule Synapse applies, on per-position history from `room_state_history`.
-
-use tessera_storage::{Store, StoreError};
+//! rule Synapse applies, over the per-position membership and visibility
+//! history the caller reads from storage.
 
 pub struct Visibility {
     memberships: Vec<(i64, String)>,
@@ -18,11 +17,10 @@ fn latest_at(changes: &[(i64, String)], pos: i64) -> Option<&str> {
 }
 
 impl Visibility {
-    pub async fn load(store: &Store, room_id: &str, user_id: &str) -> Result<Self, StoreError> {
-        Ok(Self {
-            memberships: store.room_membership_history(room_id, user_id).await?,
-            visibilities: store.history_visibility_changes(room_id).await?,
-        })
+    /// `memberships`: the user's (position, membership) changes in the room;
+    /// `visibilities`: the room's (position, history_visibility) changes; both ascending.
+    pub fn new(memberships: Vec<(i64, String)>, visibilities: Vec<(i64, String)>) -> Self {
+        Self { memberships, visibilities }
     }
 
     pub fn current_membership(&self) -> Option<&str> {

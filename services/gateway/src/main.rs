@@ -33,17 +33,22 @@ fn main() -> ExitCode {
 
 struct Gateway {
     client: Client<HttpConnector, Full<Bytes>>,
-    client_api: Vec<Uri>,
-    sync_workers: Vec<Uri>,
+    client_api: Vec<String>,
+    sync_workers: Vec<String>,
     next: AtomicUsize,
 }
 
-fn parse_upstreams(urls: &[String], what: &str) -> anyhow::Result<Vec<Uri>> {
+/// Upstream base URLs, checked, without a trailing slash.
+fn parse_upstreams(urls: &[String], what: &str) -> anyhow::Result<Vec<String>> {
     if urls.is_empty() {
         anyhow::bail!("gateway.{what} lists no upstreams");
     }
     urls.iter()
-        .map(|u| u.trim_end_matches('/').parse::<Uri>().with_context(|| format!("gateway.{what}: invalid URL {u:?}")))
+        .map(|u| {
+            let base = u.trim_end_matches('/');
+            base.parse::<Uri>().with_context(|| format!("gateway.{what}: invalid URL {u:?}"))?;
+            Ok(base.to_owned())
+        })
         .collect()
 }
 

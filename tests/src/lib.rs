@@ -1,1 +1,309 @@
-//! placeholder
+//! Test harness: start real Tessera processes against real Postgres and Redis.
+//!
+//! Every [`TestCluster`] gets its own database (`tessera_t_*`), its own Redis
+//! key prefix, its own ports and a temporary folder with the config and each
+//! process's log. Binaries come from `target/debug` (build them first:
+//! `cargo build --workspace --bins`, which `scripts/test` does).
+
+pub mod client;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use rand::Rng;
+use tokio::process::{Child, Command};
+
+pub use client::{TestUser, Api};
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    pub room_workers: usize,
+    pub sync_workers: usize,
+    pub gateway: bool,
+    pub partitions: u32,
+    pub lease_ttl_ms: u64,
+    pub heartbeat_ms: u64,
+}
+
+impl Default for Spec {
+    fn default() -> Self {
+        Self { room_workers: 2, sync_workers: 1, gateway: false, partitions: 16, lease_ttl_ms: 3000, heartbeat_ms: 300 }
+    }
+}
+
+struct Process {
+    child: Child,
+    admin_port: u16,
+    log: PathBuf,
+}
+
+pub struct TestCluster {
+    pub dir: tempfile::TempDir,
+    pub db_url: String,
+    pub redis_url: String,
+    pub redis_prefix: String,
+    pub shared_secret: String,
+    pub client_api_url: String,
+    pub sync_urls: Vec<String>,
+    pub gateway_url: Option<String>,
+    spec: Spec,
+    config: PathBuf,
+    processes: HashMap<String, Process>,
+    next_worker: usize,
+    pub http: reqwest::Client,
+}
+
+/// A free loopback port (bound and released; the tiny race is acceptable in tests).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+pub fn binary(name: &str) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf();
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
+    let path = target.join("debug").join(name);
+    assert!(path.exists(), "{} is missing: run `cargo build --workspace --bins` first (scripts/test does)", path.display());
+    path
+}
+
+pub fn redis_url() -> String {
+    std::env::var("TESSERA_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".to_owned())
+}
+
+impl TestCluster {
+    pub async fn start(spec: Spec) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let db_url = tessera_storage::test_util::create_database().await;
+        let suffix: u64 = rand::thread_rng().r#gen();
+        let redis_prefix = format!("tessera-test-{suffix:016x}");
+        let shared_secret = format!("secret-{suffix:x}");
+        let api_port = free_port();
+        let sync_ports: Vec<u16> = (0..spec.sync_workers).map(|_| free_port()).collect();
+        let gateway_port = free_port();
+        let config = dir.path().join("tessera.toml");
+        let sync_urls: Vec<String> = sync_ports.iter().map(|p| format!("http://127.0.0.1:{p}")).collect();
+        std::fs::write(
+            &config,
+            format!(
+                r#"server_name = "test.local"
+
+[database]
+url = "{db_url}"
+pool_size = 6
+
+[redis]
+url = "{redis}"
+key_prefix = "{redis_prefix}"
+
+[cluster]
+partitions = {partitions}
+lease_ttl_ms = {ttl}
+heartbeat_interval_ms = {hb}
+
+[registration]
+shared_secret = "{shared_secret}"
+
+[client_api]
+listen = "127.0.0.1:{api_port}"
+
+[gateway]
+listen = "127.0.0.1:{gateway_port}"
+client_api = ["http://127.0.0.1:{api_port}"]
+sync_workers = {sync_list:?}
+
+[log]
+filter = "info,ruma_state_res=warn,tessera=debug"
+"#,
+                redis = redis_url(),
+                partitions = spec.partitions,
+                ttl = spec.lease_ttl_ms,
+                hb = spec.heartbeat_ms,
+                sync_list = sync_urls,
+            ),
+        )
+        .expect("write config");
+        let mut cluster = Self {
+            dir,
+            db_url,
+            redis_url: redis_url(),
+            redis_prefix,
+            shared_secret,
+            client_api_url: format!("http://127.0.0.1:{api_port}"),
+            sync_urls,
+            gateway_url: spec.gateway.then(|| format!("http://127.0.0.1:{gateway_port}")),
+            spec: spec.clone(),
+            config,
+            processes: HashMap::new(),
+            next_worker: 0,
+            http: reqwest::Client::builder().timeout(Duration::from_secs(90)).build().expect("http client"),
+        };
+        // The first room-worker migrates; the rest start once it is ready.
+        for _ in 0..spec.room_workers {
+            let name = cluster.add_room_worker_unready();
+            cluster.wait_ready(&name).await;
+        }
+        cluster.spawn("client-api", "tessera-client-api", &[]);
+        for (i, port) in sync_ports.iter().enumerate() {
+            cluster.spawn(&format!("sync-worker-{i}"), "tessera-sync-worker", &[("TESSERA_SYNC_WORKER__LISTEN", format!("127.0.0.1:{port}"))]);
+        }
+        if spec.gateway {
+            cluster.spawn("gateway", "tessera-gateway", &[]);
+        }
+        let names: Vec<String> = cluster.processes.keys().cloned().collect();
+        for name in names {
+            cluster.wait_ready(&name).await;
+        }
+        if spec.room_workers > 0 {
+            cluster.wait_all_partitions_owned().await;
+        }
+        cluster
+    }
+
+    pub fn spec(&self) -> &Spec {
+        &self.spec
+    }
+
+    pub fn config_path(&self) -> &Path {
+        &self.config
+    }
+
+    fn spawn(&mut self, name: &str, binary_name: &str, env: &[(&str, String)]) {
+        let admin_port = free_port();
+        let log = self.dir.path().join(format!("{name}.log"));
+        let file = std::fs::File::create(&log).expect("log file");
+        let mut command = Command::new(binary(binary_name));
+        command
+            .env("TESSERA_CONFIG", &self.config)
+            .env("TESSERA_ADMIN__LISTEN", format!("127.0.0.1:{admin_port}"))
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("log file"))
+            .stderr(file)
+            .kill_on_drop(true);
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let child = command.spawn().unwrap_or_else(|e| panic!("cannot start {binary_name}: {e}"));
+        self.processes.insert(name.to_owned(), Process { child, admin_port, log });
+    }
+
+    fn add_room_worker_unready(&mut self) -> String {
+        let name = format!("room-worker-{}", self.next_worker);
+        self.next_worker += 1;
+        let port = free_port();
+        self.spawn(
+            &name,
+            "tessera-room-worker",
+            &[("TESSERA_ROOM_WORKER__LISTEN", format!("127.0.0.1:{port}")), ("TESSERA_ROOM_WORKER__WORKER_ID", name.clone())],
+        );
+        name
+    }
+
+    /// Start one more room-worker and wait until it serves.
+    pub async fn add_room_worker(&mut self) -> String {
+        let name = self.add_room_worker_unready();
+        self.wait_ready(&name).await;
+        name
+    }
+
+    /// Start another process of a role that already runs (e.g. a restarted sync-worker).
+    pub async fn restart_sync_worker(&mut self, index: usize) {
+        let name = format!("sync-worker-{index}");
+        self.kill(&name).await;
+        let port: u16 = self.sync_urls[index].rsplit(':').next().and_then(|p| p.parse().ok()).expect("sync port");
+        self.spawn(&name, "tessera-sync-worker", &[("TESSERA_SYNC_WORKER__LISTEN", format!("127.0.0.1:{port}"))]);
+        self.wait_ready(&name).await;
+    }
+
+    pub fn log_tail(&self, name: &str) -> String {
+        let text = self.processes.get(name).and_then(|p| std::fs::read_to_string(&p.log).ok()).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    pub async fn wait_ready(&mut self, name: &str) {
+        let port = self.processes[name].admin_port;
+        for _ in 0..600 {
+            if let Ok(r) = self.http.get(format!("http://127.0.0.1:{port}/health/ready")).send().await
+                && r.status().is_success()
+            {
+                return;
+            }
+            if let Ok(Some(status)) = self.processes.get_mut(name).expect("process").child.try_wait() {
+                panic!("{name} exited with {status} while starting:\n{}", self.log_tail(name));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("{name} did not become ready in 60 s:\n{}", self.log_tail(name));
+    }
+
+    /// Wait (bounded) until every partition has a live owner.
+    pub async fn wait_all_partitions_owned(&self) {
+        let store = self.store().await;
+        for _ in 0..300 {
+            let leases = store.leases().await.expect("leases");
+            if leases.iter().all(|l| l.owner.is_some()) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("partitions stayed without owner for 30 s");
+    }
+
+    /// Partitions per owner, from the lease table.
+    pub async fn owners(&self) -> HashMap<String, usize> {
+        let mut owners = HashMap::new();
+        for lease in self.store().await.leases().await.expect("leases") {
+            *owners.entry(lease.owner.unwrap_or_else(|| "(none)".to_owned())).or_default() += 1;
+        }
+        owners
+    }
+
+    pub async fn store(&self) -> tessera_storage::Store {
+        tessera_storage::Store::connect(&self.db_url, 2, Duration::from_secs(5)).await.expect("store")
+    }
+
+    pub fn pid(&self, name: &str) -> u32 {
+        self.processes[name].child.id().unwrap_or_else(|| panic!("{name} is not running"))
+    }
+
+    pub fn signal(&self, name: &str, signal: &str) {
+        let pid = self.pid(name);
+        let status = std::process::Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status().expect("kill");
+        assert!(status.success(), "kill -{signal} {name} failed");
+    }
+
+    /// SIGTERM and wait for a clean exit (bounded).
+    pub async fn stop(&mut self, name: &str) -> std::process::ExitStatus {
+        self.signal(name, "TERM");
+        let process = self.processes.get_mut(name).expect("process");
+        let status = tokio::time::timeout(Duration::from_secs(60), process.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("{name} did not exit within 60 s of SIGTERM"))
+            .expect("wait");
+        status
+    }
+
+    /// SIGKILL and reap.
+    pub async fn kill(&mut self, name: &str) {
+        if let Some(process) = self.processes.get_mut(name) {
+            let _ = process.child.kill().await;
+        }
+    }
+
+    pub fn api(&self) -> Api {
+        Api::new(self.http.clone(), self.client_api_url.clone(), self.sync_urls.first().cloned().unwrap_or_default())
+    }
+
+    /// Register a user with the shared secret and log in.
+    pub async fn register(&self, name: &str) -> TestUser {
+        client::register(&self.http, &self.client_api_url, &self.shared_secret, name, false).await
+    }
+
+    pub async fn register_admin(&self, name: &str) -> TestUser {
+        client::register(&self.http, &self.client_api_url, &self.shared_secret, name, true).await
+    }
+}

@@ -52,6 +52,7 @@ pub struct TestCluster {
     spec: Spec,
     config: PathBuf,
     processes: HashMap<String, Process>,
+    stopped: std::collections::HashSet<String>,
     next_worker: usize,
     pub http: reqwest::Client,
 }
@@ -137,6 +138,7 @@ filter = "info,ruma_state_res=warn,tessera=debug"
             spec: spec.clone(),
             config,
             processes: HashMap::new(),
+            stopped: std::collections::HashSet::new(),
             next_worker: 0,
             http: reqwest::Client::builder().timeout(Duration::from_secs(90)).build().expect("http client"),
         };
@@ -157,7 +159,7 @@ filter = "info,ruma_state_res=warn,tessera=debug"
             cluster.wait_ready(&name).await;
         }
         if spec.room_workers > 0 {
-            cluster.wait_all_partitions_owned().await;
+            cluster.wait_balanced().await;
         }
         cluster
     }
@@ -215,6 +217,7 @@ filter = "info,ruma_state_res=warn,tessera=debug"
         self.kill(&name).await;
         let port: u16 = self.sync_urls[index].rsplit(':').next().and_then(|p| p.parse().ok()).expect("sync port");
         self.spawn(&name, "tessera-sync-worker", &[("TESSERA_SYNC_WORKER__LISTEN", format!("127.0.0.1:{port}"))]);
+        self.stopped.remove(&name);
         self.wait_ready(&name).await;
     }
 
@@ -253,6 +256,29 @@ filter = "info,ruma_state_res=warn,tessera=debug"
         panic!("partitions stayed without owner for 30 s");
     }
 
+    /// Room-workers started and not stopped or killed.
+    pub fn live_room_workers(&self) -> Vec<String> {
+        let mut names: Vec<String> =
+            self.processes.keys().filter(|n| n.starts_with("room-worker-") && !self.stopped.contains(*n)).cloned().collect();
+        names.sort();
+        names
+    }
+
+    /// Wait (bounded) until every partition is owned by the worker the
+    /// rendezvous assignment picks among the live ones.
+    pub async fn wait_balanced(&self) {
+        let workers = self.live_room_workers();
+        let store = self.store().await;
+        for _ in 0..300 {
+            let leases = store.leases().await.expect("leases");
+            if leases.iter().all(|l| l.owner.as_deref() == tessera_cluster::assignment::desired_owner(l.partition, &workers)) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("partitions did not settle on {workers:?} within 30 s: {:?}", self.owners().await);
+    }
+
     /// Partitions per owner, from the lease table.
     pub async fn owners(&self) -> HashMap<String, usize> {
         let mut owners = HashMap::new();
@@ -279,6 +305,7 @@ filter = "info,ruma_state_res=warn,tessera=debug"
     /// SIGTERM and wait for a clean exit (bounded).
     pub async fn stop(&mut self, name: &str) -> std::process::ExitStatus {
         self.signal(name, "TERM");
+        self.stopped.insert(name.to_owned());
         let process = self.processes.get_mut(name).expect("process");
         let status = tokio::time::timeout(Duration::from_secs(60), process.child.wait())
             .await
@@ -289,6 +316,7 @@ filter = "info,ruma_state_res=warn,tessera=debug"
 
     /// SIGKILL and reap.
     pub async fn kill(&mut self, name: &str) {
+        self.stopped.insert(name.to_owned());
         if let Some(process) = self.processes.get_mut(name) {
             let _ = process.child.kill().await;
         }

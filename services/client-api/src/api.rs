@@ -86,6 +86,7 @@ pub fn router(state: AppState, health: Arc<Health>, metrics: PrometheusHandle) -
         r = client(r, path, method);
     }
     r.fallback(layers::unrecognized)
+        .method_not_allowed_fallback(layers::method_not_allowed)
         .with_state(state)
         .layer(axum::middleware::from_fn(layers::metrics))
         .layer(axum::middleware::from_fn(layers::cors))

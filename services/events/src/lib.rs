@@ -16,6 +16,7 @@
 //!   subgraph room version 12 needs.
 //! - [`room_state`]: the in-memory state a room's owner builds new events on.
 //! - [`room_setup`]: the events `createRoom` produces for each preset.
+//! - [`content`]: checks of well-known state event contents from clients.
 //! - [`client`]: rendering PDUs in the client-server event format, with redaction.
 //! - [`visibility`]: history visibility: which events a user may read.
 //! - [`limits`]: size limits from the specification.
@@ -23,6 +24,7 @@
 pub mod auth;
 pub mod build;
 pub mod client;
+pub mod content;
 pub mod keys;
 pub mod limits;
 pub mod pdu;

@@ -155,6 +155,9 @@ impl RoomState {
         key: &SigningKey,
         server_name: &ServerName,
     ) -> Result<Arc<Pdu>, CreateError> {
+        if template.state_key.is_some() {
+            crate::content::validate(&template.kind, &template.content).map_err(BuildError::InvalidContent)?;
+        }
         let placement = Placement {
             room_id: &self.room_id,
             rules: &self.rules,

@@ -90,7 +90,8 @@ fn token_hash(request: &Request<Body>) -> usize {
 }
 
 fn error(status: StatusCode, message: &str) -> Response<Body> {
-    let body = format!(r#"{{"errcode":"M_UNKNOWN","error":"{message}"}}"#);
+    let errcode = if status == StatusCode::PAYLOAD_TOO_LARGE { "M_TOO_LARGE" } else { "M_UNKNOWN" };
+    let body = format!(r#"{{"errcode":"{errcode}","error":"{message}"}}"#);
     let mut response = Response::new(Body::from(body));
     *response.status_mut() = status;
     response.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));

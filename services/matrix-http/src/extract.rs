@@ -95,3 +95,14 @@ pub fn json_object(bytes: &[u8]) -> Result<serde_json::Map<String, serde_json::V
         _ => Err(MatrixError::bad_json("Content must be a JSON object")),
     }
 }
+
+/// A raw body, at most [`MAX_BODY_BYTES`], refused with `M_TOO_LARGE` beyond.
+pub struct MatrixBody(pub Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for MatrixBody {
+    type Rejection = MatrixError;
+
+    async fn from_request(request: Request, _state: &S) -> Result<Self, Self::Rejection> {
+        body_bytes(request.into_body()).await.map(MatrixBody)
+    }
+}

@@ -55,3 +55,8 @@ pub async fn metrics(request: Request, next: Next) -> Response {
 pub async fn unrecognized() -> MatrixError {
     MatrixError::unrecognized("Unrecognized request")
 }
+
+/// A known endpoint called with the wrong method.
+pub async fn method_not_allowed() -> MatrixError {
+    MatrixError::method_not_allowed()
+}

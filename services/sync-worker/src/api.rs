@@ -52,6 +52,7 @@ pub fn router(state: SyncApi, health: Arc<Health>, metrics: PrometheusHandle) ->
         .route("/_matrix/client/v3/sync", get(sync))
         .route("/_matrix/client/r0/sync", get(sync))
         .fallback(layers::unrecognized)
+        .method_not_allowed_fallback(layers::method_not_allowed)
         .with_state(state)
         .layer(axum::middleware::from_fn(layers::metrics))
         .layer(axum::middleware::from_fn(layers::cors))

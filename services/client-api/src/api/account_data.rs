@@ -3,11 +3,10 @@
 //! and wake their `/sync`.
 
 use axum::Json;
-use axum::body::Bytes;
 use axum::extract::{Path, State};
 use serde_json::{Value, json};
 use tessera_matrix_http::auth::Authed;
-use tessera_matrix_http::extract::json_object;
+use tessera_matrix_http::extract::{MatrixBody, json_object};
 use tessera_matrix_http::{MatrixError, MatrixResult};
 
 use super::membership::parse_room_id;
@@ -30,7 +29,7 @@ fn check_kind(kind: &str) -> MatrixResult<()> {
     Ok(())
 }
 
-async fn put(state: &AppState, auth: &Authed, room: &str, kind: &str, body: &Bytes) -> MatrixResult<Json<Value>> {
+async fn put(state: &AppState, auth: &Authed, room: &str, kind: &str, body: &[u8]) -> MatrixResult<Json<Value>> {
     check_kind(kind)?;
     let content = Value::Object(json_object(body)?);
     state.store.set_account_data(auth.user_id.as_str(), room, kind, &content).await?;
@@ -51,7 +50,7 @@ pub async fn put_global(
     State(state): State<AppState>,
     auth: Authed,
     Path((user, kind)): Path<(String, String)>,
-    body: Bytes,
+    MatrixBody(body): MatrixBody,
 ) -> MatrixResult<Json<Value>> {
     own(&auth, &user)?;
     put(&state, &auth, "", &kind, &body).await
@@ -66,7 +65,7 @@ pub async fn put_room(
     State(state): State<AppState>,
     auth: Authed,
     Path((user, room, kind)): Path<(String, String, String)>,
-    body: Bytes,
+    MatrixBody(body): MatrixBody,
 ) -> MatrixResult<Json<Value>> {
     own(&auth, &user)?;
     let room_id = parse_room_id(&room)?;
@@ -88,7 +87,7 @@ pub async fn get_room(
 
 /// `m.fully_read` is stored as room account data; read receipts are not
 /// delivered yet (ephemeral events arrive with the federation work).
-pub async fn read_markers(State(state): State<AppState>, auth: Authed, Path(room): Path<String>, body: Bytes) -> MatrixResult<Json<Value>> {
+pub async fn read_markers(State(state): State<AppState>, auth: Authed, Path(room): Path<String>, MatrixBody(body): MatrixBody) -> MatrixResult<Json<Value>> {
     let room_id = parse_room_id(&room)?;
     let markers = json_object(&body)?;
     if let Some(event_id) = markers.get("m.fully_read") {
@@ -101,7 +100,7 @@ pub async fn read_markers(State(state): State<AppState>, auth: Authed, Path(room
     Ok(Json(json!({})))
 }
 
-pub async fn create_filter(State(state): State<AppState>, auth: Authed, Path(user): Path<String>, body: Bytes) -> MatrixResult<Json<Value>> {
+pub async fn create_filter(State(state): State<AppState>, auth: Authed, Path(user): Path<String>, MatrixBody(body): MatrixBody) -> MatrixResult<Json<Value>> {
     own(&auth, &user)?;
     let filter = Value::Object(json_object(&body)?);
     tessera_matrix_http::filter::SyncFilter::parse(&filter)?;

@@ -2,12 +2,11 @@
 //! `PUT /state/{type}/{stateKey}` and `PUT /redact/{eventId}/{txnId}`.
 
 use axum::Json;
-use axum::body::Bytes;
 use axum::extract::{Path, State};
 use ruma::EventId;
 use serde_json::{Value, json};
 use tessera_matrix_http::auth::Authed;
-use tessera_matrix_http::extract::json_object;
+use tessera_matrix_http::extract::{MatrixBody, json_object};
 use tessera_matrix_http::{MatrixError, MatrixResult};
 
 use super::membership::parse_room_id;
@@ -32,7 +31,7 @@ pub async fn send_message(
     State(state): State<AppState>,
     auth: Authed,
     Path((room, kind, txn)): Path<(String, String, String)>,
-    body: Bytes,
+    MatrixBody(body): MatrixBody,
 ) -> MatrixResult<Json<Value>> {
     let room_id = parse_room_id(&room)?;
     check_type(&kind)?;
@@ -56,7 +55,7 @@ pub async fn put_state(
     State(state): State<AppState>,
     auth: Authed,
     Path((room, kind, key)): Path<(String, String, String)>,
-    body: Bytes,
+    MatrixBody(body): MatrixBody,
 ) -> MatrixResult<Json<Value>> {
     put_state_inner(state, auth, room, kind, key, body).await
 }
@@ -65,12 +64,12 @@ pub async fn put_state_empty_key(
     State(state): State<AppState>,
     auth: Authed,
     Path((room, kind)): Path<(String, String)>,
-    body: Bytes,
+    MatrixBody(body): MatrixBody,
 ) -> MatrixResult<Json<Value>> {
     put_state_inner(state, auth, room, kind, String::new(), body).await
 }
 
-async fn put_state_inner(state: AppState, auth: Authed, room: String, kind: String, key: String, body: Bytes) -> MatrixResult<Json<Value>> {
+async fn put_state_inner(state: AppState, auth: Authed, room: String, kind: String, key: String, body: bytes::Bytes) -> MatrixResult<Json<Value>> {
     let room_id = parse_room_id(&room)?;
     check_type(&kind)?;
     check_id_part("State key", &key)?;
@@ -107,7 +106,7 @@ pub async fn redact(
     State(state): State<AppState>,
     auth: Authed,
     Path((room, event, txn)): Path<(String, String, String)>,
-    body: Bytes,
+    MatrixBody(body): MatrixBody,
 ) -> MatrixResult<Json<Value>> {
     let room_id = parse_room_id(&room)?;
     let target = EventId::parse(event.as_str()).map_err(|e| MatrixError::invalid_param(format!("Invalid event ID: {e}")))?;

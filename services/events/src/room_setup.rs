@@ -155,7 +155,7 @@ pub fn templates(setup: &RoomSetup) -> (EventTemplate, Vec<EventTemplate>) {
         events.push(template(
             "m.room.topic",
             "",
-            json!({ "topic": topic, "m.topic": [{ "body": topic, "mimetype": "text/plain" }] }),
+            json!({ "topic": topic, "m.topic": { "m.text": [{ "body": topic, "mimetype": "text/plain" }] } }),
         ));
     }
     for invitee in &setup.invite {

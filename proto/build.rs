@@ -6,7 +6,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if std::env::var_os("PROTOC").is_none() {
         config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
     }
-    tonic_prost_build::configure().compile_with_config(config, &["tessera/room_worker.proto"], &["."])?;
+    tonic_prost_build::configure().compile_with_config(
+        config,
+        &["tessera/room_worker.proto"],
+        &["."],
+    )?;
     println!("cargo:rerun-if-changed=tessera");
     Ok(())
 }

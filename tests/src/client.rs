@@ -21,24 +21,55 @@ pub struct TestUser {
 
 impl Api {
     pub fn new(http: reqwest::Client, base: String, sync_base: String) -> Self {
-        Self { http, base, sync_base }
+        Self {
+            http,
+            base,
+            sync_base,
+        }
     }
 
     /// Send a request; `body` `None` sends no body. Returns (status, JSON body).
-    pub async fn call(&self, method: Method, path: &str, token: Option<&str>, body: Option<Value>) -> (u16, Value) {
-        let base = if path.contains("/sync") { &self.sync_base } else { &self.base };
-        self.call_raw(method, &format!("{base}{path}"), token, body.map(|b| b.to_string().into_bytes())).await
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let base = if path.contains("/sync") {
+            &self.sync_base
+        } else {
+            &self.base
+        };
+        self.call_raw(
+            method,
+            &format!("{base}{path}"),
+            token,
+            body.map(|b| b.to_string().into_bytes()),
+        )
+        .await
     }
 
-    pub async fn call_raw(&self, method: Method, url: &str, token: Option<&str>, body: Option<Vec<u8>>) -> (u16, Value) {
+    pub async fn call_raw(
+        &self,
+        method: Method,
+        url: &str,
+        token: Option<&str>,
+        body: Option<Vec<u8>>,
+    ) -> (u16, Value) {
         let mut request = self.http.request(method, url);
         if let Some(token) = token {
             request = request.bearer_auth(token);
         }
         if let Some(body) = body {
-            request = request.header("content-type", "application/json").body(body);
+            request = request
+                .header("content-type", "application/json")
+                .body(body);
         }
-        let response = request.send().await.unwrap_or_else(|e| panic!("request to {url} failed: {e}"));
+        let response = request
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("request to {url} failed: {e}"));
         let status = response.status().as_u16();
         let text = response.text().await.unwrap_or_default();
         let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
@@ -46,44 +77,90 @@ impl Api {
     }
 
     /// Like [`Api::call`] but panics unless the status is 200.
-    pub async fn ok(&self, method: Method, path: &str, user: &TestUser, body: Option<Value>) -> Value {
-        let (status, value) = self.call(method.clone(), path, Some(&user.token), body).await;
+    pub async fn ok(
+        &self,
+        method: Method,
+        path: &str,
+        user: &TestUser,
+        body: Option<Value>,
+    ) -> Value {
+        let (status, value) = self
+            .call(method.clone(), path, Some(&user.token), body)
+            .await;
         assert_eq!(status, 200, "{method} {path} as {}: {value}", user.user_id);
         value
     }
 
     pub async fn create_room(&self, user: &TestUser, body: Value) -> String {
-        let value = self.ok(Method::POST, "/_matrix/client/v3/createRoom", user, Some(body)).await;
+        let value = self
+            .ok(
+                Method::POST,
+                "/_matrix/client/v3/createRoom",
+                user,
+                Some(body),
+            )
+            .await;
         value["room_id"].as_str().expect("room_id").to_owned()
     }
 
     pub async fn send_text(&self, user: &TestUser, room: &str, txn: &str, body: &str) -> String {
-        let path = format!("/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}", enc(room));
-        let value = self.ok(Method::PUT, &path, user, Some(json!({ "msgtype": "m.text", "body": body }))).await;
+        let path = format!(
+            "/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}",
+            enc(room)
+        );
+        let value = self
+            .ok(
+                Method::PUT,
+                &path,
+                user,
+                Some(json!({ "msgtype": "m.text", "body": body })),
+            )
+            .await;
         value["event_id"].as_str().expect("event_id").to_owned()
     }
 
     pub async fn join(&self, user: &TestUser, room: &str) {
-        self.ok(Method::POST, &format!("/_matrix/client/v3/join/{}", enc(room)), user, Some(json!({}))).await;
+        self.ok(
+            Method::POST,
+            &format!("/_matrix/client/v3/join/{}", enc(room)),
+            user,
+            Some(json!({})),
+        )
+        .await;
     }
 
     pub async fn invite(&self, user: &TestUser, room: &str, target: &str) {
-        self.ok(Method::POST, &format!("/_matrix/client/v3/rooms/{}/invite", enc(room)), user, Some(json!({ "user_id": target }))).await;
+        self.ok(
+            Method::POST,
+            &format!("/_matrix/client/v3/rooms/{}/invite", enc(room)),
+            user,
+            Some(json!({ "user_id": target })),
+        )
+        .await;
     }
 
     /// One `/sync` call against `base` (a sync-worker URL).
-    pub async fn sync_at(&self, base: &str, user: &TestUser, since: Option<&str>, timeout_ms: u64) -> Value {
+    pub async fn sync_at(
+        &self,
+        base: &str,
+        user: &TestUser,
+        since: Option<&str>,
+        timeout_ms: u64,
+    ) -> Value {
         let mut url = format!("{base}/_matrix/client/v3/sync?timeout={timeout_ms}");
         if let Some(since) = since {
             url.push_str(&format!("&since={since}"));
         }
-        let (status, value) = self.call_raw(Method::GET, &url, Some(&user.token), None).await;
+        let (status, value) = self
+            .call_raw(Method::GET, &url, Some(&user.token), None)
+            .await;
         assert_eq!(status, 200, "sync as {}: {value}", user.user_id);
         value
     }
 
     pub async fn sync(&self, user: &TestUser, since: Option<&str>, timeout_ms: u64) -> Value {
-        self.sync_at(&self.sync_base.clone(), user, since, timeout_ms).await
+        self.sync_at(&self.sync_base.clone(), user, since, timeout_ms)
+            .await
     }
 }
 
@@ -92,7 +169,9 @@ pub fn enc(segment: &str) -> String {
     let mut out = String::new();
     for b in segment.bytes() {
         match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => out.push(b as char),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                out.push(b as char)
+            }
             _ => out.push_str(&format!("%{b:02X}")),
         }
     }
@@ -101,12 +180,28 @@ pub fn enc(segment: &str) -> String {
 
 /// Timeline events of a room in a sync response, as (type, body) pairs.
 pub fn timeline(sync: &Value, room: &str) -> Vec<Value> {
-    sync["rooms"]["join"][room]["timeline"]["events"].as_array().cloned().unwrap_or_default()
+    sync["rooms"]["join"][room]["timeline"]["events"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
 }
 
-pub async fn register(http: &reqwest::Client, base: &str, secret: &str, name: &str, admin: bool) -> TestUser {
+pub async fn register(
+    http: &reqwest::Client,
+    base: &str,
+    secret: &str,
+    name: &str,
+    admin: bool,
+) -> TestUser {
     let url = format!("{base}/_synapse/admin/v1/register");
-    let nonce: Value = http.get(&url).send().await.expect("nonce").json().await.expect("nonce json");
+    let nonce: Value = http
+        .get(&url)
+        .send()
+        .await
+        .expect("nonce")
+        .json()
+        .await
+        .expect("nonce json");
     let nonce = nonce["nonce"].as_str().expect("nonce").to_owned();
     let password = format!("{name}-password");
     let mut mac = Hmac::<sha1::Sha1>::new_from_slice(secret.as_bytes()).expect("hmac");
@@ -116,7 +211,11 @@ pub async fn register(http: &reqwest::Client, base: &str, secret: &str, name: &s
     mac.update(b"\0");
     mac.update(password.as_bytes());
     mac.update(b"\0");
-    mac.update(if admin { b"admin" as &[u8] } else { b"notadmin" });
+    mac.update(if admin {
+        b"admin" as &[u8]
+    } else {
+        b"notadmin"
+    });
     let body = json!({ "nonce": nonce, "username": name, "password": password, "admin": admin, "mac": hex::encode(mac.finalize().into_bytes()) });
     let response = http.post(&url).json(&body).send().await.expect("register");
     let status = response.status();

@@ -15,7 +15,7 @@ use std::time::Duration;
 use rand::Rng;
 use tokio::process::{Child, Command};
 
-pub use client::{TestUser, Api};
+pub use client::{Api, TestUser};
 
 /// What to start.
 #[derive(Debug, Clone)]
@@ -30,7 +30,14 @@ pub struct Spec {
 
 impl Default for Spec {
     fn default() -> Self {
-        Self { room_workers: 2, sync_workers: 1, gateway: false, partitions: 16, lease_ttl_ms: 3000, heartbeat_ms: 300 }
+        Self {
+            room_workers: 2,
+            sync_workers: 1,
+            gateway: false,
+            partitions: 16,
+            lease_ttl_ms: 3000,
+            heartbeat_ms: 300,
+        }
     }
 }
 
@@ -59,14 +66,26 @@ pub struct TestCluster {
 
 /// A free loopback port (bound and released; the tiny race is acceptable in tests).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
 }
 
 pub fn binary(name: &str) -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf();
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf();
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
     let path = target.join("debug").join(name);
-    assert!(path.exists(), "{} is missing: run `cargo build --workspace --bins` first (scripts/test does)", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --bins` first (scripts/test does)",
+        path.display()
+    );
     path
 }
 
@@ -85,7 +104,10 @@ impl TestCluster {
         let sync_ports: Vec<u16> = (0..spec.sync_workers).map(|_| free_port()).collect();
         let gateway_port = free_port();
         let config = dir.path().join("tessera.toml");
-        let sync_urls: Vec<String> = sync_ports.iter().map(|p| format!("http://127.0.0.1:{p}")).collect();
+        let sync_urls: Vec<String> = sync_ports
+            .iter()
+            .map(|p| format!("http://127.0.0.1:{p}"))
+            .collect();
         std::fs::write(
             &config,
             format!(
@@ -134,13 +156,18 @@ filter = "info,ruma_state_res=warn,tessera=debug"
             shared_secret,
             client_api_url: format!("http://127.0.0.1:{api_port}"),
             sync_urls,
-            gateway_url: spec.gateway.then(|| format!("http://127.0.0.1:{gateway_port}")),
+            gateway_url: spec
+                .gateway
+                .then(|| format!("http://127.0.0.1:{gateway_port}")),
             spec: spec.clone(),
             config,
             processes: HashMap::new(),
             stopped: std::collections::HashSet::new(),
             next_worker: 0,
-            http: reqwest::Client::builder().timeout(Duration::from_secs(90)).build().expect("http client"),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(90))
+                .build()
+                .expect("http client"),
         };
         // The first room-worker migrates; the rest start once it is ready.
         for _ in 0..spec.room_workers {
@@ -149,7 +176,11 @@ filter = "info,ruma_state_res=warn,tessera=debug"
         }
         cluster.spawn("client-api", "tessera-client-api", &[]);
         for (i, port) in sync_ports.iter().enumerate() {
-            cluster.spawn(&format!("sync-worker-{i}"), "tessera-sync-worker", &[("TESSERA_SYNC_WORKER__LISTEN", format!("127.0.0.1:{port}"))]);
+            cluster.spawn(
+                &format!("sync-worker-{i}"),
+                "tessera-sync-worker",
+                &[("TESSERA_SYNC_WORKER__LISTEN", format!("127.0.0.1:{port}"))],
+            );
         }
         if spec.gateway {
             cluster.spawn("gateway", "tessera-gateway", &[]);
@@ -188,8 +219,17 @@ filter = "info,ruma_state_res=warn,tessera=debug"
         for (k, v) in env {
             command.env(k, v);
         }
-        let child = command.spawn().unwrap_or_else(|e| panic!("cannot start {binary_name}: {e}"));
-        self.processes.insert(name.to_owned(), Process { child, admin_port, log });
+        let child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {binary_name}: {e}"));
+        self.processes.insert(
+            name.to_owned(),
+            Process {
+                child,
+                admin_port,
+                log,
+            },
+        );
     }
 
     fn add_room_worker_unready(&mut self) -> String {
@@ -199,7 +239,10 @@ filter = "info,ruma_state_res=warn,tessera=debug"
         self.spawn(
             &name,
             "tessera-room-worker",
-            &[("TESSERA_ROOM_WORKER__LISTEN", format!("127.0.0.1:{port}")), ("TESSERA_ROOM_WORKER__WORKER_ID", name.clone())],
+            &[
+                ("TESSERA_ROOM_WORKER__LISTEN", format!("127.0.0.1:{port}")),
+                ("TESSERA_ROOM_WORKER__WORKER_ID", name.clone()),
+            ],
         );
         name
     }
@@ -215,14 +258,26 @@ filter = "info,ruma_state_res=warn,tessera=debug"
     pub async fn restart_sync_worker(&mut self, index: usize) {
         let name = format!("sync-worker-{index}");
         self.kill(&name).await;
-        let port: u16 = self.sync_urls[index].rsplit(':').next().and_then(|p| p.parse().ok()).expect("sync port");
-        self.spawn(&name, "tessera-sync-worker", &[("TESSERA_SYNC_WORKER__LISTEN", format!("127.0.0.1:{port}"))]);
+        let port: u16 = self.sync_urls[index]
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("sync port");
+        self.spawn(
+            &name,
+            "tessera-sync-worker",
+            &[("TESSERA_SYNC_WORKER__LISTEN", format!("127.0.0.1:{port}"))],
+        );
         self.stopped.remove(&name);
         self.wait_ready(&name).await;
     }
 
     pub fn log_tail(&self, name: &str) -> String {
-        let text = self.processes.get(name).and_then(|p| std::fs::read_to_string(&p.log).ok()).unwrap_or_default();
+        let text = self
+            .processes
+            .get(name)
+            .and_then(|p| std::fs::read_to_string(&p.log).ok())
+            .unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(40)..].join("\n")
     }
@@ -230,17 +285,33 @@ filter = "info,ruma_state_res=warn,tessera=debug"
     pub async fn wait_ready(&mut self, name: &str) {
         let port = self.processes[name].admin_port;
         for _ in 0..600 {
-            if let Ok(r) = self.http.get(format!("http://127.0.0.1:{port}/health/ready")).send().await
+            if let Ok(r) = self
+                .http
+                .get(format!("http://127.0.0.1:{port}/health/ready"))
+                .send()
+                .await
                 && r.status().is_success()
             {
                 return;
             }
-            if let Ok(Some(status)) = self.processes.get_mut(name).expect("process").child.try_wait() {
-                panic!("{name} exited with {status} while starting:\n{}", self.log_tail(name));
+            if let Ok(Some(status)) = self
+                .processes
+                .get_mut(name)
+                .expect("process")
+                .child
+                .try_wait()
+            {
+                panic!(
+                    "{name} exited with {status} while starting:\n{}",
+                    self.log_tail(name)
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        panic!("{name} did not become ready in 60 s:\n{}", self.log_tail(name));
+        panic!(
+            "{name} did not become ready in 60 s:\n{}",
+            self.log_tail(name)
+        );
     }
 
     /// Wait (bounded) until every partition has a live owner.
@@ -258,8 +329,12 @@ filter = "info,ruma_state_res=warn,tessera=debug"
 
     /// Room-workers started and not stopped or killed.
     pub fn live_room_workers(&self) -> Vec<String> {
-        let mut names: Vec<String> =
-            self.processes.keys().filter(|n| n.starts_with("room-worker-") && !self.stopped.contains(*n)).cloned().collect();
+        let mut names: Vec<String> = self
+            .processes
+            .keys()
+            .filter(|n| n.starts_with("room-worker-") && !self.stopped.contains(*n))
+            .cloned()
+            .collect();
         names.sort();
         names
     }
@@ -271,34 +346,51 @@ filter = "info,ruma_state_res=warn,tessera=debug"
         let store = self.store().await;
         for _ in 0..300 {
             let leases = store.leases().await.expect("leases");
-            if leases.iter().all(|l| l.owner.as_deref() == tessera_cluster::assignment::desired_owner(l.partition, &workers)) {
+            if leases.iter().all(|l| {
+                l.owner.as_deref()
+                    == tessera_cluster::assignment::desired_owner(l.partition, &workers)
+            }) {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        panic!("partitions did not settle on {workers:?} within 30 s: {:?}", self.owners().await);
+        panic!(
+            "partitions did not settle on {workers:?} within 30 s: {:?}",
+            self.owners().await
+        );
     }
 
     /// Partitions per owner, from the lease table.
     pub async fn owners(&self) -> HashMap<String, usize> {
         let mut owners = HashMap::new();
         for lease in self.store().await.leases().await.expect("leases") {
-            *owners.entry(lease.owner.unwrap_or_else(|| "(none)".to_owned())).or_default() += 1;
+            *owners
+                .entry(lease.owner.unwrap_or_else(|| "(none)".to_owned()))
+                .or_default() += 1;
         }
         owners
     }
 
     pub async fn store(&self) -> tessera_storage::Store {
-        tessera_storage::Store::connect(&self.db_url, 2, Duration::from_secs(5)).await.expect("store")
+        tessera_storage::Store::connect(&self.db_url, 2, Duration::from_secs(5))
+            .await
+            .expect("store")
     }
 
     pub fn pid(&self, name: &str) -> u32 {
-        self.processes[name].child.id().unwrap_or_else(|| panic!("{name} is not running"))
+        self.processes[name]
+            .child
+            .id()
+            .unwrap_or_else(|| panic!("{name} is not running"))
     }
 
     pub fn signal(&self, name: &str, signal: &str) {
         let pid = self.pid(name);
-        let status = std::process::Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status().expect("kill");
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()
+            .expect("kill");
         assert!(status.success(), "kill -{signal} {name} failed");
     }
 
@@ -307,11 +399,11 @@ filter = "info,ruma_state_res=warn,tessera=debug"
         self.signal(name, "TERM");
         self.stopped.insert(name.to_owned());
         let process = self.processes.get_mut(name).expect("process");
-        let status = tokio::time::timeout(Duration::from_secs(60), process.child.wait())
+
+        tokio::time::timeout(Duration::from_secs(60), process.child.wait())
             .await
             .unwrap_or_else(|_| panic!("{name} did not exit within 60 s of SIGTERM"))
-            .expect("wait");
-        status
+            .expect("wait")
     }
 
     /// SIGKILL and reap.
@@ -323,15 +415,33 @@ filter = "info,ruma_state_res=warn,tessera=debug"
     }
 
     pub fn api(&self) -> Api {
-        Api::new(self.http.clone(), self.client_api_url.clone(), self.sync_urls.first().cloned().unwrap_or_default())
+        Api::new(
+            self.http.clone(),
+            self.client_api_url.clone(),
+            self.sync_urls.first().cloned().unwrap_or_default(),
+        )
     }
 
     /// Register a user with the shared secret and log in.
     pub async fn register(&self, name: &str) -> TestUser {
-        client::register(&self.http, &self.client_api_url, &self.shared_secret, name, false).await
+        client::register(
+            &self.http,
+            &self.client_api_url,
+            &self.shared_secret,
+            name,
+            false,
+        )
+        .await
     }
 
     pub async fn register_admin(&self, name: &str) -> TestUser {
-        client::register(&self.http, &self.client_api_url, &self.shared_secret, name, true).await
+        client::register(
+            &self.http,
+            &self.client_api_url,
+            &self.shared_secret,
+            name,
+            true,
+        )
+        .await
     }
 }

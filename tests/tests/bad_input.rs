@@ -18,16 +18,35 @@ struct Case {
     want: Option<&'static str>,
 }
 
-fn case(method: Method, path: impl Into<String>, body: Option<&[u8]>, auth: bool, want: Option<&'static str>) -> Case {
-    Case { method, path: path.into(), body: body.map(<[u8]>::to_vec), auth, want }
+fn case(
+    method: Method,
+    path: impl Into<String>,
+    body: Option<&[u8]>,
+    auth: bool,
+    want: Option<&'static str>,
+) -> Case {
+    Case {
+        method,
+        path: path.into(),
+        body: body.map(<[u8]>::to_vec),
+        auth,
+        want,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_requests_get_matrix_errors_and_never_crash_anything() {
-    let cluster = TestCluster::start(Spec { room_workers: 2, gateway: true, ..Spec::default() }).await;
+    let cluster = TestCluster::start(Spec {
+        room_workers: 2,
+        gateway: true,
+        ..Spec::default()
+    })
+    .await;
     let api = cluster.api();
     let alice = cluster.register("alice").await;
-    let room = api.create_room(&alice, json!({ "room_alias_name": "here" })).await;
+    let room = api
+        .create_room(&alice, json!({ "room_alias_name": "here" }))
+        .await;
     let event = api.send_text(&alice, &room, "t0", "hello").await;
     let r = enc(&room);
     let e = enc(&event);
@@ -175,16 +194,36 @@ async fn bad_requests_get_matrix_errors_and_never_crash_anything() {
     ];
     // Every endpoint with a JSON body, fed a body that is not JSON at all.
     for path in ["/_matrix/client/v3/logout", "/_matrix/client/v3/logout/all"] {
-        cases.push(case(Method::POST, path, None, false, Some("M_MISSING_TOKEN")));
+        cases.push(case(
+            Method::POST,
+            path,
+            None,
+            false,
+            Some("M_MISSING_TOKEN"),
+        ));
     }
 
     let mut failures = Vec::new();
-    for base in [cluster.client_api_url.clone(), cluster.gateway_url.clone().unwrap()] {
+    for base in [
+        cluster.client_api_url.clone(),
+        cluster.gateway_url.clone().unwrap(),
+    ] {
         for c in &cases {
             // Straight to the processes, /sync goes to the sync-worker; through the gateway, one URL.
-            let base = if c.path.contains("/sync") && base == cluster.client_api_url { &cluster.sync_urls[0] } else { &base };
+            let base = if c.path.contains("/sync") && base == cluster.client_api_url {
+                &cluster.sync_urls[0]
+            } else {
+                &base
+            };
             let url = format!("{base}{}", c.path);
-            let (status, body) = api.call_raw(c.method.clone(), &url, c.auth.then_some(alice.token.as_str()), c.body.clone()).await;
+            let (status, body) = api
+                .call_raw(
+                    c.method.clone(),
+                    &url,
+                    c.auth.then_some(alice.token.as_str()),
+                    c.body.clone(),
+                )
+                .await;
             let errcode = body.get("errcode").and_then(Value::as_str);
             let ok = (400..500).contains(&status)
                 && errcode.is_some_and(|code| code.starts_with("M_"))
@@ -194,7 +233,12 @@ async fn bad_requests_get_matrix_errors_and_never_crash_anything() {
             }
         }
     }
-    assert!(failures.is_empty(), "{} bad requests were mishandled:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} bad requests were mishandled:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 
     // Nothing fell over: the room still works and every process is ready.
     api.send_text(&alice, &room, "after", "still fine").await;

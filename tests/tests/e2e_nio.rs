@@ -14,8 +14,13 @@ use tessera_tests::{Spec, TestCluster};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 fn python() -> PathBuf {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
-    let python = std::env::var_os("TESSERA_TEST_PYTHON").map(PathBuf::from).unwrap_or_else(|| root.join(".local/venv/bin/python"));
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let python = std::env::var_os("TESSERA_TEST_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join(".local/venv/bin/python"));
     assert!(
         python.exists(),
         "{} is missing: the end-to-end test needs matrix-nio; run scripts/test, which installs it",
@@ -27,7 +32,13 @@ fn python() -> PathBuf {
 #[tokio::test(flavor = "multi_thread")]
 async fn matrix_nio_chat_survives_room_worker_changes() {
     let python = python();
-    let mut cluster = TestCluster::start(Spec { room_workers: 2, gateway: true, partitions: 16, ..Spec::default() }).await;
+    let mut cluster = TestCluster::start(Spec {
+        room_workers: 2,
+        gateway: true,
+        partitions: 16,
+        ..Spec::default()
+    })
+    .await;
     cluster.register("alice").await;
     cluster.register("bob").await;
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("e2e/chat_nio.py");
@@ -51,7 +62,10 @@ async fn matrix_nio_chat_survives_room_worker_changes() {
             if line == "HALFWAY" {
                 let third = cluster.add_room_worker().await;
                 let status = cluster.stop("room-worker-0").await;
-                assert!(status.success(), "room-worker-0 did not drain cleanly: {status}");
+                assert!(
+                    status.success(),
+                    "room-worker-0 did not drain cleanly: {status}"
+                );
                 cluster.wait_all_partitions_owned().await;
                 let owners = cluster.owners().await;
                 assert!(owners.contains_key(&third), "{owners:?}");
@@ -66,7 +80,9 @@ async fn matrix_nio_chat_survives_room_worker_changes() {
             }
         }
     };
-    tokio::time::timeout(Duration::from_secs(300), run).await.expect("the nio scenario finishes within 5 minutes");
+    tokio::time::timeout(Duration::from_secs(300), run)
+        .await
+        .expect("the nio scenario finishes within 5 minutes");
     let status = child.wait().await.unwrap();
     assert!(status.success(), "nio script exited with {status}");
     assert!(changed, "the room-workers were changed halfway");

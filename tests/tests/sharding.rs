@@ -32,7 +32,12 @@ fn count(owners: &HashMap<String, usize>, name: &str) -> usize {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn workers_join_and_leave_at_runtime_without_losing_messages() {
-    let mut cluster = TestCluster::start(Spec { room_workers: 2, partitions: 32, ..Spec::default() }).await;
+    let mut cluster = TestCluster::start(Spec {
+        room_workers: 2,
+        partitions: 32,
+        ..Spec::default()
+    })
+    .await;
     let api = cluster.api();
     let alice = cluster.register("alice").await;
     let rooms: Vec<String> = {
@@ -43,7 +48,10 @@ async fn workers_join_and_leave_at_runtime_without_losing_messages() {
         rooms
     };
     let owners = cluster.owners().await;
-    assert!(count(&owners, "room-worker-0") > 0 && count(&owners, "room-worker-1") > 0, "{owners:?}");
+    assert!(
+        count(&owners, "room-worker-0") > 0 && count(&owners, "room-worker-1") > 0,
+        "{owners:?}"
+    );
 
     // Messages keep flowing while a third worker joins and the first leaves.
     let sender = {
@@ -51,7 +59,8 @@ async fn workers_join_and_leave_at_runtime_without_losing_messages() {
         tokio::spawn(async move {
             for i in 0..90 {
                 let room = &rooms[i % rooms.len()];
-                api.send_text(&alice, room, &format!("t{i}"), &format!("m{i}")).await;
+                api.send_text(&alice, room, &format!("t{i}"), &format!("m{i}"))
+                    .await;
             }
         })
     };
@@ -60,7 +69,14 @@ async fn workers_join_and_leave_at_runtime_without_losing_messages() {
     wait_until("the new worker owns partitions", || {
         let probe = probe.clone();
         let third = third.clone();
-        async move { probe.leases().await.unwrap().iter().any(|l| l.owner.as_deref() == Some(third.as_str())) }
+        async move {
+            probe
+                .leases()
+                .await
+                .unwrap()
+                .iter()
+                .any(|l| l.owner.as_deref() == Some(third.as_str()))
+        }
     })
     .await;
     let status = cluster.stop("room-worker-0").await;
@@ -73,7 +89,17 @@ async fn workers_join_and_leave_at_runtime_without_losing_messages() {
 
     // Every message is there exactly once, in order, in its room.
     for (r, room) in rooms.iter().enumerate() {
-        let history = api.ok(Method::GET, &format!("/_matrix/client/v3/rooms/{}/messages?dir=f&limit=100", enc(room)), &alice, None).await;
+        let history = api
+            .ok(
+                Method::GET,
+                &format!(
+                    "/_matrix/client/v3/rooms/{}/messages?dir=f&limit=100",
+                    enc(room)
+                ),
+                &alice,
+                None,
+            )
+            .await;
         let got: Vec<String> = history["chunk"]
             .as_array()
             .unwrap()
@@ -81,14 +107,24 @@ async fn workers_join_and_leave_at_runtime_without_losing_messages() {
             .filter(|e| e["type"] == "m.room.message")
             .map(|e| e["content"]["body"].as_str().unwrap().to_owned())
             .collect();
-        let want: Vec<String> = (0..90).filter(|i| i % rooms.len() == r).map(|i| format!("m{i}")).collect();
+        let want: Vec<String> = (0..90)
+            .filter(|i| i % rooms.len() == r)
+            .map(|i| format!("m{i}"))
+            .collect();
         assert_eq!(got, want, "room {r}");
     }
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_killed_worker_loses_its_partitions_when_the_lease_expires() {
-    let mut cluster = TestCluster::start(Spec { room_workers: 2, partitions: 8, lease_ttl_ms: 2000, heartbeat_ms: 200, ..Spec::default() }).await;
+    let mut cluster = TestCluster::start(Spec {
+        room_workers: 2,
+        partitions: 8,
+        lease_ttl_ms: 2000,
+        heartbeat_ms: 200,
+        ..Spec::default()
+    })
+    .await;
     let api = cluster.api();
     let alice = cluster.register("alice").await;
     let mut rooms = Vec::new();
@@ -99,27 +135,44 @@ async fn a_killed_worker_loses_its_partitions_when_the_lease_expires() {
     // Sends to every room succeed: rooms of the dead worker wait for its
     // leases to expire, then the survivor takes them over.
     for (i, room) in rooms.iter().enumerate() {
-        api.send_text(&alice, room, &format!("after-kill-{i}"), "still here").await;
+        api.send_text(&alice, room, &format!("after-kill-{i}"), "still here")
+            .await;
     }
     // Leases of partitions nobody wrote to expire on their own clock; all do.
     let probe = cluster.store().await;
     wait_until("the survivor owns every partition", || {
         let probe = probe.clone();
-        async move { probe.leases().await.unwrap().iter().all(|l| l.owner.as_deref() == Some("room-worker-1")) }
+        async move {
+            probe
+                .leases()
+                .await
+                .unwrap()
+                .iter()
+                .all(|l| l.owner.as_deref() == Some("room-worker-1"))
+        }
     })
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_non_owner_names_the_owner() {
-    let cluster = TestCluster::start(Spec { room_workers: 2, partitions: 8, ..Spec::default() }).await;
+    let cluster = TestCluster::start(Spec {
+        room_workers: 2,
+        partitions: 8,
+        ..Spec::default()
+    })
+    .await;
     let store = cluster.store().await;
     let leases = store.leases().await.unwrap();
     let workers: HashMap<String, String> = {
         let mut map = HashMap::new();
         for lease in &leases {
             if let Some(owner) = &lease.owner {
-                let row = store.partition_owner(lease.partition).await.unwrap().unwrap();
+                let row = store
+                    .partition_owner(lease.partition)
+                    .await
+                    .unwrap()
+                    .unwrap();
                 map.insert(owner.clone(), row.grpc_addr);
             }
         }
@@ -127,12 +180,18 @@ async fn a_non_owner_names_the_owner() {
     };
     assert_eq!(workers.len(), 2, "both workers own partitions");
     // A room ID in a partition worker 0 owns, sent to worker 1.
-    let owned_by_0: Vec<u32> = leases.iter().filter(|l| l.owner.as_deref() == Some("room-worker-0")).map(|l| l.partition).collect();
+    let owned_by_0: Vec<u32> = leases
+        .iter()
+        .filter(|l| l.owner.as_deref() == Some("room-worker-0"))
+        .map(|l| l.partition)
+        .collect();
     let room = (0..)
         .map(|i| format!("!probe{i}:test.local"))
         .find(|r| owned_by_0.contains(&tessera_cluster::partition_of(r, 8)))
         .unwrap();
-    let mut client = RoomWorkerClient::connect(format!("http://{}", workers["room-worker-1"])).await.unwrap();
+    let mut client = RoomWorkerClient::connect(format!("http://{}", workers["room-worker-1"]))
+        .await
+        .unwrap();
     let status = client
         .submit_events(SubmitEventsRequest {
             room_id: room,
@@ -149,7 +208,16 @@ async fn a_non_owner_names_the_owner() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
-    let owner = status.metadata().get(tessera_proto::OWNER_METADATA).unwrap().to_str().unwrap();
+    let owner = status
+        .metadata()
+        .get(tessera_proto::OWNER_METADATA)
+        .unwrap()
+        .to_str()
+        .unwrap();
     assert_eq!(owner, workers["room-worker-0"]);
-    assert!(status.message().contains("room-worker-0"), "{}", status.message());
+    assert!(
+        status.message().contains("room-worker-0"),
+        "{}",
+        status.message()
+    );
 }

@@ -13,25 +13,50 @@ async fn run(binary_name: &str, config: &str, env: &[(&str, &str)]) -> (Option<i
     let path = dir.path().join("tessera.toml");
     std::fs::write(&path, config).unwrap();
     let mut command = tokio::process::Command::new(binary(binary_name));
-    command.env("TESSERA_CONFIG", &path).env_remove("RUST_LOG").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).kill_on_drop(true);
+    command
+        .env("TESSERA_CONFIG", &path)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
     for (k, v) in env {
         command.env(k, v);
     }
-    let output = tokio::time::timeout(Duration::from_secs(60), command.output()).await.expect("exits within 60 s").unwrap();
-    (output.status.code(), String::from_utf8_lossy(&output.stderr).into_owned())
+    let output = tokio::time::timeout(Duration::from_secs(60), command.output())
+        .await
+        .expect("exits within 60 s")
+        .unwrap();
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_config_is_explained() {
-    for binary_name in ["tessera-room-worker", "tessera-client-api", "tessera-sync-worker", "tessera-gateway"] {
+    for binary_name in [
+        "tessera-room-worker",
+        "tessera-client-api",
+        "tessera-sync-worker",
+        "tessera-gateway",
+    ] {
         let (code, stderr) = run(binary_name, "[database]\npool_sise = 3\n", &[]).await;
         assert_eq!(code, Some(1), "{binary_name}: {stderr}");
-        assert!(stderr.contains("cannot start") && stderr.contains("pool_sise"), "{binary_name}: {stderr}");
+        assert!(
+            stderr.contains("cannot start") && stderr.contains("pool_sise"),
+            "{binary_name}: {stderr}"
+        );
     }
     let (code, stderr) = run("tessera-client-api", "server_name = \"not a name\"\n", &[]).await;
     assert_eq!(code, Some(1));
     assert!(stderr.contains("server_name"), "{stderr}");
-    let (code, stderr) = run("tessera-client-api", "", &[("TESSERA_CLUSTER__PARTITIONS", "0")]).await;
+    let (code, stderr) = run(
+        "tessera-client-api",
+        "",
+        &[("TESSERA_CLUSTER__PARTITIONS", "0")],
+    )
+    .await;
     assert_eq!(code, Some(1));
     assert!(stderr.contains("cluster.partitions"), "{stderr}");
 }
@@ -41,23 +66,51 @@ async fn unreachable_database_is_explained() {
     let config = "[database]\nurl = \"postgres://root:hunter2@127.0.0.1:1/nowhere\"\nconnect_timeout_secs = 1\n";
     let (code, stderr) = run("tessera-room-worker", config, &[]).await;
     assert_eq!(code, Some(1), "{stderr}");
-    assert!(stderr.contains("cannot connect to the database at postgres://root:***@127.0.0.1:1/nowhere"), "{stderr}");
-    assert!(!stderr.contains("hunter2"), "the password must not be logged: {stderr}");
+    assert!(
+        stderr
+            .contains("cannot connect to the database at postgres://root:***@127.0.0.1:1/nowhere"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("hunter2"),
+        "the password must not be logged: {stderr}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn incompatible_schema_and_partition_changes_are_refused() {
-    let cluster = TestCluster::start(Spec { room_workers: 1, sync_workers: 1, partitions: 16, ..Spec::default() }).await;
+    let cluster = TestCluster::start(Spec {
+        room_workers: 1,
+        sync_workers: 1,
+        partitions: 16,
+        ..Spec::default()
+    })
+    .await;
     let config = std::fs::read_to_string(cluster.config_path()).unwrap();
     // Another partition count on the same database.
-    let (code, stderr) = run("tessera-sync-worker", &config.replace("partitions = 16", "partitions = 32"), &[("TESSERA_SYNC_WORKER__LISTEN", "127.0.0.1:0")]).await;
+    let (code, stderr) = run(
+        "tessera-sync-worker",
+        &config.replace("partitions = 16", "partitions = 32"),
+        &[("TESSERA_SYNC_WORKER__LISTEN", "127.0.0.1:0")],
+    )
+    .await;
     assert_eq!(code, Some(1));
     assert!(stderr.contains("created with 16 partitions"), "{stderr}");
     // A schema written by a future, incompatible release.
-    let (client, connection) = tokio_postgres::connect(&cluster.db_url, tokio_postgres::NoTls).await.unwrap();
+    let (client, connection) = tokio_postgres::connect(&cluster.db_url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
     tokio::spawn(connection);
-    client.execute("UPDATE schema_compat SET compat_version = 99", &[]).await.unwrap();
-    let (code, stderr) = run("tessera-client-api", &config, &[("TESSERA_CLIENT_API__LISTEN", "127.0.0.1:0")]).await;
+    client
+        .execute("UPDATE schema_compat SET compat_version = 99", &[])
+        .await
+        .unwrap();
+    let (code, stderr) = run(
+        "tessera-client-api",
+        &config,
+        &[("TESSERA_CLIENT_API__LISTEN", "127.0.0.1:0")],
+    )
+    .await;
     assert_eq!(code, Some(1));
     assert!(stderr.contains("compatibility version 99"), "{stderr}");
 }

@@ -15,7 +15,13 @@ fn messages(sync: &Value) -> Vec<(String, String)> {
         for (room, data) in rooms {
             for event in data["timeline"]["events"].as_array().into_iter().flatten() {
                 if event["type"] == "m.room.message" {
-                    out.push((room.clone(), event["content"]["body"].as_str().unwrap_or_default().to_owned()));
+                    out.push((
+                        room.clone(),
+                        event["content"]["body"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .to_owned(),
+                    ));
                 }
             }
         }
@@ -25,17 +31,28 @@ fn messages(sync: &Value) -> Vec<(String, String)> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn tokens_survive_worker_switches_restarts_and_redis_loss() {
-    let mut cluster = TestCluster::start(Spec { room_workers: 2, sync_workers: 2, partitions: 16, ..Spec::default() }).await;
+    let mut cluster = TestCluster::start(Spec {
+        room_workers: 2,
+        sync_workers: 2,
+        partitions: 16,
+        ..Spec::default()
+    })
+    .await;
     let api = cluster.api();
     let alice = cluster.register("alice").await;
     let bob = cluster.register("bob").await;
     let mut rooms = Vec::new();
     for _ in 0..4 {
-        let room = api.create_room(&alice, json!({ "preset": "public_chat" })).await;
+        let room = api
+            .create_room(&alice, json!({ "preset": "public_chat" }))
+            .await;
         api.join(&bob, &room).await;
         rooms.push(room);
     }
-    let mut token = api.sync_at(&cluster.sync_urls[0], &bob, None, 0).await["next_batch"].as_str().unwrap().to_owned();
+    let mut token = api.sync_at(&cluster.sync_urls[0], &bob, None, 0).await["next_batch"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let mut seen: HashMap<String, Vec<String>> = HashMap::new();
     let mut sent: HashMap<String, Vec<String>> = HashMap::new();
     let redis = redis::Client::open(cluster.redis_url.as_str()).unwrap();
@@ -47,7 +64,8 @@ async fn tokens_survive_worker_switches_restarts_and_redis_loss() {
                 continue;
             }
             let body = format!("r{round}-{r}");
-            api.send_text(&alice, room, &format!("t{round}-{r}"), &body).await;
+            api.send_text(&alice, room, &format!("t{round}-{r}"), &body)
+                .await;
             sent.entry(room.clone()).or_default().push(body);
         }
         if round == 4 {
@@ -55,7 +73,10 @@ async fn tokens_survive_worker_switches_restarts_and_redis_loss() {
         }
         if round == 7 {
             // Redis restarted empty: every stream of this cluster is gone.
-            let keys: Vec<String> = conn.keys(format!("{}:*", cluster.redis_prefix)).await.unwrap();
+            let keys: Vec<String> = conn
+                .keys(format!("{}:*", cluster.redis_prefix))
+                .await
+                .unwrap();
             for key in keys {
                 let _: () = conn.del(key).await.unwrap();
             }
@@ -71,25 +92,38 @@ async fn tokens_survive_worker_switches_restarts_and_redis_loss() {
     }
     // Drain: keep syncing (alternating) until nothing new arrives.
     for i in 0..6 {
-        let sync = api.sync_at(&cluster.sync_urls[i % 2], &bob, Some(&token), 500).await;
+        let sync = api
+            .sync_at(&cluster.sync_urls[i % 2], &bob, Some(&token), 500)
+            .await;
         token = sync["next_batch"].as_str().unwrap().to_owned();
         for (room, body) in messages(&sync) {
             seen.entry(room).or_default().push(body);
         }
     }
     for room in &rooms {
-        assert_eq!(seen.get(room), sent.get(room), "room {room}: every message once, in order");
+        assert_eq!(
+            seen.get(room),
+            sent.get(room),
+            "room {room}: every message once, in order"
+        );
     }
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn long_polls_wait_for_something_relevant() {
-    let cluster = TestCluster::start(Spec { room_workers: 1, ..Spec::default() }).await;
+    let cluster = TestCluster::start(Spec {
+        room_workers: 1,
+        ..Spec::default()
+    })
+    .await;
     let api = cluster.api();
     let alice = cluster.register("alice").await;
     let bob = cluster.register("bob").await;
     let alices_room = api.create_room(&alice, json!({})).await;
-    let token = api.sync(&bob, None, 0).await["next_batch"].as_str().unwrap().to_owned();
+    let token = api.sync(&bob, None, 0).await["next_batch"]
+        .as_str()
+        .unwrap()
+        .to_owned();
 
     // Activity in a room Bob is not in does not end his long-poll early.
     let waiting = {
@@ -101,10 +135,17 @@ async fn long_polls_wait_for_something_relevant() {
         })
     };
     tokio::time::sleep(Duration::from_millis(200)).await;
-    api.send_text(&alice, &alices_room, "x", "not for bob").await;
+    api.send_text(&alice, &alices_room, "x", "not for bob")
+        .await;
     let (elapsed, sync) = waiting.await.unwrap();
-    assert!(elapsed >= Duration::from_millis(1400), "returned after {elapsed:?}");
-    assert!(sync["rooms"]["join"].as_object().unwrap().is_empty(), "{sync}");
+    assert!(
+        elapsed >= Duration::from_millis(1400),
+        "returned after {elapsed:?}"
+    );
+    assert!(
+        sync["rooms"]["join"].as_object().unwrap().is_empty(),
+        "{sync}"
+    );
 
     // An invite is for Bob: it ends the long-poll.
     let token = sync["next_batch"].as_str().unwrap().to_owned();
@@ -114,7 +155,13 @@ async fn long_polls_wait_for_something_relevant() {
     };
     tokio::time::sleep(Duration::from_millis(200)).await;
     api.invite(&alice, &alices_room, &bob.user_id).await;
-    let sync = tokio::time::timeout(Duration::from_secs(30), waiting).await.unwrap().unwrap();
-    assert!(sync["rooms"]["invite"].get(&alices_room).is_some(), "{sync}");
+    let sync = tokio::time::timeout(Duration::from_secs(30), waiting)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        sync["rooms"]["invite"].get(&alices_room).is_some(),
+        "{sync}"
+    );
     assert!(timeline(&sync, &alices_room).is_empty());
 }

@@ -40,11 +40,17 @@ async fn run(started: Started) -> anyhow::Result<()> {
     } else {
         store.check_compatibility().await?;
     }
-    store.init_cluster(&config.server_name, config.cluster.partitions).await?;
+    store
+        .init_cluster(&config.server_name, config.cluster.partitions)
+        .await?;
     let redis = redis::Client::open(config.redis.url.as_str()).context("invalid redis.url")?;
     let publisher = tokio::time::timeout(
         Duration::from_secs(config.database.connect_timeout_secs),
-        Publisher::new(&redis, StreamKeys::new(&config.redis.key_prefix), config.redis.stream_max_len),
+        Publisher::new(
+            &redis,
+            StreamKeys::new(&config.redis.key_prefix),
+            config.redis.stream_max_len,
+        ),
     )
     .await
     .map_err(|_| anyhow::anyhow!("cannot connect to Redis at {}: timed out", config.redis.url))?
@@ -59,8 +65,11 @@ async fn run(started: Started) -> anyhow::Result<()> {
     tracing::info!(listen = %listener.local_addr()?, "client API listening");
     started.health.set_ready(true);
     let shutdown = started.shutdown.clone();
-    axum::serve(listener, api::router(app, started.health.clone(), started.metrics.clone()))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await?;
+    axum::serve(
+        listener,
+        api::router(app, started.health.clone(), started.metrics.clone()),
+    )
+    .with_graceful_shutdown(async move { shutdown.cancelled().await })
+    .await?;
     Ok(())
 }

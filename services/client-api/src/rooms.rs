@@ -14,7 +14,12 @@ pub fn now_ms() -> u64 {
 }
 
 /// A template for an event `sender` sends now.
-pub fn template(sender: &UserId, kind: &str, state_key: Option<&str>, content: &Value) -> EventTemplate {
+pub fn template(
+    sender: &UserId,
+    kind: &str,
+    state_key: Option<&str>,
+    content: &Value,
+) -> EventTemplate {
     EventTemplate {
         r#type: kind.to_owned(),
         state_key: state_key.map(str::to_owned),
@@ -27,7 +32,10 @@ pub fn template(sender: &UserId, kind: &str, state_key: Option<&str>, content: &
 }
 
 pub fn with_txn(mut template: EventTemplate, device_id: &str, txn_id: &str) -> EventTemplate {
-    template.txn = Some(ClientTxn { device_id: device_id.to_owned(), txn_id: txn_id.to_owned() });
+    template.txn = Some(ClientTxn {
+        device_id: device_id.to_owned(),
+        txn_id: txn_id.to_owned(),
+    });
     template
 }
 
@@ -48,17 +56,29 @@ pub fn route_error(error: RouteError) -> MatrixError {
 }
 
 /// Create one event in a room; the answer comes after it is committed.
-pub async fn send(state: &AppState, room_id: &RoomId, template: EventTemplate) -> MatrixResult<OwnedEventId> {
+pub async fn send(
+    state: &AppState,
+    room_id: &RoomId,
+    template: EventTemplate,
+) -> MatrixResult<OwnedEventId> {
     let response = state
         .router
-        .submit(room_id.as_str(), SubmitEventsRequest { room_id: room_id.to_string(), events: vec![template] })
+        .submit(
+            room_id.as_str(),
+            SubmitEventsRequest {
+                room_id: room_id.to_string(),
+                events: vec![template],
+            },
+        )
         .await
         .map_err(route_error)?;
     match response.outcomes.into_iter().next().and_then(|o| o.outcome) {
-        Some(event_outcome::Outcome::EventId(id)) => {
-            OwnedEventId::try_from(id).map_err(|e| MatrixError::internal(format!("room-worker returned a bad event ID: {e}")))
+        Some(event_outcome::Outcome::EventId(id)) => OwnedEventId::try_from(id).map_err(|e| {
+            MatrixError::internal(format!("room-worker returned a bad event ID: {e}"))
+        }),
+        Some(event_outcome::Outcome::Refusal(refusal)) => {
+            Err(MatrixError::from_errcode(&refusal.errcode, refusal.message))
         }
-        Some(event_outcome::Outcome::Refusal(refusal)) => Err(MatrixError::from_errcode(&refusal.errcode, refusal.message)),
         None => Err(MatrixError::internal("room-worker returned no outcome")),
     }
 }

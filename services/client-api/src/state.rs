@@ -22,8 +22,15 @@ pub struct Inner {
 
 impl AppState {
     pub fn new(store: Store, router: RoomRouter, publisher: Publisher, config: Config) -> Self {
-        let server_name = OwnedServerName::try_from(config.server_name.clone()).expect("validated server_name");
-        Self(Arc::new(Inner { store, router, publisher, config, server_name }))
+        let server_name =
+            OwnedServerName::try_from(config.server_name.clone()).expect("validated server_name");
+        Self(Arc::new(Inner {
+            store,
+            router,
+            publisher,
+            config,
+            server_name,
+        }))
     }
 }
 

@@ -17,7 +17,7 @@ fn score(worker_id: &str, partition: u32) -> u64 {
 }
 
 /// The worker that should own `partition`, among `workers`.
-pub fn desired_owner<'a>(partition: u32, workers: &'a [String]) -> Option<&'a str> {
+pub fn desired_owner(partition: u32, workers: &[String]) -> Option<&str> {
     workers
         .iter()
         .max_by_key(|w| (score(w, partition), w.as_str()))
@@ -45,7 +45,10 @@ mod tests {
                 moved += 1;
             }
         }
-        assert!((60..110).contains(&moved), "about a third moved, got {moved}");
+        assert!(
+            (60..110).contains(&moved),
+            "about a third moved, got {moved}"
+        );
     }
 
     #[test]

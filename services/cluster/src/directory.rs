@@ -18,11 +18,17 @@ pub struct OwnerDirectory {
 
 impl OwnerDirectory {
     pub fn new(store: Store) -> Self {
-        Self { store, cache: Mutex::new(HashMap::new()) }
+        Self {
+            store,
+            cache: Mutex::new(HashMap::new()),
+        }
     }
 
     /// The owner of a partition, or `None` while it is between owners.
-    pub async fn owner(&self, partition: u32) -> Result<Option<OwnerRow>, tessera_storage::StoreError> {
+    pub async fn owner(
+        &self,
+        partition: u32,
+    ) -> Result<Option<OwnerRow>, tessera_storage::StoreError> {
         if let Some((row, at)) = self.cache.lock().expect("directory lock").get(&partition)
             && at.elapsed() < FRESH_FOR
         {
@@ -30,12 +36,18 @@ impl OwnerDirectory {
         }
         let row = self.store.partition_owner(partition).await?;
         if let Some(row) = &row {
-            self.cache.lock().expect("directory lock").insert(partition, (row.clone(), Instant::now()));
+            self.cache
+                .lock()
+                .expect("directory lock")
+                .insert(partition, (row.clone(), Instant::now()));
         }
         Ok(row)
     }
 
     pub fn invalidate(&self, partition: u32) {
-        self.cache.lock().expect("directory lock").remove(&partition);
+        self.cache
+            .lock()
+            .expect("directory lock")
+            .remove(&partition);
     }
 }

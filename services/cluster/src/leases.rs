@@ -33,11 +33,18 @@ pub struct LeaseConfig {
 /// Ownership changes, for the worker to load or drop per-partition state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LeaseEvent {
-    Acquired { partition: u32, epoch: i64 },
+    Acquired {
+        partition: u32,
+        epoch: i64,
+    },
     /// The lease was taken away (expired or fenced) without a handoff.
-    Lost { partition: u32 },
+    Lost {
+        partition: u32,
+    },
     /// Handed over cleanly after draining.
-    Released { partition: u32 },
+    Released {
+        partition: u32,
+    },
 }
 
 pub struct LeaseManager {
@@ -54,7 +61,15 @@ impl LeaseManager {
         ownership: Arc<Ownership>,
     ) -> (Self, mpsc::UnboundedReceiver<LeaseEvent>) {
         let (events, rx) = mpsc::unbounded_channel();
-        (Self { store, config, ownership, events }, rx)
+        (
+            Self {
+                store,
+                config,
+                ownership,
+                events,
+            },
+            rx,
+        )
     }
 
     /// Run until `shutdown` completes, then hand every partition over.
@@ -78,11 +93,18 @@ impl LeaseManager {
     /// One round of heartbeat, renewal and rebalancing.
     pub async fn tick(&self) -> Result<(), tessera_storage::StoreError> {
         let me = self.config.worker_id.as_str();
-        self.store.heartbeat_worker(me, &self.config.advertise_addr, false).await?;
+        self.store
+            .heartbeat_worker(me, &self.config.advertise_addr, false)
+            .await?;
         self.renew().await?;
 
-        let workers: Vec<String> =
-            self.store.active_workers(self.config.ttl).await?.into_iter().map(|w| w.worker_id).collect();
+        let workers: Vec<String> = self
+            .store
+            .active_workers(self.config.ttl)
+            .await?
+            .into_iter()
+            .map(|w| w.worker_id)
+            .collect();
         let held: HashSet<u32> = self.ownership.held().into_iter().map(|(p, _)| p).collect();
         let mut to_release = Vec::new();
         for lease in self.store.leases().await? {
@@ -90,11 +112,18 @@ impl LeaseManager {
             let mine = held.contains(&lease.partition);
             match (mine, desired) {
                 (false, Some(d)) if d == me && lease.owner.as_deref().is_none_or(|o| o == me) => {
-                    if let Some(epoch) = self.store.claim_partition(lease.partition, me, self.config.ttl).await? {
+                    if let Some(epoch) = self
+                        .store
+                        .claim_partition(lease.partition, me, self.config.ttl)
+                        .await?
+                    {
                         self.ownership.insert(lease.partition, epoch);
                         metrics::counter!("tessera_partition_acquisitions_total").increment(1);
                         tracing::info!(partition = lease.partition, epoch, "acquired partition");
-                        let _ = self.events.send(LeaseEvent::Acquired { partition: lease.partition, epoch });
+                        let _ = self.events.send(LeaseEvent::Acquired {
+                            partition: lease.partition,
+                            epoch,
+                        });
                     }
                 }
                 (true, Some(d)) if d != me => to_release.push(lease.partition),
@@ -102,7 +131,10 @@ impl LeaseManager {
             }
         }
         if !to_release.is_empty() {
-            tracing::info!(count = to_release.len(), "handing partitions over to their new owners");
+            tracing::info!(
+                count = to_release.len(),
+                "handing partitions over to their new owners"
+            );
             futures::future::join_all(to_release.into_iter().map(|p| self.hand_over(p))).await;
         }
         metrics::gauge!("tessera_partitions_owned").set(self.ownership.count() as f64);
@@ -114,8 +146,12 @@ impl LeaseManager {
         if held.is_empty() {
             return Ok(());
         }
-        let renewed: HashSet<u32> =
-            self.store.renew_leases(&self.config.worker_id, &held, self.config.ttl).await?.into_iter().collect();
+        let renewed: HashSet<u32> = self
+            .store
+            .renew_leases(&self.config.worker_id, &held, self.config.ttl)
+            .await?
+            .into_iter()
+            .collect();
         for (partition, epoch) in held {
             if !renewed.contains(&partition) {
                 tracing::warn!(partition, epoch, "lease lost without handoff");
@@ -129,9 +165,15 @@ impl LeaseManager {
 
     /// Drain one partition and release its lease.
     async fn hand_over(&self, partition: u32) {
-        let Some(epoch) = self.ownership.epoch(partition) else { return };
+        let Some(epoch) = self.ownership.epoch(partition) else {
+            return;
+        };
         self.ownership.drain(partition).await;
-        match self.store.release_partition(partition, &self.config.worker_id, epoch).await {
+        match self
+            .store
+            .release_partition(partition, &self.config.worker_id, epoch)
+            .await
+        {
             Ok(released) => {
                 if !released {
                     tracing::warn!(partition, "lease was already gone at handoff");
@@ -139,7 +181,9 @@ impl LeaseManager {
                 metrics::counter!("tessera_partition_handoffs_total").increment(1);
                 tracing::info!(partition, epoch, "handed partition over");
             }
-            Err(error) => tracing::warn!(partition, %error, "release failed; the lease will expire instead"),
+            Err(error) => {
+                tracing::warn!(partition, %error, "release failed; the lease will expire instead")
+            }
         }
         self.ownership.remove(partition);
         let _ = self.events.send(LeaseEvent::Released { partition });
@@ -148,11 +192,18 @@ impl LeaseManager {
     /// Shutdown: stop being counted, drain and release everything, deregister.
     pub async fn hand_over_all(&self) {
         let me = self.config.worker_id.as_str();
-        if let Err(error) = self.store.heartbeat_worker(me, &self.config.advertise_addr, true).await {
+        if let Err(error) = self
+            .store
+            .heartbeat_worker(me, &self.config.advertise_addr, true)
+            .await
+        {
             tracing::warn!(%error, "cannot mark this worker as draining");
         }
         let partitions: Vec<u32> = self.ownership.held().into_iter().map(|(p, _)| p).collect();
-        tracing::info!(count = partitions.len(), "draining: handing over every partition");
+        tracing::info!(
+            count = partitions.len(),
+            "draining: handing over every partition"
+        );
         futures::future::join_all(partitions.into_iter().map(|p| self.hand_over(p))).await;
         if let Err(error) = self.store.remove_worker(me).await {
             tracing::warn!(%error, "cannot deregister this worker");

@@ -49,7 +49,11 @@ impl Ownership {
         match map.get_mut(&partition) {
             Some(owned) if owned.phase == Phase::Accepting => {
                 owned.inflight += 1;
-                Ok(PartitionGuard { ownership: Arc::clone(self), partition, epoch: owned.epoch })
+                Ok(PartitionGuard {
+                    ownership: Arc::clone(self),
+                    partition,
+                    epoch: owned.epoch,
+                })
             }
             Some(_) => Err(NotOwned::Moving(partition)),
             None => Err(NotOwned::Elsewhere(partition)),
@@ -57,13 +61,22 @@ impl Ownership {
     }
 
     pub fn epoch(&self, partition: u32) -> Option<i64> {
-        self.partitions.lock().expect("ownership lock").get(&partition).map(|o| o.epoch)
+        self.partitions
+            .lock()
+            .expect("ownership lock")
+            .get(&partition)
+            .map(|o| o.epoch)
     }
 
     /// Partitions held, with their epochs.
     pub fn held(&self) -> Vec<(u32, i64)> {
-        let mut held: Vec<_> =
-            self.partitions.lock().expect("ownership lock").iter().map(|(p, o)| (*p, o.epoch)).collect();
+        let mut held: Vec<_> = self
+            .partitions
+            .lock()
+            .expect("ownership lock")
+            .iter()
+            .map(|(p, o)| (*p, o.epoch))
+            .collect();
         held.sort_unstable();
         held
     }
@@ -73,15 +86,22 @@ impl Ownership {
     }
 
     pub(crate) fn insert(&self, partition: u32, epoch: i64) {
-        self.partitions
-            .lock()
-            .expect("ownership lock")
-            .insert(partition, Owned { epoch, phase: Phase::Accepting, inflight: 0 });
+        self.partitions.lock().expect("ownership lock").insert(
+            partition,
+            Owned {
+                epoch,
+                phase: Phase::Accepting,
+                inflight: 0,
+            },
+        );
     }
 
     /// Forget a partition at once (its lease is gone; any write will be fenced).
     pub(crate) fn remove(&self, partition: u32) {
-        self.partitions.lock().expect("ownership lock").remove(&partition);
+        self.partitions
+            .lock()
+            .expect("ownership lock")
+            .remove(&partition);
         self.drained.notify_waiters();
     }
 
@@ -158,6 +178,9 @@ mod tests {
         assert_eq!(ownership.enter(3).err(), Some(NotOwned::Moving(3)));
         assert!(!drain.is_finished());
         drop(guard);
-        tokio::time::timeout(Duration::from_secs(5), drain).await.unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(5), drain)
+            .await
+            .unwrap()
+            .unwrap();
     }
 }

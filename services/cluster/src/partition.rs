@@ -24,7 +24,10 @@ mod tests {
         // Fixed values: changing them would orphan every room of every cluster.
         // Cross-checked with Python: int.from_bytes(hashlib.sha256(b"!abc:example.org").digest()[:8], "big") % 256
         assert_eq!(partition_of("!abc:example.org", 256), 240);
-        assert_eq!(partition_of("!abc:example.org", 7), partition_of("!abc:example.org", 7));
+        assert_eq!(
+            partition_of("!abc:example.org", 7),
+            partition_of("!abc:example.org", 7)
+        );
         assert_eq!(partition_of("", 256), 20);
     }
 
@@ -34,6 +37,9 @@ mod tests {
         for i in 0..16_000 {
             counts[partition_of(&format!("!room{i}:example.org"), 16) as usize] += 1;
         }
-        assert!(counts.iter().all(|&c| (800..1200).contains(&c)), "{counts:?}");
+        assert!(
+            counts.iter().all(|&c| (800..1200).contains(&c)),
+            "{counts:?}"
+        );
     }
 }

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use tessera_proto::OWNER_METADATA;
 use tessera_proto::room_worker::room_worker_client::RoomWorkerClient;
-use tessera_proto::room_worker::{CreateRoomRequest, CreateRoomResponse, SubmitEventsRequest, SubmitEventsResponse};
+use tessera_proto::room_worker::{
+    CreateRoomRequest, CreateRoomResponse, SubmitEventsRequest, SubmitEventsResponse,
+};
 use tessera_storage::Store;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
@@ -47,7 +49,11 @@ impl RoomRouter {
         }
     }
 
-    pub async fn submit(&self, room_id: &str, request: SubmitEventsRequest) -> Result<SubmitEventsResponse, RouteError> {
+    pub async fn submit(
+        &self,
+        room_id: &str,
+        request: SubmitEventsRequest,
+    ) -> Result<SubmitEventsResponse, RouteError> {
         self.call(room_id, |mut client| {
             let request = request.clone();
             async move { client.submit_events(request).await }
@@ -55,7 +61,11 @@ impl RoomRouter {
         .await
     }
 
-    pub async fn create_room(&self, room_id: &str, request: CreateRoomRequest) -> Result<CreateRoomResponse, RouteError> {
+    pub async fn create_room(
+        &self,
+        room_id: &str,
+        request: CreateRoomRequest,
+    ) -> Result<CreateRoomResponse, RouteError> {
         self.call(room_id, |mut client| {
             let request = request.clone();
             async move { client.create_room(request).await }
@@ -68,7 +78,11 @@ impl RoomRouter {
         if let Some(channel) = channels.get(addr) {
             return Ok(channel.clone());
         }
-        let uri = if addr.contains("://") { addr.to_owned() } else { format!("http://{addr}") };
+        let uri = if addr.contains("://") {
+            addr.to_owned()
+        } else {
+            format!("http://{addr}")
+        };
         let channel = Endpoint::from_shared(uri)
             .map_err(|e| RouteError::Unavailable(format!("bad room-worker address {addr}: {e}")))?
             .connect_timeout(Duration::from_secs(2))
@@ -117,7 +131,11 @@ impl RoomRouter {
                                 continue;
                             }
                         }
-                        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded | Code::Aborted => {
+                        Code::Unavailable
+                        | Code::Unknown
+                        | Code::Cancelled
+                        | Code::DeadlineExceeded
+                        | Code::Aborted => {
                             self.directory.invalidate(partition);
                             last_error = format!("{addr}: {}", status.message());
                         }

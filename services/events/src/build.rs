@@ -77,17 +77,32 @@ pub fn build_event(
     auth_events.dedup();
 
     let mut object = base_object(template, content);
-    object.insert("room_id".to_owned(), CanonicalJsonValue::String(placement.room_id.to_string()));
+    object.insert(
+        "room_id".to_owned(),
+        CanonicalJsonValue::String(placement.room_id.to_string()),
+    );
     object.insert("auth_events".to_owned(), id_array(&auth_events));
     object.insert("prev_events".to_owned(), id_array(placement.prev_events));
-    object.insert("depth".to_owned(), int(placement.prev_depth.saturating_add(1)));
+    object.insert(
+        "depth".to_owned(),
+        int(placement.prev_depth.saturating_add(1)),
+    );
     if let Some(redacts) = &template.redacts {
         // Room v11 moved `redacts` into the content; older versions keep it at the top.
         if !placement.rules.redaction.content_field_redacts {
-            object.insert("redacts".to_owned(), CanonicalJsonValue::String(redacts.to_string()));
+            object.insert(
+                "redacts".to_owned(),
+                CanonicalJsonValue::String(redacts.to_string()),
+            );
         }
     }
-    finish(object, placement.rules, key, server_name, Some(placement.room_id))
+    finish(
+        object,
+        placement.rules,
+        key,
+        server_name,
+        Some(placement.room_id),
+    )
 }
 
 /// Build the `m.room.create` event of a new room. For room versions whose room
@@ -103,7 +118,10 @@ pub fn build_create_event(
     let content = content_object(&template.content)?;
     let mut object = base_object(template, content);
     if let Some(room_id) = room_id {
-        object.insert("room_id".to_owned(), CanonicalJsonValue::String(room_id.to_string()));
+        object.insert(
+            "room_id".to_owned(),
+            CanonicalJsonValue::String(room_id.to_string()),
+        );
     }
     object.insert("auth_events".to_owned(), CanonicalJsonValue::Array(vec![]));
     object.insert("prev_events".to_owned(), CanonicalJsonValue::Array(vec![]));
@@ -114,15 +132,20 @@ pub fn build_create_event(
 /// The room ID a room v12 create event will give its room, computed without
 /// the signing key (the reference hash leaves signatures out). Lets a caller
 /// route a new room to its partition's owner before the owner builds it.
-pub fn v12_room_id(template: &EventTemplate, rules: &RoomVersionRules) -> Result<ruma::OwnedRoomId, BuildError> {
+pub fn v12_room_id(
+    template: &EventTemplate,
+    rules: &RoomVersionRules,
+) -> Result<ruma::OwnedRoomId, BuildError> {
     let content = content_object(&template.content)?;
     let mut object = base_object(template, content);
     object.insert("auth_events".to_owned(), CanonicalJsonValue::Array(vec![]));
     object.insert("prev_events".to_owned(), CanonicalJsonValue::Array(vec![]));
     object.insert("depth".to_owned(), int(1));
-    ruma::signatures::add_content_hash_to_event(&mut object).map_err(|e| BuildError::Signing(e.to_string()))?;
+    ruma::signatures::add_content_hash_to_event(&mut object)
+        .map_err(|e| BuildError::Signing(e.to_string()))?;
     let event_id = event_id_of(&object, rules)?;
-    RoomId::new_v2(event_id.as_str().trim_start_matches('$')).map_err(|e| BuildError::Signing(e.to_string()))
+    RoomId::new_v2(event_id.as_str().trim_start_matches('$'))
+        .map_err(|e| BuildError::Signing(e.to_string()))
 }
 
 fn content_object(content: &serde_json::Value) -> Result<CanonicalJsonObject, BuildError> {
@@ -138,11 +161,23 @@ fn content_object(content: &serde_json::Value) -> Result<CanonicalJsonObject, Bu
 
 fn base_object(template: &EventTemplate, content: CanonicalJsonObject) -> CanonicalJsonObject {
     let mut object = CanonicalJsonObject::new();
-    object.insert("type".to_owned(), CanonicalJsonValue::String(template.kind.clone()));
-    object.insert("sender".to_owned(), CanonicalJsonValue::String(template.sender.to_string()));
-    object.insert("origin_server_ts".to_owned(), int(template.origin_server_ts));
+    object.insert(
+        "type".to_owned(),
+        CanonicalJsonValue::String(template.kind.clone()),
+    );
+    object.insert(
+        "sender".to_owned(),
+        CanonicalJsonValue::String(template.sender.to_string()),
+    );
+    object.insert(
+        "origin_server_ts".to_owned(),
+        int(template.origin_server_ts),
+    );
     if let Some(state_key) = &template.state_key {
-        object.insert("state_key".to_owned(), CanonicalJsonValue::String(state_key.clone()));
+        object.insert(
+            "state_key".to_owned(),
+            CanonicalJsonValue::String(state_key.clone()),
+        );
     }
     object.insert("content".to_owned(), CanonicalJsonValue::Object(content));
     object
@@ -162,12 +197,16 @@ fn finish(
         &rules.redaction,
     )
     .map_err(|e| match e {
-        ruma::signatures::JsonError::PduTooLarge => {
-            BuildError::TooLarge(serde_json::to_string(&object).map(|s| s.len()).unwrap_or(usize::MAX))
-        }
+        ruma::signatures::JsonError::PduTooLarge => BuildError::TooLarge(
+            serde_json::to_string(&object)
+                .map(|s| s.len())
+                .unwrap_or(usize::MAX),
+        ),
         e => BuildError::Signing(e.to_string()),
     })?;
-    let size = serde_json::to_string(&object).map(|s| s.len()).unwrap_or(usize::MAX);
+    let size = serde_json::to_string(&object)
+        .map(|s| s.len())
+        .unwrap_or(usize::MAX);
     if size > MAX_PDU_BYTES {
         return Err(BuildError::TooLarge(size));
     }
@@ -181,12 +220,18 @@ fn finish(
 }
 
 fn id_array(ids: &[OwnedEventId]) -> CanonicalJsonValue {
-    CanonicalJsonValue::Array(ids.iter().map(|id| CanonicalJsonValue::String(id.to_string())).collect())
+    CanonicalJsonValue::Array(
+        ids.iter()
+            .map(|id| CanonicalJsonValue::String(id.to_string()))
+            .collect(),
+    )
 }
 
 fn int(value: u64) -> CanonicalJsonValue {
     let max = i64::from(ruma::Int::MAX) as u64;
-    CanonicalJsonValue::Integer(ruma::Int::try_from(value.min(max)).expect("clamped to the JSON range"))
+    CanonicalJsonValue::Integer(
+        ruma::Int::try_from(value.min(max)).expect("clamped to the JSON range"),
+    )
 }
 
 #[cfg(test)]

@@ -50,14 +50,23 @@ pub fn client_event(
         event.insert("room_id".into(), json!(pdu.room_id()));
     }
     let mut extra = Map::new();
-    extra.insert("age".into(), json!(now_ms.saturating_sub(pdu.origin_server_ts())));
+    extra.insert(
+        "age".into(),
+        json!(now_ms.saturating_sub(pdu.origin_server_ts())),
+    );
     if let Some(txn) = unsigned.transaction_id {
         extra.insert("transaction_id".into(), json!(txn));
     }
     if let Some(redaction) = unsigned.redacted_because {
         extra.insert(
             "redacted_because".into(),
-            client_event(redaction, rules, &Unsigned::default(), now_ms, include_room_id),
+            client_event(
+                redaction,
+                rules,
+                &Unsigned::default(),
+                now_ms,
+                include_room_id,
+            ),
         );
     }
     if let Some(prev) = unsigned.prev_state {

@@ -8,14 +8,17 @@ use ruma::events::room::{
     avatar::RoomAvatarEventContent, canonical_alias::RoomCanonicalAliasEventContent,
     encryption::RoomEncryptionEventContent, guest_access::RoomGuestAccessEventContent,
     history_visibility::RoomHistoryVisibilityEventContent, join_rules::RoomJoinRulesEventContent,
-    member::RoomMemberEventContent, name::RoomNameEventContent, power_levels::RoomPowerLevelsEventContent,
-    server_acl::RoomServerAclEventContent, tombstone::RoomTombstoneEventContent, topic::RoomTopicEventContent,
+    member::RoomMemberEventContent, name::RoomNameEventContent,
+    power_levels::RoomPowerLevelsEventContent, server_acl::RoomServerAclEventContent,
+    tombstone::RoomTombstoneEventContent, topic::RoomTopicEventContent,
 };
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 fn check<T: DeserializeOwned>(content: &Value) -> Result<(), String> {
-    serde_json::from_value::<T>(content.clone()).map(drop).map_err(|e| e.to_string())
+    serde_json::from_value::<T>(content.clone())
+        .map(drop)
+        .map_err(|e| e.to_string())
 }
 
 /// `Err` with the reason when `content` is not valid for `kind`.

@@ -36,7 +36,10 @@ impl SigningKey {
     pub fn from_document(document: &[u8], version: &str) -> Result<Self, KeyError> {
         let pair = Ed25519KeyPair::from_der(document, version.to_owned())
             .map_err(|e| KeyError(e.to_string()))?;
-        Ok(Self { pair, version: version.to_owned() })
+        Ok(Self {
+            pair,
+            version: version.to_owned(),
+        })
     }
 
     /// `ed25519:<version>`.

@@ -58,13 +58,19 @@ impl Pdu {
     ) -> Result<Self, PduError> {
         let room_id_in_json = json.contains_key("room_id");
         let room_id = match json.get("room_id") {
-            Some(CanonicalJsonValue::String(s)) => RoomId::parse(s.as_str())
-                .map_err(|e| PduError::Invalid { field: "room_id", reason: e.to_string() })?,
+            Some(CanonicalJsonValue::String(s)) => {
+                RoomId::parse(s.as_str()).map_err(|e| PduError::Invalid {
+                    field: "room_id",
+                    reason: e.to_string(),
+                })?
+            }
             Some(_) => return Err(PduError::Field("room_id")),
             None => room_id.to_owned(),
         };
-        let sender = UserId::parse(str_field(&json, "sender")?)
-            .map_err(|e| PduError::Invalid { field: "sender", reason: e.to_string() })?;
+        let sender = UserId::parse(str_field(&json, "sender")?).map_err(|e| PduError::Invalid {
+            field: "sender",
+            reason: e.to_string(),
+        })?;
         let kind = TimelineEventType::from(str_field(&json, "type")?);
         let origin_server_ts = match json.get("origin_server_ts") {
             Some(CanonicalJsonValue::Integer(i)) => MilliSecondsSinceUnixEpoch(
@@ -87,8 +93,11 @@ impl Pdu {
             Some(v @ CanonicalJsonValue::Object(_)) => v,
             _ => return Err(PduError::Field("content")),
         };
-        let content = serde_json::value::to_raw_value(content_value)
-            .map_err(|e| PduError::Invalid { field: "content", reason: e.to_string() })?;
+        let content =
+            serde_json::value::to_raw_value(content_value).map_err(|e| PduError::Invalid {
+                field: "content",
+                reason: e.to_string(),
+            })?;
         let prev_events = id_list(&json, "prev_events")?;
         let auth_events = id_list(&json, "auth_events")?;
         let redacts = redacts_of(&json, &kind)?;
@@ -124,18 +133,21 @@ impl Pdu {
             (None, None) => {
                 // Room v12 create event: the room ID is the create event's reference hash.
                 let hash = event_id.as_str().trim_start_matches('$');
-                Some(
-                    RoomId::new_v2(hash)
-                        .map_err(|e| PduError::Invalid { field: "room_id", reason: e.to_string() })?,
-                )
+                Some(RoomId::new_v2(hash).map_err(|e| PduError::Invalid {
+                    field: "room_id",
+                    reason: e.to_string(),
+                })?)
             }
         };
         let placeholder;
         let room_ref: &RoomId = match &room_id {
             Some(r) => r,
             None => {
-                placeholder = RoomId::parse(str_field(&json, "room_id")?)
-                    .map_err(|e| PduError::Invalid { field: "room_id", reason: e.to_string() })?;
+                placeholder =
+                    RoomId::parse(str_field(&json, "room_id")?).map_err(|e| PduError::Invalid {
+                        field: "room_id",
+                        reason: e.to_string(),
+                    })?;
                 &placeholder
             }
         };
@@ -209,7 +221,9 @@ impl Pdu {
         struct M {
             membership: String,
         }
-        serde_json::from_str::<M>(self.content.get()).ok().map(|m| m.membership)
+        serde_json::from_str::<M>(self.content.get())
+            .ok()
+            .map(|m| m.membership)
     }
     /// A field of the content, as a JSON value.
     pub fn content_field(&self, field: &str) -> Option<serde_json::Value> {
@@ -225,8 +239,12 @@ impl Pdu {
 
 /// The event ID of a PDU in room versions 4 and later: `$` + the URL-safe
 /// base64 reference hash.
-pub fn event_id_of(json: &CanonicalJsonObject, rules: &RoomVersionRules) -> Result<OwnedEventId, PduError> {
-    let hash = ruma::signatures::reference_hash(json, rules).map_err(|e| PduError::Hash(e.to_string()))?;
+pub fn event_id_of(
+    json: &CanonicalJsonObject,
+    rules: &RoomVersionRules,
+) -> Result<OwnedEventId, PduError> {
+    let hash =
+        ruma::signatures::reference_hash(json, rules).map_err(|e| PduError::Hash(e.to_string()))?;
     EventId::parse(format!("${hash}")).map_err(|e| PduError::Hash(e.to_string()))
 }
 
@@ -242,8 +260,12 @@ fn id_list(json: &CanonicalJsonObject, field: &'static str) -> Result<Vec<OwnedE
         Some(CanonicalJsonValue::Array(items)) => items
             .iter()
             .map(|item| match item {
-                CanonicalJsonValue::String(s) => EventId::parse(s.as_str())
-                    .map_err(|e| PduError::Invalid { field, reason: e.to_string() }),
+                CanonicalJsonValue::String(s) => {
+                    EventId::parse(s.as_str()).map_err(|e| PduError::Invalid {
+                        field,
+                        reason: e.to_string(),
+                    })
+                }
                 _ => Err(PduError::Field(field)),
             })
             .collect(),
@@ -264,9 +286,14 @@ fn redacts_of(
         _ => None,
     };
     match from_content.or_else(|| json.get("redacts")) {
-        Some(CanonicalJsonValue::String(s)) => EventId::parse(s.as_str())
-            .map(Some)
-            .map_err(|e| PduError::Invalid { field: "redacts", reason: e.to_string() }),
+        Some(CanonicalJsonValue::String(s)) => {
+            EventId::parse(s.as_str())
+                .map(Some)
+                .map_err(|e| PduError::Invalid {
+                    field: "redacts",
+                    reason: e.to_string(),
+                })
+        }
         _ => Ok(None),
     }
 }

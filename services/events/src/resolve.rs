@@ -37,7 +37,11 @@ pub fn resolve(
     }
     let auth_chains: Vec<EventIdSet<OwnedEventId>> = forks
         .iter()
-        .map(|fork| auth_chain(fork.values().cloned(), &fetch).into_iter().collect())
+        .map(|fork| {
+            auth_chain(fork.values().cloned(), &fetch)
+                .into_iter()
+                .collect()
+        })
         .collect();
     let resolved = ruma::state_res::resolve(
         &rules.authorization,
@@ -47,7 +51,11 @@ pub fn resolve(
         &fetch,
         |conflicted| {
             let seeds: Vec<OwnedEventId> = conflicted.values().flatten().cloned().collect();
-            Some(conflicted_state_subgraph(&seeds, &fetch).into_iter().collect())
+            Some(
+                conflicted_state_subgraph(&seeds, &fetch)
+                    .into_iter()
+                    .collect(),
+            )
         },
     )?;
     Ok(resolved)
@@ -70,7 +78,12 @@ pub fn auth_chain(
         if chain.insert(id.clone())
             && let Some(pdu) = fetch(&id)
         {
-            todo.extend(pdu.auth_events().iter().filter(|a| !chain.contains(*a)).cloned());
+            todo.extend(
+                pdu.auth_events()
+                    .iter()
+                    .filter(|a| !chain.contains(*a))
+                    .cloned(),
+            );
         }
     }
     chain
@@ -92,7 +105,9 @@ pub fn conflicted_state_subgraph(
         if edges.contains_key(&id) {
             continue;
         }
-        let parents = fetch(&id).map(|p| p.auth_events().to_vec()).unwrap_or_default();
+        let parents = fetch(&id)
+            .map(|p| p.auth_events().to_vec())
+            .unwrap_or_default();
         todo.extend(parents.iter().filter(|p| !edges.contains_key(*p)).cloned());
         edges.insert(id, parents);
     }
@@ -110,12 +125,17 @@ pub fn conflicted_state_subgraph(
             if next_child < children.len() {
                 stack.push((node.clone(), next_child + 1));
                 let child = &children[next_child];
-                if edges.contains_key(child) && !reaches.contains_key(child) && on_stack.insert(child.clone()) {
+                if edges.contains_key(child)
+                    && !reaches.contains_key(child)
+                    && on_stack.insert(child.clone())
+                {
                     stack.push((child.clone(), 0));
                 }
                 continue;
             }
-            let reached = children.iter().any(|c| seeds.contains(c) || reaches.get(c).copied().unwrap_or(false));
+            let reached = children
+                .iter()
+                .any(|c| seeds.contains(c) || reaches.get(c).copied().unwrap_or(false));
             reaches.insert(node.clone(), reached);
             on_stack.remove(&node);
         }

@@ -47,8 +47,9 @@ pub fn templates(setup: &RoomSetup) -> (EventTemplate, Vec<EventTemplate>) {
         Preset::PrivateChat
     });
     let rules = room_version::rules(&setup.version);
-    let creators_privileged =
-        rules.as_ref().is_some_and(|r| r.authorization.explicitly_privilege_room_creators);
+    let creators_privileged = rules
+        .as_ref()
+        .is_some_and(|r| r.authorization.explicitly_privilege_room_creators);
     let ts = setup.origin_server_ts;
     let template = |kind: &str, state_key: &str, content: Value| EventTemplate {
         kind: kind.to_owned(),
@@ -61,13 +62,17 @@ pub fn templates(setup: &RoomSetup) -> (EventTemplate, Vec<EventTemplate>) {
 
     // Trusted private chats make invitees as powerful as the creator; from room
     // v12 that means listing them as additional creators.
-    let trusted_invitees: Vec<OwnedUserId> =
-        if preset == Preset::TrustedPrivateChat { setup.invite.clone() } else { vec![] };
+    let trusted_invitees: Vec<OwnedUserId> = if preset == Preset::TrustedPrivateChat {
+        setup.invite.clone()
+    } else {
+        vec![]
+    };
 
     let mut create_content = setup.creation_content.clone();
     create_content.insert("room_version".into(), json!(setup.version.as_str()));
-    let uses_creator_field =
-        rules.as_ref().is_some_and(|r| !r.authorization.use_room_create_sender);
+    let uses_creator_field = rules
+        .as_ref()
+        .is_some_and(|r| !r.authorization.use_room_create_sender);
     if uses_creator_field {
         create_content.insert("creator".into(), json!(setup.creator));
     }
@@ -91,7 +96,11 @@ pub fn templates(setup: &RoomSetup) -> (EventTemplate, Vec<EventTemplate>) {
     if let Some(avatar) = &setup.creator_avatar_url {
         member.insert("avatar_url".into(), json!(avatar));
     }
-    events.push(template("m.room.member", setup.creator.as_str(), Value::Object(member)));
+    events.push(template(
+        "m.room.member",
+        setup.creator.as_str(),
+        Value::Object(member),
+    ));
 
     let mut users = Map::new();
     if !creators_privileged {
@@ -120,7 +129,8 @@ pub fn templates(setup: &RoomSetup) -> (EventTemplate, Vec<EventTemplate>) {
         "redact": 50,
         "invite": if preset == Preset::PublicChat { 50 } else { 0 },
     });
-    if let (Some(overrides), Some(pl)) = (&setup.power_level_override, power_levels.as_object_mut()) {
+    if let (Some(overrides), Some(pl)) = (&setup.power_level_override, power_levels.as_object_mut())
+    {
         for (key, value) in overrides {
             pl.insert(key.clone(), value.clone());
         }
@@ -128,22 +138,43 @@ pub fn templates(setup: &RoomSetup) -> (EventTemplate, Vec<EventTemplate>) {
     events.push(template("m.room.power_levels", "", power_levels));
 
     if let Some(alias) = &setup.alias {
-        events.push(template("m.room.canonical_alias", "", json!({ "alias": alias })));
+        events.push(template(
+            "m.room.canonical_alias",
+            "",
+            json!({ "alias": alias }),
+        ));
     }
 
     let (join_rule, guest_access) = match preset {
         Preset::PublicChat => ("public", "forbidden"),
         Preset::PrivateChat | Preset::TrustedPrivateChat => ("invite", "can_join"),
     };
-    let overridden = |kind: &str| setup.initial_state.iter().any(|(t, k, _)| t == kind && k.is_empty());
+    let overridden = |kind: &str| {
+        setup
+            .initial_state
+            .iter()
+            .any(|(t, k, _)| t == kind && k.is_empty())
+    };
     if !overridden("m.room.join_rules") {
-        events.push(template("m.room.join_rules", "", json!({ "join_rule": join_rule })));
+        events.push(template(
+            "m.room.join_rules",
+            "",
+            json!({ "join_rule": join_rule }),
+        ));
     }
     if !overridden("m.room.history_visibility") {
-        events.push(template("m.room.history_visibility", "", json!({ "history_visibility": "shared" })));
+        events.push(template(
+            "m.room.history_visibility",
+            "",
+            json!({ "history_visibility": "shared" }),
+        ));
     }
     if !overridden("m.room.guest_access") {
-        events.push(template("m.room.guest_access", "", json!({ "guest_access": guest_access })));
+        events.push(template(
+            "m.room.guest_access",
+            "",
+            json!({ "guest_access": guest_access }),
+        ));
     }
     for (kind, state_key, content) in &setup.initial_state {
         events.push(template(kind, state_key, content.clone()));

@@ -51,18 +51,34 @@ impl RoomState {
         let state = state
             .into_iter()
             .filter_map(|pdu| {
-                let key = (StateEventType::from(pdu.kind().to_string()), pdu.state_key()?.to_owned());
+                let key = (
+                    StateEventType::from(pdu.kind().to_string()),
+                    pdu.state_key()?.to_owned(),
+                );
                 Some((key, pdu))
             })
             .collect();
-        Some(Self { room_id, version, rules, state, extremities, depth })
+        Some(Self {
+            room_id,
+            version,
+            rules,
+            state,
+            extremities,
+            depth,
+        })
     }
 
     /// The state of a brand-new room: just its create event.
     pub fn from_create(create: Arc<Pdu>, version: RoomVersionId) -> Option<Self> {
         let depth = create.depth();
         let extremities = vec![create.event_id().to_owned()];
-        Self::from_parts(create.room_id().to_owned(), version, [create], extremities, depth)
+        Self::from_parts(
+            create.room_id().to_owned(),
+            version,
+            [create],
+            extremities,
+            depth,
+        )
     }
 
     pub fn room_id(&self) -> &RoomId {
@@ -87,7 +103,10 @@ impl RoomState {
 
     /// The current state as ruma's state map (slot → event ID).
     pub fn state_map(&self) -> crate::resolve::StateMap {
-        self.state.iter().map(|(k, v)| (k.clone(), v.event_id().to_owned())).collect()
+        self.state
+            .iter()
+            .map(|(k, v)| (k.clone(), v.event_id().to_owned()))
+            .collect()
     }
 
     pub fn state_events(&self) -> impl Iterator<Item = &Arc<Pdu>> {
@@ -96,7 +115,8 @@ impl RoomState {
 
     /// A user's current membership (`join`, `invite`, `leave`, `ban`, `knock`).
     pub fn membership(&self, user_id: &str) -> Option<String> {
-        self.get(&StateEventType::RoomMember, user_id).and_then(|pdu| pdu.membership())
+        self.get(&StateEventType::RoomMember, user_id)
+            .and_then(|pdu| pdu.membership())
     }
 
     /// A user's power level; `None` means unlimited (a room v12 creator).
@@ -118,8 +138,14 @@ impl RoomState {
                 .or(Some(0)),
             // Without power levels the creator has 100, everyone else 0.
             None => {
-                let creator = self.get(&StateEventType::RoomCreate, "").map(|c| c.sender().to_owned());
-                Some(if creator.as_deref() == Some(user_id) { 100 } else { 0 })
+                let creator = self
+                    .get(&StateEventType::RoomCreate, "")
+                    .map(|c| c.sender().to_owned());
+                Some(if creator.as_deref() == Some(user_id) {
+                    100
+                } else {
+                    0
+                })
             }
         }
     }
@@ -143,7 +169,8 @@ impl RoomState {
             })
             .map(i64::from)
             .unwrap_or(50);
-        self.power_level(redactor).is_none_or(|level| level >= required)
+        self.power_level(redactor)
+            .is_none_or(|level| level >= required)
     }
 
     /// Build, hash and sign a new event on top of the current state and check it
@@ -156,7 +183,8 @@ impl RoomState {
         server_name: &ServerName,
     ) -> Result<Arc<Pdu>, CreateError> {
         if template.state_key.is_some() {
-            crate::content::validate(&template.kind, &template.content).map_err(BuildError::InvalidContent)?;
+            crate::content::validate(&template.kind, &template.content)
+                .map_err(BuildError::InvalidContent)?;
         }
         let placement = Placement {
             room_id: &self.room_id,

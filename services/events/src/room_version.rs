@@ -23,5 +23,9 @@ pub fn is_supported(version: &RoomVersionId) -> bool {
 
 /// The ruma rules of a supported room version.
 pub fn rules(version: &RoomVersionId) -> Option<RoomVersionRules> {
-    if is_supported(version) { version.rules() } else { None }
+    if is_supported(version) {
+        version.rules()
+    } else {
+        None
+    }
 }

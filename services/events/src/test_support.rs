@@ -24,7 +24,12 @@ pub fn user(name: &str) -> OwnedUserId {
     UserId::parse(format!("@{name}:test.local")).unwrap()
 }
 
-pub fn template(sender: &str, kind: &str, state_key: Option<&str>, content: Value) -> EventTemplate {
+pub fn template(
+    sender: &str,
+    kind: &str,
+    state_key: Option<&str>,
+    content: Value,
+) -> EventTemplate {
     EventTemplate {
         kind: kind.to_owned(),
         state_key: state_key.map(str::to_owned),

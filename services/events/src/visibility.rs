@@ -13,14 +13,21 @@ pub struct Visibility {
 }
 
 fn latest_at(changes: &[(i64, String)], pos: i64) -> Option<&str> {
-    changes.iter().take_while(|(p, _)| *p <= pos).last().map(|(_, v)| v.as_str())
+    changes
+        .iter()
+        .take_while(|(p, _)| *p <= pos)
+        .last()
+        .map(|(_, v)| v.as_str())
 }
 
 impl Visibility {
     /// `memberships`: the user's (position, membership) changes in the room;
     /// `visibilities`: the room's (position, history_visibility) changes; both ascending.
     pub fn new(memberships: Vec<(i64, String)>, visibilities: Vec<(i64, String)>) -> Self {
-        Self { memberships, visibilities }
+        Self {
+            memberships,
+            visibilities,
+        }
     }
 
     pub fn current_membership(&self) -> Option<&str> {
@@ -70,15 +77,24 @@ mod tests {
 
     fn v(memberships: &[(i64, &str)], visibilities: &[(i64, &str)]) -> Visibility {
         Visibility {
-            memberships: memberships.iter().map(|(p, m)| (*p, m.to_string())).collect(),
-            visibilities: visibilities.iter().map(|(p, m)| (*p, m.to_string())).collect(),
+            memberships: memberships
+                .iter()
+                .map(|(p, m)| (*p, m.to_string()))
+                .collect(),
+            visibilities: visibilities
+                .iter()
+                .map(|(p, m)| (*p, m.to_string()))
+                .collect(),
         }
     }
 
     #[test]
     fn shared_history_is_visible_to_current_members_only() {
         let joined_late = v(&[(10, "join")], &[(3, "shared")]);
-        assert!(joined_late.can_see(5, false), "shared: earlier history visible once joined");
+        assert!(
+            joined_late.can_see(5, false),
+            "shared: earlier history visible once joined"
+        );
         let left = v(&[(10, "join"), (20, "leave")], &[(3, "shared")]);
         assert!(left.can_see(15, false), "while joined");
         assert!(!left.can_see(5, false), "before joining, after leaving");
@@ -90,7 +106,10 @@ mod tests {
     #[test]
     fn joined_and_invited_visibility() {
         let user = v(&[(10, "invite"), (12, "join")], &[(3, "joined")]);
-        assert!(!user.can_see(11, false), "joined-only: invite is not enough");
+        assert!(
+            !user.can_see(11, false),
+            "joined-only: invite is not enough"
+        );
         assert!(user.can_see(13, false));
         let user = v(&[(10, "invite"), (12, "join")], &[(3, "invited")]);
         assert!(user.can_see(11, false));

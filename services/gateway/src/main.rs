@@ -24,8 +24,16 @@ use sha2::{Digest, Sha256};
 use tessera_runtime::start::Started;
 
 const MAX_BODY: usize = 2 * 1024 * 1024;
-const HOP_BY_HOP: [&str; 8] =
-    ["connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers", "transfer-encoding", "upgrade"];
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailers",
+    "transfer-encoding",
+    "upgrade",
+];
 
 fn main() -> ExitCode {
     tessera_runtime::start::run("gateway", run)
@@ -46,7 +54,8 @@ fn parse_upstreams(urls: &[String], what: &str) -> anyhow::Result<Vec<String>> {
     urls.iter()
         .map(|u| {
             let base = u.trim_end_matches('/');
-            base.parse::<Uri>().with_context(|| format!("gateway.{what}: invalid URL {u:?}"))?;
+            base.parse::<Uri>()
+                .with_context(|| format!("gateway.{what}: invalid URL {u:?}"))?;
             Ok(base.to_owned())
         })
         .collect()
@@ -69,7 +78,9 @@ async fn run(started: Started) -> anyhow::Result<()> {
     started.health.set_ready(true);
     let app = axum::Router::new().fallback(proxy).with_state(gateway);
     let shutdown = started.shutdown.clone();
-    axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await?;
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await?;
     Ok(())
 }
 
@@ -90,11 +101,18 @@ fn token_hash(request: &Request<Body>) -> usize {
 }
 
 fn error(status: StatusCode, message: &str) -> Response<Body> {
-    let errcode = if status == StatusCode::PAYLOAD_TOO_LARGE { "M_TOO_LARGE" } else { "M_UNKNOWN" };
+    let errcode = if status == StatusCode::PAYLOAD_TOO_LARGE {
+        "M_TOO_LARGE"
+    } else {
+        "M_UNKNOWN"
+    };
     let body = format!(r#"{{"errcode":"{errcode}","error":"{message}"}}"#);
     let mut response = Response::new(Body::from(body));
     *response.status_mut() = status;
-    response.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     response
 }
 
@@ -103,14 +121,21 @@ async fn proxy(State(gateway): State<Arc<Gateway>>, request: Request<Body>) -> R
     let (upstreams, start) = if sync {
         (&gateway.sync_workers, token_hash(&request))
     } else {
-        (&gateway.client_api, gateway.next.fetch_add(1, Ordering::Relaxed))
+        (
+            &gateway.client_api,
+            gateway.next.fetch_add(1, Ordering::Relaxed),
+        )
     };
     let (parts, body) = request.into_parts();
     let body = match axum::body::to_bytes(body, MAX_BODY).await {
         Ok(bytes) => bytes,
         Err(_) => return error(StatusCode::PAYLOAD_TOO_LARGE, "Request body too large"),
     };
-    let path_and_query = parts.uri.path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "/".to_owned());
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "/".to_owned());
     for attempt in 0..upstreams.len() {
         let upstream = &upstreams[(start + attempt) % upstreams.len()];
         let uri: Uri = match format!("{upstream}{path_and_query}").parse() {

@@ -22,7 +22,11 @@ pub fn hash_token(token: &str) -> Vec<u8> {
 /// The token of a request: `Authorization: Bearer`, or the deprecated
 /// `access_token` query parameter.
 pub fn token_of(parts: &Parts) -> Option<String> {
-    if let Some(value) = parts.headers.get(http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+    if let Some(value) = parts
+        .headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
         return value.strip_prefix("Bearer ").map(|t| t.trim().to_owned());
     }
     parts.uri.query().and_then(|q| {
@@ -86,8 +90,18 @@ where
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         let token = token_of(parts).ok_or_else(MatrixError::missing_token)?;
         let token_hash = hash_token(&token);
-        let owner = state.store().token_owner(&token_hash).await?.ok_or_else(MatrixError::unknown_token)?;
-        let user_id = OwnedUserId::try_from(owner.user_id).map_err(|_| MatrixError::unknown_token())?;
-        Ok(Authed { user_id, device_id: owner.device_id, admin: owner.admin, token_hash })
+        let owner = state
+            .store()
+            .token_owner(&token_hash)
+            .await?
+            .ok_or_else(MatrixError::unknown_token)?;
+        let user_id =
+            OwnedUserId::try_from(owner.user_id).map_err(|_| MatrixError::unknown_token())?;
+        Ok(Authed {
+            user_id,
+            device_id: owner.device_id,
+            admin: owner.admin,
+            token_hash,
+        })
     }
 }

@@ -20,7 +20,12 @@ pub type MatrixResult<T> = Result<T, MatrixError>;
 
 impl MatrixError {
     pub fn new(status: StatusCode, errcode: &'static str, message: impl Into<String>) -> Self {
-        Self { status, errcode, message: message.into(), extra: Map::new() }
+        Self {
+            status,
+            errcode,
+            message: message.into(),
+            extra: Map::new(),
+        }
     }
 
     pub fn with(mut self, key: &str, value: Value) -> Self {
@@ -50,24 +55,44 @@ impl MatrixError {
         Self::new(StatusCode::PAYLOAD_TOO_LARGE, "M_TOO_LARGE", message)
     }
     pub fn missing_token() -> Self {
-        Self::new(StatusCode::UNAUTHORIZED, "M_MISSING_TOKEN", "Missing access token")
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "M_MISSING_TOKEN",
+            "Missing access token",
+        )
     }
     pub fn unknown_token() -> Self {
-        Self::new(StatusCode::UNAUTHORIZED, "M_UNKNOWN_TOKEN", "Unknown or expired access token")
-            .with("soft_logout", json!(false))
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "M_UNKNOWN_TOKEN",
+            "Unknown or expired access token",
+        )
+        .with("soft_logout", json!(false))
     }
     pub fn unrecognized(message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, "M_UNRECOGNIZED", message)
     }
     pub fn method_not_allowed() -> Self {
-        Self::new(StatusCode::METHOD_NOT_ALLOWED, "M_UNRECOGNIZED", "Method not allowed for this endpoint")
+        Self::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "M_UNRECOGNIZED",
+            "Method not allowed for this endpoint",
+        )
     }
     pub fn limit_exceeded(retry_after_ms: u64) -> Self {
-        Self::new(StatusCode::TOO_MANY_REQUESTS, "M_LIMIT_EXCEEDED", "Too many requests")
-            .with("retry_after_ms", json!(retry_after_ms))
+        Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "M_LIMIT_EXCEEDED",
+            "Too many requests",
+        )
+        .with("retry_after_ms", json!(retry_after_ms))
     }
     pub fn user_in_use() -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "M_USER_IN_USE", "User ID already taken")
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "M_USER_IN_USE",
+            "User ID already taken",
+        )
     }
     pub fn invalid_username(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "M_INVALID_USERNAME", message)
@@ -76,7 +101,11 @@ impl MatrixError {
         Self::new(StatusCode::BAD_REQUEST, "M_ROOM_IN_USE", message)
     }
     pub fn unsupported_room_version(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "M_UNSUPPORTED_ROOM_VERSION", message)
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "M_UNSUPPORTED_ROOM_VERSION",
+            message,
+        )
     }
     pub fn unavailable(message: impl Into<String>) -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "M_UNKNOWN", message)
@@ -104,7 +133,13 @@ impl MatrixError {
 
 impl std::fmt::Display for MatrixError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} {}: {}", self.status.as_u16(), self.errcode, self.message)
+        write!(
+            f,
+            "{} {}: {}",
+            self.status.as_u16(),
+            self.errcode,
+            self.message
+        )
     }
 }
 

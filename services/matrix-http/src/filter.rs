@@ -25,8 +25,15 @@ fn glob(pattern: &str, value: &str) -> bool {
     match pattern.split_once('*') {
         None => pattern == value,
         Some((prefix, rest)) => {
-            let Some(tail) = value.strip_prefix(prefix) else { return false };
-            rest.is_empty() || tail.char_indices().map(|(i, _)| i).chain([tail.len()]).any(|i| glob(rest, &tail[i..]))
+            let Some(tail) = value.strip_prefix(prefix) else {
+                return false;
+            };
+            rest.is_empty()
+                || tail
+                    .char_indices()
+                    .map(|(i, _)| i)
+                    .chain([tail.len()])
+                    .any(|i| glob(rest, &tail[i..]))
         }
     }
 }
@@ -38,15 +45,23 @@ impl EventFilter {
                 None | Some(Value::Null) => Ok(None),
                 Some(Value::Array(items)) => items
                     .iter()
-                    .map(|v| v.as_str().map(str::to_owned).ok_or_else(|| MatrixError::bad_json(format!("filter.{field} must hold strings"))))
+                    .map(|v| {
+                        v.as_str().map(str::to_owned).ok_or_else(|| {
+                            MatrixError::bad_json(format!("filter.{field} must hold strings"))
+                        })
+                    })
                     .collect::<MatrixResult<Vec<_>>>()
                     .map(Some),
-                Some(_) => Err(MatrixError::bad_json(format!("filter.{field} must be an array"))),
+                Some(_) => Err(MatrixError::bad_json(format!(
+                    "filter.{field} must be an array"
+                ))),
             }
         };
         let limit = match value.get("limit") {
             None | Some(Value::Null) => None,
-            Some(v) => Some(v.as_u64().ok_or_else(|| MatrixError::bad_json("filter.limit must be a non-negative integer"))?),
+            Some(v) => Some(v.as_u64().ok_or_else(|| {
+                MatrixError::bad_json("filter.limit must be a non-negative integer")
+            })?),
         };
         Ok(Self {
             types: list("types")?,
@@ -61,7 +76,8 @@ impl EventFilter {
         match filter {
             None => Ok(Self::default()),
             Some(text) => {
-                let value: Value = serde_json::from_str(text).map_err(|e| MatrixError::invalid_param(format!("filter is not JSON: {e}")))?;
+                let value: Value = serde_json::from_str(text)
+                    .map_err(|e| MatrixError::invalid_param(format!("filter is not JSON: {e}")))?;
                 if !value.is_object() {
                     return Err(MatrixError::invalid_param("filter must be a JSON object"));
                 }
@@ -71,11 +87,18 @@ impl EventFilter {
     }
 
     pub fn matches(&self, kind: &str, sender: &str) -> bool {
-        if self.not_types.iter().any(|p| glob(p, kind)) || self.not_senders.iter().any(|s| s == sender) {
+        if self.not_types.iter().any(|p| glob(p, kind))
+            || self.not_senders.iter().any(|s| s == sender)
+        {
             return false;
         }
-        self.types.as_ref().is_none_or(|t| t.iter().any(|p| glob(p, kind)))
-            && self.senders.as_ref().is_none_or(|s| s.iter().any(|x| x == sender))
+        self.types
+            .as_ref()
+            .is_none_or(|t| t.iter().any(|p| glob(p, kind)))
+            && self
+                .senders
+                .as_ref()
+                .is_none_or(|s| s.iter().any(|x| x == sender))
     }
 
     pub fn matches_event(&self, event: &StoredEvent) -> bool {
@@ -85,7 +108,6 @@ impl EventFilter {
         }
     }
 }
-
 
 /// The parts of a `/sync` filter we apply.
 #[derive(Debug, Clone, Default)]
@@ -122,7 +144,11 @@ impl SyncFilter {
         let include_leave = match room.get("include_leave") {
             None | Some(Value::Null) => false,
             Some(Value::Bool(b)) => *b,
-            Some(_) => return Err(MatrixError::bad_json("filter.room.include_leave must be a boolean")),
+            Some(_) => {
+                return Err(MatrixError::bad_json(
+                    "filter.room.include_leave must be a boolean",
+                ));
+            }
         };
         Ok(Self {
             rooms: rooms_filter.types,
@@ -136,7 +162,11 @@ impl SyncFilter {
     }
 
     pub fn wants_room(&self, room_id: &str) -> bool {
-        !self.not_rooms.iter().any(|r| r == room_id) && self.rooms.as_ref().is_none_or(|rooms| rooms.iter().any(|r| r == room_id))
+        !self.not_rooms.iter().any(|r| r == room_id)
+            && self
+                .rooms
+                .as_ref()
+                .is_none_or(|rooms| rooms.iter().any(|r| r == room_id))
     }
 }
 
@@ -148,7 +178,9 @@ mod tests {
 
     #[test]
     fn filters_match_globs_and_senders() {
-        let filter = EventFilter::parse(&json!({"types": ["m.room.*"], "not_senders": ["@spam:x"]})).unwrap();
+        let filter =
+            EventFilter::parse(&json!({"types": ["m.room.*"], "not_senders": ["@spam:x"]}))
+                .unwrap();
         assert!(filter.matches("m.room.message", "@a:x"));
         assert!(!filter.matches("m.reaction", "@a:x"));
         assert!(!filter.matches("m.room.message", "@spam:x"));
@@ -159,4 +191,3 @@ mod tests {
         assert!(EventFilter::parse(&json!({"types": "m.room.message"})).is_err());
     }
 }
-

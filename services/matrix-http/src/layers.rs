@@ -21,7 +21,10 @@ pub async fn cors(request: Request, next: Next) -> Response {
     };
     let headers = response.headers_mut();
     headers.insert("access-control-allow-origin", HeaderValue::from_static("*"));
-    headers.insert("access-control-allow-methods", HeaderValue::from_static("GET, POST, PUT, DELETE, OPTIONS"));
+    headers.insert(
+        "access-control-allow-methods",
+        HeaderValue::from_static("GET, POST, PUT, DELETE, OPTIONS"),
+    );
     headers.insert(
         "access-control-allow-headers",
         HeaderValue::from_static("X-Requested-With, Content-Type, Authorization"),
@@ -40,9 +43,11 @@ pub async fn metrics(request: Request, next: Next) -> Response {
         .unwrap_or_else(|| "unmatched".to_owned());
     let method = request.method().to_string();
     let started = Instant::now();
-    metrics::gauge!("tessera_http_server_in_flight_requests", "servlet" => servlet.clone()).increment(1.0);
+    metrics::gauge!("tessera_http_server_in_flight_requests", "servlet" => servlet.clone())
+        .increment(1.0);
     let response = next.run(request).await;
-    metrics::gauge!("tessera_http_server_in_flight_requests", "servlet" => servlet.clone()).decrement(1.0);
+    metrics::gauge!("tessera_http_server_in_flight_requests", "servlet" => servlet.clone())
+        .decrement(1.0);
     let code = response.status().as_u16().to_string();
     metrics::counter!("tessera_http_server_requests_total", "servlet" => servlet.clone(), "method" => method.clone(), "code" => code)
         .increment(1);

@@ -15,11 +15,19 @@ pub struct Viewer<'a> {
 }
 
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// Render one stored event; `None` (and a log line) if it does not parse.
-pub fn render(stored: &StoredEvent, viewer: Viewer<'_>, now: u64, include_room_id: bool) -> Option<Value> {
+pub fn render(
+    stored: &StoredEvent,
+    viewer: Viewer<'_>,
+    now: u64,
+    include_room_id: bool,
+) -> Option<Value> {
     let result = (|| {
         let pdu = stored.pdu()?;
         let redaction = stored.redaction_pdu()?;
@@ -36,7 +44,11 @@ pub fn render(stored: &StoredEvent, viewer: Viewer<'_>, now: u64, include_room_i
     let version = stored.room_version_id();
     let rules = room_version::rules(&version).or_else(|| version.rules())?;
     let transaction_id = match &stored.txn {
-        Some((device, txn)) if device == viewer.device_id && pdu.sender().as_str() == viewer.user_id => Some(txn.as_str()),
+        Some((device, txn))
+            if device == viewer.device_id && pdu.sender().as_str() == viewer.user_id =>
+        {
+            Some(txn.as_str())
+        }
         _ => None,
     };
     let unsigned = Unsigned {
@@ -51,5 +63,8 @@ pub fn render(stored: &StoredEvent, viewer: Viewer<'_>, now: u64, include_room_i
 /// Render many, skipping any that fail to parse.
 pub fn render_all(events: &[StoredEvent], viewer: Viewer<'_>, include_room_id: bool) -> Vec<Value> {
     let now = now_ms();
-    events.iter().filter_map(|e| render(e, viewer, now, include_room_id)).collect()
+    events
+        .iter()
+        .filter_map(|e| render(e, viewer, now, include_room_id))
+        .collect()
 }

@@ -8,7 +8,9 @@ pub struct StreamKeys {
 
 impl StreamKeys {
     pub fn new(prefix: &str) -> Self {
-        Self { prefix: prefix.to_owned() }
+        Self {
+            prefix: prefix.to_owned(),
+        }
     }
 
     /// The stream of partition `p`'s committed events.

@@ -17,9 +17,17 @@ pub struct Publisher {
 }
 
 impl Publisher {
-    pub async fn new(client: &redis::Client, keys: StreamKeys, max_len: u64) -> Result<Self, redis::RedisError> {
+    pub async fn new(
+        client: &redis::Client,
+        keys: StreamKeys,
+        max_len: u64,
+    ) -> Result<Self, redis::RedisError> {
         let redis = ConnectionManager::new(client.clone()).await?;
-        Ok(Self { redis, keys, max_len })
+        Ok(Self {
+            redis,
+            keys,
+            max_len,
+        })
     }
 
     /// XADD the entries of one partition, in position order, in one round trip.
@@ -31,13 +39,18 @@ impl Publisher {
         let mut pipe = redis::pipe();
         for entry in entries {
             let mut cmd = redis::cmd("XADD");
-            cmd.arg(&key).arg("MAXLEN").arg("~").arg(self.max_len).arg(format!("{}-0", entry.pos));
+            cmd.arg(&key)
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(self.max_len)
+                .arg(format!("{}-0", entry.pos));
             crate::reader::write_entry_fields(entry, &mut cmd);
             pipe.add_command(cmd).ignore();
         }
         let mut conn = self.redis.clone();
         match pipe.query_async::<()>(&mut conn).await {
-            Ok(()) => metrics::counter!("tessera_replication_published_total").increment(entries.len() as u64),
+            Ok(()) => metrics::counter!("tessera_replication_published_total")
+                .increment(entries.len() as u64),
             Err(error) => {
                 // An ID at or below the stream's top means a newer owner already
                 // published past us; readers have it from Postgres either way.

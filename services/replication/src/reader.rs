@@ -22,7 +22,12 @@ pub type EventEntry = PartitionEntry;
 
 /// The fields of a stream entry (short names: entries are many and small).
 pub(crate) fn write_entry_fields(entry: &EventEntry, cmd: &mut redis::Cmd) {
-    cmd.arg("r").arg(&entry.room_id).arg("e").arg(&entry.event_id).arg("t").arg(&entry.kind);
+    cmd.arg("r")
+        .arg(&entry.room_id)
+        .arg("e")
+        .arg(&entry.event_id)
+        .arg("t")
+        .arg(&entry.kind);
     if let Some(k) = &entry.state_key {
         cmd.arg("k").arg(k);
     }
@@ -35,7 +40,10 @@ pub(crate) fn write_entry_fields(entry: &EventEntry, cmd: &mut redis::Cmd) {
 }
 
 fn parse_entry(pos: i64, map: &HashMap<String, redis::Value>) -> Option<EventEntry> {
-    let get = |k: &str| map.get(k).and_then(|v| redis::from_redis_value::<String>(v.clone()).ok());
+    let get = |k: &str| {
+        map.get(k)
+            .and_then(|v| redis::from_redis_value::<String>(v.clone()).ok())
+    };
     Some(EventEntry {
         pos,
         room_id: get("r")?,
@@ -69,7 +77,13 @@ const PAGE: i64 = 1000;
 impl StreamReader {
     /// A reader that has already delivered everything up to `positions`.
     pub fn new(store: Store, client: redis::Client, keys: StreamKeys, positions: Vec<i64>) -> Self {
-        Self { store, client, keys, positions, head_poll: Duration::from_millis(1000) }
+        Self {
+            store,
+            client,
+            keys,
+            positions,
+            head_poll: Duration::from_millis(1000),
+        }
     }
 
     pub fn with_head_poll(mut self, every: Duration) -> Self {
@@ -78,7 +92,11 @@ impl StreamReader {
     }
 
     /// Follow until `shutdown` resolves.
-    pub async fn run(mut self, sink: Arc<dyn ReplicationSink>, shutdown: impl std::future::Future<Output = ()>) {
+    pub async fn run(
+        mut self,
+        sink: Arc<dyn ReplicationSink>,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
         tokio::pin!(shutdown);
         let mut conn: Option<redis::aio::MultiplexedConnection> = None;
         let mut user_stream_id = "$".to_owned();
@@ -105,7 +123,11 @@ impl StreamReader {
             let c = conn.as_mut().expect("connected above");
             let block_ms = self.head_poll.as_millis().max(1) as u64;
             let mut cmd = redis::cmd("XREAD");
-            cmd.arg("COUNT").arg(PAGE).arg("BLOCK").arg(block_ms).arg("STREAMS");
+            cmd.arg("COUNT")
+                .arg(PAGE)
+                .arg("BLOCK")
+                .arg(block_ms)
+                .arg("STREAMS");
             for p in 0..self.positions.len() {
                 cmd.arg(self.keys.partition(p as u32));
             }
@@ -124,13 +146,19 @@ impl StreamReader {
                         if stream.key == self.keys.users() {
                             for id in &stream.ids {
                                 user_stream_id = id.id.clone();
-                                if let Some(user) = id.map.get("u").and_then(|v| redis::from_redis_value::<String>(v.clone()).ok()) {
+                                if let Some(user) = id
+                                    .map
+                                    .get("u")
+                                    .and_then(|v| redis::from_redis_value::<String>(v.clone()).ok())
+                                {
                                     sink.user_changed(&user);
                                 }
                             }
                             continue;
                         }
-                        let Some(partition) = self.partition_of_key(&stream.key) else { continue };
+                        let Some(partition) = self.partition_of_key(&stream.key) else {
+                            continue;
+                        };
                         let entries: Vec<EventEntry> = stream
                             .ids
                             .iter()
@@ -160,7 +188,12 @@ impl StreamReader {
     }
 
     /// Hand over entries read from Redis, filling any gap before them from Postgres.
-    async fn deliver(&mut self, partition: u32, entries: Vec<EventEntry>, sink: &dyn ReplicationSink) -> Result<(), tessera_storage::StoreError> {
+    async fn deliver(
+        &mut self,
+        partition: u32,
+        entries: Vec<EventEntry>,
+        sink: &dyn ReplicationSink,
+    ) -> Result<(), tessera_storage::StoreError> {
         let mut run: Vec<EventEntry> = Vec::new();
         for entry in entries {
             let expected = self.positions[partition as usize] + run.len() as i64 + 1;
@@ -170,7 +203,8 @@ impl StreamReader {
             if entry.pos > expected {
                 self.flush(partition, &mut run, sink);
                 metrics::counter!("tessera_replication_gaps_total").increment(1);
-                self.fill_from_postgres(partition, entry.pos - 1, sink).await?;
+                self.fill_from_postgres(partition, entry.pos - 1, sink)
+                    .await?;
             }
             run.push(entry);
         }
@@ -183,16 +217,25 @@ impl StreamReader {
             let last = last.pos;
             sink.apply(partition, run);
             self.positions[partition as usize] = last;
-            metrics::counter!("tessera_replication_events_read_total", "source" => "redis").increment(run.len() as u64);
+            metrics::counter!("tessera_replication_events_read_total", "source" => "redis")
+                .increment(run.len() as u64);
             run.clear();
         }
     }
 
     /// Deliver every event of `partition` up to `upto` from Postgres.
-    async fn fill_from_postgres(&mut self, partition: u32, upto: i64, sink: &dyn ReplicationSink) -> Result<(), tessera_storage::StoreError> {
+    async fn fill_from_postgres(
+        &mut self,
+        partition: u32,
+        upto: i64,
+        sink: &dyn ReplicationSink,
+    ) -> Result<(), tessera_storage::StoreError> {
         while self.positions[partition as usize] < upto {
             let after = self.positions[partition as usize];
-            let page = self.store.partition_entries(partition, after, upto, PAGE).await?;
+            let page = self
+                .store
+                .partition_entries(partition, after, upto, PAGE)
+                .await?;
             let Some(last) = page.last().map(|e| e.pos) else {
                 // Positions are gap-free and committed in order, so a missing
                 // one means we were told about a head that is not visible yet.
@@ -207,12 +250,16 @@ impl StreamReader {
             }
             sink.apply(partition, &page);
             self.positions[partition as usize] = last;
-            metrics::counter!("tessera_replication_events_read_total", "source" => "postgres").increment(page.len() as u64);
+            metrics::counter!("tessera_replication_events_read_total", "source" => "postgres")
+                .increment(page.len() as u64);
         }
         Ok(())
     }
 
-    async fn catch_up_to_heads(&mut self, sink: &dyn ReplicationSink) -> Result<(), tessera_storage::StoreError> {
+    async fn catch_up_to_heads(
+        &mut self,
+        sink: &dyn ReplicationSink,
+    ) -> Result<(), tessera_storage::StoreError> {
         let heads = self.store.partition_heads().await?;
         for (p, head) in heads.into_iter().enumerate().take(self.positions.len()) {
             if head > self.positions[p] {

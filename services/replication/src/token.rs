@@ -58,14 +58,20 @@ impl Token {
                 (pos != base).then_some((p as u32, pos - base))
             })
             .collect();
-        Self { checkpoint: checkpoint_id, user_pos, deltas }
+        Self {
+            checkpoint: checkpoint_id,
+            user_pos,
+            deltas,
+        }
     }
 
     /// The full position vector, given the checkpoint's vector.
     pub fn positions(&self, checkpoint: &[i64]) -> Result<Vec<i64>, TokenError> {
         let mut positions = checkpoint.to_vec();
         for &(p, delta) in &self.deltas {
-            let slot = positions.get_mut(p as usize).ok_or(TokenError::WrongCluster)?;
+            let slot = positions
+                .get_mut(p as usize)
+                .ok_or(TokenError::WrongCluster)?;
             *slot = slot.checked_add(delta).ok_or(TokenError::Malformed)?;
             if *slot < 0 {
                 return Err(TokenError::Malformed);
@@ -93,7 +99,9 @@ impl Token {
         if body.len() > 4096 {
             return Err(TokenError::Malformed);
         }
-        let bytes = URL_SAFE_NO_PAD.decode(body).map_err(|_| TokenError::Malformed)?;
+        let bytes = URL_SAFE_NO_PAD
+            .decode(body)
+            .map_err(|_| TokenError::Malformed)?;
         let mut input = bytes.as_slice();
         if take_byte(&mut input)? != VERSION {
             return Err(TokenError::Malformed);
@@ -118,14 +126,23 @@ impl Token {
         if !input.is_empty() {
             return Err(TokenError::Malformed);
         }
-        Ok(Self { checkpoint, user_pos, deltas })
+        Ok(Self {
+            checkpoint,
+            user_pos,
+            deltas,
+        })
     }
 }
 
 /// Encode `positions` against a checkpoint, or `None` when the result would
 /// be longer than [`CHECKPOINT_AT_LEN`]: the caller then stores `positions` as
 /// a new checkpoint and encodes against it.
-pub fn encode_against(checkpoint_id: u64, checkpoint: &[i64], positions: &[i64], user_pos: i64) -> Option<String> {
+pub fn encode_against(
+    checkpoint_id: u64,
+    checkpoint: &[i64],
+    positions: &[i64],
+    user_pos: i64,
+) -> Option<String> {
     let token = Token::new(checkpoint_id, checkpoint, positions, user_pos).encode();
     (token.len() <= CHECKPOINT_AT_LEN).then_some(token)
 }

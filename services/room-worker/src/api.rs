@@ -10,8 +10,8 @@ use tessera_events::ruma::{OwnedRoomId, RoomId, RoomVersionId, UserId};
 use tessera_proto::OWNER_METADATA;
 use tessera_proto::room_worker::room_worker_server::RoomWorker;
 use tessera_proto::room_worker::{
-    CreateRoomRequest, CreateRoomResponse, EventOutcome, Refusal as ProtoRefusal, SubmitEventsRequest,
-    SubmitEventsResponse, create_room_response, event_outcome,
+    CreateRoomRequest, CreateRoomResponse, EventOutcome, Refusal as ProtoRefusal,
+    SubmitEventsRequest, SubmitEventsResponse, create_room_response, event_outcome,
 };
 use tessera_storage::Store;
 use tessera_storage::persist::TxnKey;
@@ -29,8 +29,18 @@ pub struct RoomWorkerApi {
 }
 
 impl RoomWorkerApi {
-    pub fn new(engine: Arc<Engine>, ownership: Arc<Ownership>, store: Store, partitions: u32) -> Self {
-        Self { engine, ownership, store, partitions }
+    pub fn new(
+        engine: Arc<Engine>,
+        ownership: Arc<Ownership>,
+        store: Store,
+        partitions: u32,
+    ) -> Self {
+        Self {
+            engine,
+            ownership,
+            store,
+            partitions,
+        }
     }
 
     /// Enter the room's partition, or explain where to go instead.
@@ -38,7 +48,9 @@ impl RoomWorkerApi {
         let partition = tessera_cluster::partition_of(room_id.as_str(), self.partitions);
         match self.ownership.enter(partition) {
             Ok(guard) => Ok(guard),
-            Err(NotOwned::Moving(p)) => Err(Status::unavailable(format!("partition {p} is being handed over; retry"))),
+            Err(NotOwned::Moving(p)) => Err(Status::unavailable(format!(
+                "partition {p} is being handed over; retry"
+            ))),
             Err(NotOwned::Elsewhere(p)) => {
                 metrics::counter!("tessera_room_worker_redirects_total").increment(1);
                 match self.store.partition_owner(p).await {
@@ -52,29 +64,50 @@ impl RoomWorkerApi {
                         }
                         Err(status)
                     }
-                    Ok(_) => Err(Status::unavailable(format!("partition {p} has no owner right now; retry"))),
-                    Err(error) => Err(Status::unavailable(format!("cannot look up the owner of partition {p}: {error}"))),
+                    Ok(_) => Err(Status::unavailable(format!(
+                        "partition {p} has no owner right now; retry"
+                    ))),
+                    Err(error) => Err(Status::unavailable(format!(
+                        "cannot look up the owner of partition {p}: {error}"
+                    ))),
                 }
             }
         }
     }
 
-    async fn run(&self, room_id: OwnedRoomId, guard: PartitionGuard, work: Work) -> Result<Answer, Status> {
+    async fn run(
+        &self,
+        room_id: OwnedRoomId,
+        guard: PartitionGuard,
+        work: Work,
+    ) -> Result<Answer, Status> {
         let (reply, answer) = oneshot::channel();
         self.engine.submit(room_id, Job { work, reply, guard });
-        answer.await.map_err(|_| Status::unavailable("the room-worker dropped the job; retry"))
+        answer
+            .await
+            .map_err(|_| Status::unavailable("the room-worker dropped the job; retry"))
     }
 }
 
-fn template(t: tessera_proto::room_worker::EventTemplate) -> Result<(EventTemplate, Option<TxnKey>), Status> {
+fn template(
+    t: tessera_proto::room_worker::EventTemplate,
+) -> Result<(EventTemplate, Option<TxnKey>), Status> {
     let content: serde_json::Value = serde_json::from_str(&t.content_json)
         .map_err(|e| Status::invalid_argument(format!("content_json is not JSON: {e}")))?;
-    let sender = UserId::parse(t.sender.as_str()).map_err(|e| Status::invalid_argument(format!("sender: {e}")))?;
+    let sender = UserId::parse(t.sender.as_str())
+        .map_err(|e| Status::invalid_argument(format!("sender: {e}")))?;
     let redacts = t
         .redacts
-        .map(|r| tessera_events::ruma::EventId::parse(r.as_str()).map_err(|e| Status::invalid_argument(format!("redacts: {e}"))))
+        .map(|r| {
+            tessera_events::ruma::EventId::parse(r.as_str())
+                .map_err(|e| Status::invalid_argument(format!("redacts: {e}")))
+        })
         .transpose()?;
-    let txn = t.txn.map(|txn| TxnKey { user_id: sender.to_string(), device_id: txn.device_id, txn_id: txn.txn_id });
+    let txn = t.txn.map(|txn| TxnKey {
+        user_id: sender.to_string(),
+        device_id: txn.device_id,
+        txn_id: txn.txn_id,
+    });
     Ok((
         EventTemplate {
             kind: t.r#type,
@@ -89,14 +122,21 @@ fn template(t: tessera_proto::room_worker::EventTemplate) -> Result<(EventTempla
 }
 
 fn refusal(r: Refusal) -> ProtoRefusal {
-    ProtoRefusal { errcode: r.errcode.to_owned(), message: r.message }
+    ProtoRefusal {
+        errcode: r.errcode.to_owned(),
+        message: r.message,
+    }
 }
 
 #[tonic::async_trait]
 impl RoomWorker for RoomWorkerApi {
-    async fn submit_events(&self, request: Request<SubmitEventsRequest>) -> Result<Response<SubmitEventsResponse>, Status> {
+    async fn submit_events(
+        &self,
+        request: Request<SubmitEventsRequest>,
+    ) -> Result<Response<SubmitEventsResponse>, Status> {
         let request = request.into_inner();
-        let room_id = RoomId::parse(request.room_id.as_str()).map_err(|e| Status::invalid_argument(format!("room_id: {e}")))?;
+        let room_id = RoomId::parse(request.room_id.as_str())
+            .map_err(|e| Status::invalid_argument(format!("room_id: {e}")))?;
         let requests = request
             .events
             .into_iter()
@@ -123,13 +163,26 @@ impl RoomWorker for RoomWorkerApi {
         }
     }
 
-    async fn create_room(&self, request: Request<CreateRoomRequest>) -> Result<Response<CreateRoomResponse>, Status> {
+    async fn create_room(
+        &self,
+        request: Request<CreateRoomRequest>,
+    ) -> Result<Response<CreateRoomResponse>, Status> {
         let request = request.into_inner();
-        let room_id = RoomId::parse(request.room_id.as_str()).map_err(|e| Status::invalid_argument(format!("room_id: {e}")))?;
+        let room_id = RoomId::parse(request.room_id.as_str())
+            .map_err(|e| Status::invalid_argument(format!("room_id: {e}")))?;
         let version = RoomVersionId::try_from(request.room_version.as_str())
             .map_err(|e| Status::invalid_argument(format!("room_version: {e}")))?;
-        let create = template(request.create.ok_or_else(|| Status::invalid_argument("missing create event"))?)?.0;
-        let events = request.events.into_iter().map(|t| template(t).map(|(t, _)| t)).collect::<Result<Vec<_>, _>>()?;
+        let create = template(
+            request
+                .create
+                .ok_or_else(|| Status::invalid_argument("missing create event"))?,
+        )?
+        .0;
+        let events = request
+            .events
+            .into_iter()
+            .map(|t| template(t).map(|(t, _)| t))
+            .collect::<Result<Vec<_>, _>>()?;
         let guard = self.enter(&room_id).await?;
         let work = Work::Create(Box::new(CreateRoom {
             version,

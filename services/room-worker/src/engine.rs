@@ -81,13 +81,16 @@ impl Engine {
             store: config.store,
             publisher: config.publisher,
             key: config.key,
-            server_name: OwnedServerName::try_from(config.server_name).expect("validated server_name"),
+            server_name: OwnedServerName::try_from(config.server_name)
+                .expect("validated server_name"),
             partitions: config.partitions,
             batch_size: config.batch_size.max(1),
             queues: Mutex::new(HashMap::new()),
             ready,
             states: Mutex::new(HashMap::new()),
-            partition_locks: (0..config.partitions).map(|_| tokio::sync::Mutex::new(())).collect(),
+            partition_locks: (0..config.partitions)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
         });
         let rx = Arc::new(tokio::sync::Mutex::new(rx));
         for _ in 0..config.concurrency.max(1) {
@@ -111,18 +114,24 @@ impl Engine {
     /// Drop in-memory state of a partition's rooms (the lease is gone).
     pub fn forget_partition(&self, partition: u32) {
         let partitions = self.partitions;
-        self.states
-            .lock()
-            .expect("states lock")
-            .retain(|room, _| tessera_cluster::partition_of(room.as_str(), partitions) != partition);
+        self.states.lock().expect("states lock").retain(|room, _| {
+            tessera_cluster::partition_of(room.as_str(), partitions) != partition
+        });
     }
 
     pub(crate) fn cached_state(&self, room_id: &RoomId) -> Option<RoomState> {
-        self.states.lock().expect("states lock").get(room_id).cloned()
+        self.states
+            .lock()
+            .expect("states lock")
+            .get(room_id)
+            .cloned()
     }
 
     pub(crate) fn cache_state(&self, state: RoomState) {
-        self.states.lock().expect("states lock").insert(state.room_id().to_owned(), state);
+        self.states
+            .lock()
+            .expect("states lock")
+            .insert(state.room_id().to_owned(), state);
     }
 
     pub(crate) fn drop_state(&self, room_id: &RoomId) {
@@ -133,7 +142,10 @@ impl Engine {
         &self.partition_locks[partition as usize]
     }
 
-    async fn executor(self: Arc<Self>, rx: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<OwnedRoomId>>>) {
+    async fn executor(
+        self: Arc<Self>,
+        rx: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<OwnedRoomId>>>,
+    ) {
         loop {
             let room_id = match rx.lock().await.recv().await {
                 Some(room_id) => room_id,
@@ -152,12 +164,16 @@ impl Engine {
     /// The jobs of one turn: at least one, then more while they fit the batch size.
     fn take_turn(&self, room_id: &RoomId) -> Vec<Job> {
         let mut queues = self.queues.lock().expect("queues lock");
-        let Some(queue) = queues.get_mut(room_id) else { return vec![] };
+        let Some(queue) = queues.get_mut(room_id) else {
+            return vec![];
+        };
         let mut jobs = Vec::new();
         let mut weight = 0;
         while let Some(job) = queue.jobs.front() {
             let w = job.weight();
-            if !jobs.is_empty() && (weight + w > self.batch_size || matches!(job.work, process::Work::Create(_))) {
+            if !jobs.is_empty()
+                && (weight + w > self.batch_size || matches!(job.work, process::Work::Create(_)))
+            {
                 break;
             }
             weight += w;

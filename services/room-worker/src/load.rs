@@ -6,7 +6,9 @@ use tessera_events::ruma::{EventId, RoomId, RoomVersionId};
 use tessera_storage::{Store, StoreError};
 
 pub async fn load_room(store: &Store, room_id: &RoomId) -> Result<Option<RoomState>, StoreError> {
-    let Some(room) = store.room(room_id.as_str()).await? else { return Ok(None) };
+    let Some(room) = store.room(room_id.as_str()).await? else {
+        return Ok(None);
+    };
     let version = RoomVersionId::try_from(room.room_version.as_str())
         .map_err(|e| StoreError::Corrupt(format!("room {room_id}: {e}")))?;
     let mut state = Vec::new();
@@ -18,7 +20,13 @@ pub async fn load_room(store: &Store, room_id: &RoomId) -> Result<Option<RoomSta
         .iter()
         .map(|id| EventId::parse(id.as_str()).map_err(|e| StoreError::Corrupt(e.to_string())))
         .collect::<Result<Vec<_>, _>>()?;
-    RoomState::from_parts(room_id.to_owned(), version.clone(), state, extremities, room.depth as u64)
-        .map(Some)
-        .ok_or_else(|| StoreError::Corrupt(format!("room {room_id} has unsupported version {version}")))
+    RoomState::from_parts(
+        room_id.to_owned(),
+        version.clone(),
+        state,
+        extremities,
+        room.depth as u64,
+    )
+    .map(Some)
+    .ok_or_else(|| StoreError::Corrupt(format!("room {room_id} has unsupported version {version}")))
 }

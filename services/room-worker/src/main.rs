@@ -42,16 +42,21 @@ async fn run(started: Started) -> anyhow::Result<()> {
     } else {
         store.check_compatibility().await?;
     }
-    store.init_cluster(&config.server_name, config.cluster.partitions).await?;
+    store
+        .init_cluster(&config.server_name, config.cluster.partitions)
+        .await?;
     let stored = store
         .signing_key(|| {
             let (document, version) = SigningKey::generate();
-            let public = SigningKey::from_document(&document, &version).expect("fresh key parses").public_key_base64();
+            let public = SigningKey::from_document(&document, &version)
+                .expect("fresh key parses")
+                .public_key_base64();
             (document, version, public)
         })
         .await?;
     let version = stored.key_id.trim_start_matches("ed25519:");
-    let key = Arc::new(SigningKey::from_document(&stored.pkcs8, version).context("stored signing key")?);
+    let key =
+        Arc::new(SigningKey::from_document(&stored.pkcs8, version).context("stored signing key")?);
 
     let redis = redis::Client::open(config.redis.url.as_str()).context("invalid redis.url")?;
     let keys = StreamKeys::new(&config.redis.key_prefix);
@@ -65,10 +70,23 @@ async fn run(started: Started) -> anyhow::Result<()> {
 
     let listener = tokio::net::TcpListener::bind(config.room_worker.listen)
         .await
-        .with_context(|| format!("cannot bind the gRPC listener on {}", config.room_worker.listen))?;
+        .with_context(|| {
+            format!(
+                "cannot bind the gRPC listener on {}",
+                config.room_worker.listen
+            )
+        })?;
     let local = listener.local_addr()?;
-    let advertise = config.room_worker.advertise.clone().unwrap_or_else(|| local.to_string());
-    let worker_id = config.room_worker.worker_id.clone().unwrap_or_else(default_worker_id);
+    let advertise = config
+        .room_worker
+        .advertise
+        .clone()
+        .unwrap_or_else(|| local.to_string());
+    let worker_id = config
+        .room_worker
+        .worker_id
+        .clone()
+        .unwrap_or_else(default_worker_id);
     tracing::info!(%worker_id, listen = %local, %advertise, "room-worker listening");
 
     let ownership = Ownership::new();
@@ -98,21 +116,31 @@ async fn run(started: Started) -> anyhow::Result<()> {
         tokio::spawn(async move {
             while let Some(event) = lease_events.recv().await {
                 match event {
-                    LeaseEvent::Lost { partition } | LeaseEvent::Released { partition } => engine.forget_partition(partition),
+                    LeaseEvent::Lost { partition } | LeaseEvent::Released { partition } => {
+                        engine.forget_partition(partition)
+                    }
                     LeaseEvent::Acquired { .. } => {}
                 }
             }
         });
     }
 
-    let service = api::RoomWorkerApi::new(Arc::clone(&engine), Arc::clone(&ownership), store.clone(), config.cluster.partitions);
+    let service = api::RoomWorkerApi::new(
+        Arc::clone(&engine),
+        Arc::clone(&ownership),
+        store.clone(),
+        config.cluster.partitions,
+    );
     let server_stop = tessera_runtime::Shutdown::new();
     let server = {
         let stop = server_stop.clone();
         tokio::spawn(async move {
             tonic::transport::Server::builder()
                 .add_service(RoomWorkerServer::new(service))
-                .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), stop.cancelled())
+                .serve_with_incoming_shutdown(
+                    tonic::transport::server::TcpIncoming::from(listener),
+                    stop.cancelled(),
+                )
                 .await
         })
     };
@@ -125,7 +153,10 @@ async fn run(started: Started) -> anyhow::Result<()> {
     let leases_task = tokio::spawn(leases.run(async move { shutdown.cancelled().await }));
     started.shutdown.cancelled().await;
     started.health.set_ready(false);
-    if tokio::time::timeout(drain_timeout, leases_task).await.is_err() {
+    if tokio::time::timeout(drain_timeout, leases_task)
+        .await
+        .is_err()
+    {
         tracing::warn!("drain did not finish in time; remaining leases will expire");
     }
     server_stop.trigger();

@@ -17,8 +17,8 @@ use tessera_events::room_state::{CreateError, RoomState};
 use tessera_events::room_version;
 use tessera_events::ruma::{EventId, OwnedEventId, OwnedUserId, RoomId, RoomVersionId, UserId};
 use tessera_replication::EventEntry;
-use tessera_storage::persist::{Batch, EventToPersist, NewRoom, StateChange, TxnKey};
 use tessera_storage::StoreError;
+use tessera_storage::persist::{Batch, EventToPersist, NewRoom, StateChange, TxnKey};
 
 use crate::engine::{Engine, Job};
 use crate::load::load_room;
@@ -52,7 +52,10 @@ pub struct Refusal {
 
 impl Refusal {
     fn new(errcode: &'static str, message: impl Into<String>) -> Self {
-        Self { errcode, message: message.into() }
+        Self {
+            errcode,
+            message: message.into(),
+        }
     }
 }
 
@@ -68,9 +71,13 @@ pub enum Answer {
 fn refusal_for(error: &CreateError) -> Refusal {
     match error {
         CreateError::Forbidden(e) => Refusal::new("M_FORBIDDEN", e.to_string()),
-        CreateError::Build(BuildError::TooLarge(_)) => Refusal::new("M_TOO_LARGE", error.to_string()),
+        CreateError::Build(BuildError::TooLarge(_)) => {
+            Refusal::new("M_TOO_LARGE", error.to_string())
+        }
         CreateError::Build(
-            BuildError::ContentNotObject | BuildError::NonCanonicalContent(_) | BuildError::InvalidContent(_),
+            BuildError::ContentNotObject
+            | BuildError::NonCanonicalContent(_)
+            | BuildError::InvalidContent(_),
         ) => Refusal::new("M_BAD_JSON", error.to_string()),
         CreateError::Build(_) => Refusal::new("M_UNKNOWN", error.to_string()),
     }
@@ -81,7 +88,9 @@ pub async fn run_turn(engine: &Engine, room_id: &RoomId, jobs: Vec<Job>) {
     let mut jobs = jobs;
     if matches!(jobs.first().map(|j| &j.work), Some(Work::Create(_))) {
         let job = jobs.remove(0);
-        let Work::Create(create) = job.work else { unreachable!("checked above") };
+        let Work::Create(create) = job.work else {
+            unreachable!("checked above")
+        };
         let answer = create_room(engine, room_id, *create, job.guard.epoch()).await;
         let _ = job.reply.send(answer);
         drop(job.guard);
@@ -105,7 +114,9 @@ async fn submit(engine: &Engine, room_id: &RoomId, jobs: Vec<Job>) {
         Some(state) => Some(state),
         None => match load_room(&engine.store, room_id).await {
             Ok(state) => state,
-            Err(error) => return answer_all(jobs, Answer::Retry(format!("cannot load room: {error}"))),
+            Err(error) => {
+                return answer_all(jobs, Answer::Retry(format!("cannot load room: {error}")));
+            }
         },
     };
     let Some(state) = state else {
@@ -114,7 +125,13 @@ async fn submit(engine: &Engine, room_id: &RoomId, jobs: Vec<Job>) {
                 Work::Submit(requests) => requests.len(),
                 Work::Create(_) => 1,
             };
-            let _ = job.reply.send(Answer::Events(vec![Err(Refusal::new("M_NOT_FOUND", format!("unknown room {room_id}"))); n]));
+            let _ = job.reply.send(Answer::Events(vec![
+                Err(Refusal::new(
+                    "M_NOT_FOUND",
+                    format!("unknown room {room_id}")
+                ));
+                n
+            ]));
         }
         return;
     };
@@ -124,7 +141,9 @@ async fn submit(engine: &Engine, room_id: &RoomId, jobs: Vec<Job>) {
     let mut outcomes: Vec<Vec<Outcome>> = Vec::with_capacity(jobs.len());
     let mut txns_in_turn: HashMap<TxnKey, OwnedEventId> = HashMap::new();
     for job in &jobs {
-        let Work::Submit(requests) = &job.work else { continue };
+        let Work::Submit(requests) = &job.work else {
+            continue;
+        };
         let mut job_outcomes = Vec::with_capacity(requests.len());
         for request in requests {
             if let Some(txn) = &request.txn {
@@ -132,9 +151,16 @@ async fn submit(engine: &Engine, room_id: &RoomId, jobs: Vec<Job>) {
                     job_outcomes.push(Ok(id.clone()));
                     continue;
                 }
-                match engine.store.txn_event(&txn.user_id, &txn.device_id, &txn.txn_id).await {
+                match engine
+                    .store
+                    .txn_event(&txn.user_id, &txn.device_id, &txn.txn_id)
+                    .await
+                {
                     Ok(Some(id)) => {
-                        job_outcomes.push(EventId::parse(id).map_err(|e| Refusal::new("M_UNKNOWN", e.to_string())));
+                        job_outcomes.push(
+                            EventId::parse(id)
+                                .map_err(|e| Refusal::new("M_UNKNOWN", e.to_string())),
+                        );
                         continue;
                     }
                     Ok(None) => {}
@@ -144,7 +170,9 @@ async fn submit(engine: &Engine, room_id: &RoomId, jobs: Vec<Job>) {
             match working.create_event(&request.template, &engine.key, &engine.server_name) {
                 Ok(pdu) => {
                     let redacts = match pdu.redacts() {
-                        Some(target) => redaction_target(engine, &working, &accepted, &pdu, target).await,
+                        Some(target) => {
+                            redaction_target(engine, &working, &accepted, &pdu, target).await
+                        }
                         None => None,
                     };
                     let replaced = working.apply(Arc::clone(&pdu));
@@ -152,7 +180,12 @@ async fn submit(engine: &Engine, room_id: &RoomId, jobs: Vec<Job>) {
                         txns_in_turn.insert(txn.clone(), pdu.event_id().to_owned());
                     }
                     job_outcomes.push(Ok(pdu.event_id().to_owned()));
-                    accepted.push(Accepted { pdu, replaced, txn: request.txn.clone(), redacts });
+                    accepted.push(Accepted {
+                        pdu,
+                        replaced,
+                        txn: request.txn.clone(),
+                        redacts,
+                    });
                 }
                 Err(error) => {
                     metrics::counter!("tessera_room_worker_refused_events_total", "errcode" => refusal_for(&error).errcode).increment(1);
@@ -177,7 +210,13 @@ async fn submit(engine: &Engine, room_id: &RoomId, jobs: Vec<Job>) {
 }
 
 /// The target of a redaction, if the redaction should hide it from clients.
-async fn redaction_target(engine: &Engine, room: &RoomState, accepted: &[Accepted], redaction: &Pdu, target: &EventId) -> Option<String> {
+async fn redaction_target(
+    engine: &Engine,
+    room: &RoomState,
+    accepted: &[Accepted],
+    redaction: &Pdu,
+    target: &EventId,
+) -> Option<String> {
     let target_sender: OwnedUserId = match accepted.iter().find(|a| a.pdu.event_id() == target) {
         Some(a) => a.pdu.sender().to_owned(),
         None => {
@@ -188,7 +227,8 @@ async fn redaction_target(engine: &Engine, room: &RoomState, accepted: &[Accepte
             stored.pdu().ok()?.sender().to_owned()
         }
     };
-    room.redaction_applies(redaction.sender(), &target_sender).then(|| target.to_string())
+    room.redaction_applies(redaction.sender(), &target_sender)
+        .then(|| target.to_string())
 }
 
 fn answer_all(jobs: Vec<Job>, answer: Answer) {
@@ -278,17 +318,31 @@ async fn commit(
 async fn create_room(engine: &Engine, room_id: &RoomId, request: CreateRoom, epoch: i64) -> Answer {
     let refuse = |errcode, message: String| Answer::Created(Err(Refusal::new(errcode, message)));
     let Some(rules) = room_version::rules(&request.version) else {
-        return refuse("M_UNSUPPORTED_ROOM_VERSION", format!("room version {} is not supported", request.version));
+        return refuse(
+            "M_UNSUPPORTED_ROOM_VERSION",
+            format!("room version {} is not supported", request.version),
+        );
     };
     let derived = rules.authorization.room_create_event_id_as_room_id;
     if derived {
         match v12_room_id(&request.create, &rules) {
             Ok(id) if id == room_id => {}
-            Ok(id) => return refuse("M_INVALID_PARAM", format!("room ID {room_id} does not match its create event ({id})")),
+            Ok(id) => {
+                return refuse(
+                    "M_INVALID_PARAM",
+                    format!("room ID {room_id} does not match its create event ({id})"),
+                );
+            }
             Err(e) => return refuse("M_BAD_JSON", e.to_string()),
         }
     }
-    let create = match build_create_event(&request.create, &rules, (!derived).then_some(room_id), &engine.key, &engine.server_name) {
+    let create = match build_create_event(
+        &request.create,
+        &rules,
+        (!derived).then_some(room_id),
+        &engine.key,
+        &engine.server_name,
+    ) {
         Ok(pdu) => Arc::new(pdu),
         Err(e) => return Answer::Created(Err(refusal_for(&CreateError::Build(e)))),
     };
@@ -297,8 +351,14 @@ async fn create_room(engine: &Engine, room_id: &RoomId, request: CreateRoom, epo
     // first attempt committed.
     match engine.store.room(room_id.as_str()).await {
         Ok(Some(_)) => {
-            return match engine.store.state_event(room_id.as_str(), "m.room.create", "").await {
-                Ok(Some(stored)) if stored.event_id == create.event_id().as_str() => Answer::Created(Ok(room_id.to_owned())),
+            return match engine
+                .store
+                .state_event(room_id.as_str(), "m.room.create", "")
+                .await
+            {
+                Ok(Some(stored)) if stored.event_id == create.event_id().as_str() => {
+                    Answer::Created(Ok(room_id.to_owned()))
+                }
                 Ok(_) => refuse("M_ROOM_IN_USE", format!("room {room_id} already exists")),
                 Err(e) => Answer::Retry(e.to_string()),
             };
@@ -306,19 +366,36 @@ async fn create_room(engine: &Engine, room_id: &RoomId, request: CreateRoom, epo
         Ok(None) => {}
         Err(e) => return Answer::Retry(e.to_string()),
     }
-    let Some(mut state) = RoomState::from_create(Arc::clone(&create), request.version.clone()) else {
-        return refuse("M_UNSUPPORTED_ROOM_VERSION", format!("room version {} is not supported", request.version));
+    let Some(mut state) = RoomState::from_create(Arc::clone(&create), request.version.clone())
+    else {
+        return refuse(
+            "M_UNSUPPORTED_ROOM_VERSION",
+            format!("room version {} is not supported", request.version),
+        );
     };
-    let mut accepted = vec![Accepted { pdu: Arc::clone(&create), replaced: None, txn: None, redacts: None }];
+    let mut accepted = vec![Accepted {
+        pdu: Arc::clone(&create),
+        replaced: None,
+        txn: None,
+        redacts: None,
+    }];
     for template in &request.events {
         match state.create_event(template, &engine.key, &engine.server_name) {
             Ok(pdu) => {
                 let replaced = state.apply(Arc::clone(&pdu));
-                accepted.push(Accepted { pdu, replaced, txn: None, redacts: None });
+                accepted.push(Accepted {
+                    pdu,
+                    replaced,
+                    txn: None,
+                    redacts: None,
+                });
             }
             Err(error) => {
                 let mut refusal = refusal_for(&error);
-                refusal.message = format!("{} event {:?} refused: {}", template.kind, template.state_key, refusal.message);
+                refusal.message = format!(
+                    "{} event {:?} refused: {}",
+                    template.kind, template.state_key, refusal.message
+                );
                 if refusal.errcode == "M_FORBIDDEN" {
                     // An initial event the room's own rules refuse is a bad request, not a permission problem.
                     refusal.errcode = "M_INVALID_PARAM";
@@ -328,18 +405,29 @@ async fn create_room(engine: &Engine, room_id: &RoomId, request: CreateRoom, epo
         }
     }
     let creator: &UserId = create.sender();
-    let new_room = NewRoom { version: request.version.to_string(), creator: creator.to_string(), is_public: request.is_public };
-    let aliases = request.alias.iter().map(|a| (a.clone(), creator.to_string())).collect();
+    let new_room = NewRoom {
+        version: request.version.to_string(),
+        creator: creator.to_string(),
+        is_public: request.is_public,
+    };
+    let aliases = request
+        .alias
+        .iter()
+        .map(|a| (a.clone(), creator.to_string()))
+        .collect();
     match commit(engine, &state, accepted, Some(new_room), aliases, epoch).await {
         Ok(()) => {
             engine.cache_state(state);
             metrics::counter!("tessera_room_worker_rooms_created_total").increment(1);
             Answer::Created(Ok(room_id.to_owned()))
         }
-        Err(StoreError::Conflict(constraint)) if constraint.contains("alias") => {
-            refuse("M_ROOM_IN_USE", "the room alias is already taken".to_owned())
+        Err(StoreError::Conflict(constraint)) if constraint.contains("alias") => refuse(
+            "M_ROOM_IN_USE",
+            "the room alias is already taken".to_owned(),
+        ),
+        Err(StoreError::Conflict(_)) => {
+            refuse("M_ROOM_IN_USE", format!("room {room_id} already exists"))
         }
-        Err(StoreError::Conflict(_)) => refuse("M_ROOM_IN_USE", format!("room {room_id} already exists")),
         Err(error) => Answer::Retry(error.to_string()),
     }
 }

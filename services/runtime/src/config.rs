@@ -116,7 +116,11 @@ pub struct ClusterConfig {
 
 impl Default for ClusterConfig {
     fn default() -> Self {
-        Self { partitions: 256, lease_ttl_ms: 10_000, heartbeat_interval_ms: 1_000 }
+        Self {
+            partitions: 256,
+            lease_ttl_ms: 10_000,
+            heartbeat_interval_ms: 1_000,
+        }
     }
 }
 
@@ -137,7 +141,11 @@ pub struct RegistrationConfig {
 
 impl Default for RegistrationConfig {
     fn default() -> Self {
-        Self { open: false, tokens: true, shared_secret: None }
+        Self {
+            open: false,
+            tokens: true,
+            shared_secret: None,
+        }
     }
 }
 
@@ -172,7 +180,9 @@ pub struct ClientApiConfig {
 
 impl Default for ClientApiConfig {
     fn default() -> Self {
-        Self { listen: "127.0.0.1:8081".parse().expect("literal address") }
+        Self {
+            listen: "127.0.0.1:8081".parse().expect("literal address"),
+        }
     }
 }
 
@@ -250,16 +260,11 @@ impl Default for GatewayConfig {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+#[derive(Default)]
 pub struct AdminConfig {
     /// Health and metrics listener (`/health/live`, `/health/ready`, `/metrics`).
     /// Unset disables it.
     pub listen: Option<SocketAddr>,
-}
-
-impl Default for AdminConfig {
-    fn default() -> Self {
-        Self { listen: None }
-    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -273,7 +278,10 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self { filter: "info,ruma_state_res=warn".to_owned(), format: "text".to_owned() }
+        Self {
+            filter: "info,ruma_state_res=warn".to_owned(),
+            format: "text".to_owned(),
+        }
     }
 }
 
@@ -298,7 +306,9 @@ impl Config {
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
         if let Some(path) = path {
             if !path.exists() {
-                return Err(ConfigError::Missing { path: path.display().to_string() });
+                return Err(ConfigError::Missing {
+                    path: path.display().to_string(),
+                });
             }
             figment = figment.merge(Toml::file(path));
         }
@@ -310,11 +320,15 @@ impl Config {
             .collect();
         overrides.sort();
         for (key, value) in overrides {
-            let path = key[ENV_PREFIX.len()..].to_ascii_lowercase().replace("__", ".");
+            let path = key[ENV_PREFIX.len()..]
+                .to_ascii_lowercase()
+                .replace("__", ".");
             let value: figment::value::Value = value.parse().expect("infallible");
             figment = figment.merge(Serialized::default(&path, value));
         }
-        let config: Config = figment.extract().map_err(|e| ConfigError::Invalid(Box::new(e)))?;
+        let config: Config = figment
+            .extract()
+            .map_err(|e| ConfigError::Invalid(Box::new(e)))?;
         config.validate()?;
         Ok(config)
     }
@@ -338,7 +352,9 @@ impl Config {
             ));
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
-            return Err(ConfigError::Semantic("log.format must be \"text\" or \"json\"".to_owned()));
+            return Err(ConfigError::Semantic(
+                "log.format must be \"text\" or \"json\"".to_owned(),
+            ));
         }
         Ok(())
     }
@@ -366,7 +382,9 @@ fn ruma_server_name_is_valid(name: &str) -> Result<(), ()> {
         return if host.ends_with(']') { Ok(()) } else { Err(()) };
     }
     if host.is_empty()
-        || !host.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+        || !host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
     {
         return Err(());
     }

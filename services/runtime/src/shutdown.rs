@@ -18,15 +18,14 @@ impl Shutdown {
     pub fn listen_for_signals(&self) {
         let token = self.token.clone();
         tokio::spawn(async move {
-            let mut term = match tokio::signal::unix::signal(
-                tokio::signal::unix::SignalKind::terminate(),
-            ) {
-                Ok(s) => s,
-                Err(error) => {
-                    tracing::error!(%error, "cannot listen for SIGTERM");
-                    return;
-                }
-            };
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(error) => {
+                        tracing::error!(%error, "cannot listen for SIGTERM");
+                        return;
+                    }
+                };
             tokio::select! {
                 _ = term.recv() => tracing::info!("SIGTERM received: draining"),
                 _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received: draining"),
@@ -49,6 +48,8 @@ impl Shutdown {
 
     /// A child token: cancelled with this one, but cancellable on its own too.
     pub fn child(&self) -> Shutdown {
-        Shutdown { token: self.token.child_token() }
+        Shutdown {
+            token: self.token.child_token(),
+        }
     }
 }

@@ -48,7 +48,10 @@ where
     };
     telemetry::init_tracing(&config.log);
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(error) => {
             tracing::error!(role, "cannot start the async runtime: {error}");
@@ -70,7 +73,14 @@ where
             });
         }
         tracing::info!(role, version = env!("CARGO_PKG_VERSION"), "starting");
-        main(Started { role, config, shutdown, health, metrics }).await
+        main(Started {
+            role,
+            config,
+            shutdown,
+            health,
+            metrics,
+        })
+        .await
     });
     match result {
         Ok(()) => {

@@ -22,11 +22,19 @@ pub fn init_tracing(log: &LogConfig) {
     let registry = tracing_subscriber::registry().with(filter);
     let result = if log.format == "json" {
         registry
-            .with(tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_writer(std::io::stderr),
+            )
             .try_init()
     } else {
         registry
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(false))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_ansi(false),
+            )
             .try_init()
     };
     if result.is_ok() {

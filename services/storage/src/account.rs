@@ -19,7 +19,13 @@ pub struct AccountDataRow {
 
 impl Store {
     /// Set account data; returns the user's new data-stream position.
-    pub async fn set_account_data(&self, user_id: &str, room_id: &str, kind: &str, content: &Value) -> Result<i64> {
+    pub async fn set_account_data(
+        &self,
+        user_id: &str,
+        room_id: &str,
+        kind: &str,
+        content: &Value,
+    ) -> Result<i64> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
         let pos: i64 = tx
@@ -36,7 +42,12 @@ impl Store {
         Ok(pos)
     }
 
-    pub async fn account_data(&self, user_id: &str, room_id: &str, kind: &str) -> Result<Option<Value>> {
+    pub async fn account_data(
+        &self,
+        user_id: &str,
+        room_id: &str,
+        kind: &str,
+    ) -> Result<Option<Value>> {
         let row = self
             .client()
             .await?
@@ -49,7 +60,11 @@ impl Store {
     }
 
     /// Account data changed after `after` (all of it for 0).
-    pub async fn account_data_since(&self, user_id: &str, after: i64) -> Result<Vec<AccountDataRow>> {
+    pub async fn account_data_since(
+        &self,
+        user_id: &str,
+        after: i64,
+    ) -> Result<Vec<AccountDataRow>> {
         let rows = self
             .client()
             .await?
@@ -61,13 +76,25 @@ impl Store {
             .await?;
         Ok(rows
             .iter()
-            .map(|r| AccountDataRow { room_id: r.get(0), kind: r.get(1), content: r.get(2), stream_pos: r.get(3) })
+            .map(|r| AccountDataRow {
+                room_id: r.get(0),
+                kind: r.get(1),
+                content: r.get(2),
+                stream_pos: r.get(3),
+            })
             .collect())
     }
 
     /// The user's data-stream position.
     pub async fn user_stream_pos(&self, user_id: &str) -> Result<i64> {
-        let row = self.client().await?.query_opt("SELECT stream_pos FROM users WHERE user_id = $1", &[&user_id]).await?;
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                "SELECT stream_pos FROM users WHERE user_id = $1",
+                &[&user_id],
+            )
+            .await?;
         Ok(row.map(|r| r.get(0)).unwrap_or(0))
     }
 
@@ -90,7 +117,10 @@ impl Store {
         let row = self
             .client()
             .await?
-            .query_opt("SELECT filter FROM filters WHERE user_id = $1 AND filter_id = $2", &[&user_id, &filter_id])
+            .query_opt(
+                "SELECT filter FROM filters WHERE user_id = $1 AND filter_id = $2",
+                &[&user_id, &filter_id],
+            )
             .await?;
         Ok(row.map(|r| r.get(0)))
     }

@@ -47,7 +47,9 @@ impl Store {
             &[&server_name, &(partitions as i32)],
         )
         .await?;
-        let row = tx.query_one("SELECT server_name, partitions FROM cluster_settings", &[]).await?;
+        let row = tx
+            .query_one("SELECT server_name, partitions FROM cluster_settings", &[])
+            .await?;
         let (stored_name, stored_partitions): (String, i32) = (row.get(0), row.get(1));
         if stored_name != server_name {
             return Err(StoreError::Incompatible(format!(
@@ -71,7 +73,12 @@ impl Store {
     }
 
     /// Register or refresh a room-worker.
-    pub async fn heartbeat_worker(&self, worker_id: &str, grpc_addr: &str, draining: bool) -> Result<()> {
+    pub async fn heartbeat_worker(
+        &self,
+        worker_id: &str,
+        grpc_addr: &str,
+        draining: bool,
+    ) -> Result<()> {
         self.client()
             .await?
             .execute(
@@ -86,7 +93,13 @@ impl Store {
     }
 
     pub async fn remove_worker(&self, worker_id: &str) -> Result<()> {
-        self.client().await?.execute("DELETE FROM room_workers WHERE worker_id = $1", &[&worker_id]).await?;
+        self.client()
+            .await?
+            .execute(
+                "DELETE FROM room_workers WHERE worker_id = $1",
+                &[&worker_id],
+            )
+            .await?;
         Ok(())
     }
 
@@ -105,7 +118,11 @@ impl Store {
             .await?;
         Ok(rows
             .iter()
-            .map(|r| WorkerRow { worker_id: r.get(0), grpc_addr: r.get(1), draining: r.get(2) })
+            .map(|r| WorkerRow {
+                worker_id: r.get(0),
+                grpc_addr: r.get(1),
+                draining: r.get(2),
+            })
             .collect())
     }
 
@@ -122,14 +139,23 @@ impl Store {
             .await?;
         Ok(rows
             .iter()
-            .map(|r| LeaseRow { partition: r.get::<_, i32>(0) as u32, owner: r.get(1), epoch: r.get(2) })
+            .map(|r| LeaseRow {
+                partition: r.get::<_, i32>(0) as u32,
+                owner: r.get(1),
+                epoch: r.get(2),
+            })
             .collect())
     }
 
     /// Take a free or expired partition (or one a previous incarnation of this
     /// worker still holds: the new epoch fences it). Returns the new epoch, or
     /// `None` if someone else holds it.
-    pub async fn claim_partition(&self, partition: u32, worker_id: &str, ttl: Duration) -> Result<Option<i64>> {
+    pub async fn claim_partition(
+        &self,
+        partition: u32,
+        worker_id: &str,
+        ttl: Duration,
+    ) -> Result<Option<i64>> {
         let row = self
             .client()
             .await?
@@ -146,7 +172,12 @@ impl Store {
 
     /// Extend the leases this worker holds at the given epochs. Returns the
     /// partitions renewed; any other was lost.
-    pub async fn renew_leases(&self, worker_id: &str, held: &[(u32, i64)], ttl: Duration) -> Result<Vec<u32>> {
+    pub async fn renew_leases(
+        &self,
+        worker_id: &str,
+        held: &[(u32, i64)],
+        ttl: Duration,
+    ) -> Result<Vec<u32>> {
         let partitions: Vec<i32> = held.iter().map(|(p, _)| *p as i32).collect();
         let epochs: Vec<i64> = held.iter().map(|(_, e)| *e).collect();
         let rows = self
@@ -166,7 +197,12 @@ impl Store {
     }
 
     /// Hand a partition back so another worker can claim it at once.
-    pub async fn release_partition(&self, partition: u32, worker_id: &str, epoch: i64) -> Result<bool> {
+    pub async fn release_partition(
+        &self,
+        partition: u32,
+        worker_id: &str,
+        epoch: i64,
+    ) -> Result<bool> {
         let n = self
             .client()
             .await?
@@ -191,7 +227,11 @@ impl Store {
                 &[&(partition as i32)],
             )
             .await?;
-        Ok(row.map(|r| OwnerRow { worker_id: r.get(0), grpc_addr: r.get(1), epoch: r.get(2) }))
+        Ok(row.map(|r| OwnerRow {
+            worker_id: r.get(0),
+            grpc_addr: r.get(1),
+            epoch: r.get(2),
+        }))
     }
 
     /// The newest committed position of every partition (0 when empty).
@@ -199,7 +239,10 @@ impl Store {
         let rows = self
             .client()
             .await?
-            .query("SELECT next_pos - 1 FROM partition_leases ORDER BY partition", &[])
+            .query(
+                "SELECT next_pos - 1 FROM partition_leases ORDER BY partition",
+                &[],
+            )
             .await?;
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }

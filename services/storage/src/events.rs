@@ -67,12 +67,18 @@ impl StoredEvent {
 
     /// Parse the redaction that redacted this event, if any.
     pub fn redaction_pdu(&self) -> Result<Option<Arc<Pdu>>> {
-        self.redaction_json.as_deref().map(|json| parse_unknown_id(&self.room_id, json, &self.room_version)).transpose()
+        self.redaction_json
+            .as_deref()
+            .map(|json| parse_unknown_id(&self.room_id, json, &self.room_version))
+            .transpose()
     }
 
     /// Parse the replaced state event, if any.
     pub fn prev_state_pdu(&self) -> Result<Option<Arc<Pdu>>> {
-        self.prev_state_json.as_deref().map(|json| parse_unknown_id(&self.room_id, json, &self.room_version)).transpose()
+        self.prev_state_json
+            .as_deref()
+            .map(|json| parse_unknown_id(&self.room_id, json, &self.room_version))
+            .transpose()
     }
 
     pub fn room_version_id(&self) -> RoomVersionId {
@@ -80,9 +86,14 @@ impl StoredEvent {
     }
 }
 
-pub(crate) fn parse_pdu(event_id: &str, room_id: &str, json: &str, rejected: bool) -> Result<Arc<Pdu>> {
-    let object: CanonicalJsonObject =
-        serde_json::from_str(json).map_err(|e| StoreError::Corrupt(format!("event {event_id}: {e}")))?;
+pub(crate) fn parse_pdu(
+    event_id: &str,
+    room_id: &str,
+    json: &str,
+    rejected: bool,
+) -> Result<Arc<Pdu>> {
+    let object: CanonicalJsonObject = serde_json::from_str(json)
+        .map_err(|e| StoreError::Corrupt(format!("event {event_id}: {e}")))?;
     let event_id = EventId::parse(event_id).map_err(|e| StoreError::Corrupt(e.to_string()))?;
     let room_id = RoomId::parse(room_id).map_err(|e| StoreError::Corrupt(e.to_string()))?;
     Pdu::from_parts(event_id, &room_id, object, rejected)
@@ -94,10 +105,15 @@ pub(crate) fn parse_pdu(event_id: &str, room_id: &str, json: &str, rejected: boo
 fn parse_unknown_id(room_id: &str, json: &str, version: &str) -> Result<Arc<Pdu>> {
     let object: CanonicalJsonObject =
         serde_json::from_str(json).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-    let version = RoomVersionId::try_from(version).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-    let rules = version.rules().ok_or_else(|| StoreError::Corrupt(format!("unknown room version {version}")))?;
+    let version =
+        RoomVersionId::try_from(version).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let rules = version
+        .rules()
+        .ok_or_else(|| StoreError::Corrupt(format!("unknown room version {version}")))?;
     let room_id = RoomId::parse(room_id).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-    Pdu::from_json(object, &rules, Some(&room_id)).map(Arc::new).map_err(|e| StoreError::Corrupt(e.to_string()))
+    Pdu::from_json(object, &rules, Some(&room_id))
+        .map(Arc::new)
+        .map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
 /// Direction of a paginated read.
@@ -109,13 +125,16 @@ pub enum Direction {
 
 impl Store {
     pub async fn event(&self, event_id: &str) -> Result<Option<StoredEvent>> {
-        let sql = format!("SELECT {EVENT_COLUMNS} FROM events e {EVENT_JOINS} WHERE e.event_id = $1");
+        let sql =
+            format!("SELECT {EVENT_COLUMNS} FROM events e {EVENT_JOINS} WHERE e.event_id = $1");
         let row = self.client().await?.query_opt(&sql, &[&event_id]).await?;
         Ok(row.as_ref().map(StoredEvent::from_row))
     }
 
     pub async fn events_by_ids(&self, event_ids: &[String]) -> Result<Vec<StoredEvent>> {
-        let sql = format!("SELECT {EVENT_COLUMNS} FROM events e {EVENT_JOINS} WHERE e.event_id = ANY($1)");
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS} FROM events e {EVENT_JOINS} WHERE e.event_id = ANY($1)"
+        );
         let rows = self.client().await?.query(&sql, &[&event_ids]).await?;
         Ok(rows.iter().map(StoredEvent::from_row).collect())
     }
@@ -139,13 +158,23 @@ impl Store {
              WHERE e.room_id = $1 AND e.pos > $2 AND e.pos <= $3 AND NOT e.rejected
              ORDER BY e.pos {order} LIMIT $4"
         );
-        let rows = self.client().await?.query(&sql, &[&room_id, &after, &upto, &limit]).await?;
+        let rows = self
+            .client()
+            .await?
+            .query(&sql, &[&room_id, &after, &upto, &limit])
+            .await?;
         Ok(rows.iter().map(StoredEvent::from_row).collect())
     }
 
     /// Lightweight stream entries of one partition in a position range, for
     /// readers filling a gap in the Redis stream.
-    pub async fn partition_entries(&self, partition: u32, after: i64, upto: i64, limit: i64) -> Result<Vec<PartitionEntry>> {
+    pub async fn partition_entries(
+        &self,
+        partition: u32,
+        after: i64,
+        upto: i64,
+        limit: i64,
+    ) -> Result<Vec<PartitionEntry>> {
         let rows = self
             .client()
             .await?
@@ -170,7 +199,12 @@ impl Store {
     }
 
     /// The transaction ID already used by (user, device, txn), if any.
-    pub async fn txn_event(&self, user_id: &str, device_id: &str, txn_id: &str) -> Result<Option<String>> {
+    pub async fn txn_event(
+        &self,
+        user_id: &str,
+        device_id: &str,
+        txn_id: &str,
+    ) -> Result<Option<String>> {
         let row = self
             .client()
             .await?

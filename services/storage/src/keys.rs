@@ -14,10 +14,14 @@ const KEY_LOCK: i64 = 0x6b65_7973; // "keys"
 impl Store {
     /// The current signing key, generating one with `generate` if there is none.
     /// `generate` returns (PKCS#8 document, key version, public key base64).
-    pub async fn signing_key(&self, generate: impl FnOnce() -> (Vec<u8>, String, String)) -> Result<StoredKey> {
+    pub async fn signing_key(
+        &self,
+        generate: impl FnOnce() -> (Vec<u8>, String, String),
+    ) -> Result<StoredKey> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&KEY_LOCK]).await?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&KEY_LOCK])
+            .await?;
         let row = tx
             .query_opt(
                 "SELECT key_id, pkcs8 FROM server_signing_keys WHERE expired_ts IS NULL
@@ -26,7 +30,10 @@ impl Store {
             )
             .await?;
         let key = match row {
-            Some(row) => StoredKey { key_id: row.get(0), pkcs8: row.get(1) },
+            Some(row) => StoredKey {
+                key_id: row.get(0),
+                pkcs8: row.get(1),
+            },
             None => {
                 let (pkcs8, version, public) = generate();
                 let key_id = format!("ed25519:{version}");

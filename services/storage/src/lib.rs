@@ -73,12 +73,16 @@ impl Store {
         let manager = Manager::from_config(
             config,
             tokio_postgres::NoTls,
-            ManagerConfig { recycling_method: RecyclingMethod::Fast },
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
         );
         let pool = Pool::builder(manager)
             .max_size(pool_size.max(1))
             .build()
-            .map_err(|e| StoreError::Incompatible(format!("cannot build the connection pool: {e}")))?;
+            .map_err(|e| {
+                StoreError::Incompatible(format!("cannot build the connection pool: {e}"))
+            })?;
         let deadline = tokio::time::Instant::now() + connect_timeout;
         loop {
             match pool.get().await {
@@ -135,6 +139,9 @@ mod tests;
 #[cfg(test)]
 #[test]
 fn passwords_do_not_reach_logs() {
-    assert_eq!(redact_url("postgres://u:secret@h:5432/db"), "postgres://u:***@h:5432/db");
+    assert_eq!(
+        redact_url("postgres://u:secret@h:5432/db"),
+        "postgres://u:***@h:5432/db"
+    );
     assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
 }

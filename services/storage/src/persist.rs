@@ -86,7 +86,12 @@ impl Store {
             .await?
         {
             Some(row) => row.get(0),
-            None => return Err(StoreError::Fenced { partition: batch.partition, epoch: batch.epoch }),
+            None => {
+                return Err(StoreError::Fenced {
+                    partition: batch.partition,
+                    epoch: batch.epoch,
+                });
+            }
         };
         let positions: Vec<i64> = (first..first + n).collect();
         let last = first + n - 1;
@@ -108,7 +113,8 @@ impl Store {
         }
 
         let events = &batch.events;
-        let col = |f: fn(&EventToPersist) -> Option<String>| events.iter().map(f).collect::<Vec<_>>();
+        let col =
+            |f: fn(&EventToPersist) -> Option<String>| events.iter().map(f).collect::<Vec<_>>();
         tx.execute(
             "INSERT INTO events (partition, pos, event_id, room_id, type, state_key, sender,
                                  origin_server_ts, depth, membership, rejected, prev_state_event_id, json)
@@ -138,7 +144,8 @@ impl Store {
 
         // State: the history gets every change; the current state only the last per slot.
         let mut h_pos = Vec::new();
-        let (mut h_type, mut h_key, mut h_event, mut h_membership) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut h_type, mut h_key, mut h_event, mut h_membership) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for (event, pos) in events.iter().zip(&positions) {
             for change in &event.state_changes {
                 h_pos.push(*pos);

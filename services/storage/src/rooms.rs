@@ -58,12 +58,21 @@ impl Store {
     }
 
     /// One current state event.
-    pub async fn state_event(&self, room_id: &str, kind: &str, state_key: &str) -> Result<Option<StoredEvent>> {
+    pub async fn state_event(
+        &self,
+        room_id: &str,
+        kind: &str,
+        state_key: &str,
+    ) -> Result<Option<StoredEvent>> {
         let sql = format!(
             "SELECT {EVENT_COLUMNS} FROM room_state s JOIN events e ON e.event_id = s.event_id {EVENT_JOINS}
              WHERE s.room_id = $1 AND s.type = $2 AND s.state_key = $3"
         );
-        let row = self.client().await?.query_opt(&sql, &[&room_id, &kind, &state_key]).await?;
+        let row = self
+            .client()
+            .await?
+            .query_opt(&sql, &[&room_id, &kind, &state_key])
+            .await?;
         Ok(row.as_ref().map(StoredEvent::from_row))
     }
 
@@ -84,7 +93,12 @@ impl Store {
     }
 
     /// Slots whose state changed in (after, upto], each with its value at `upto`.
-    pub async fn state_changes(&self, room_id: &str, after: i64, upto: i64) -> Result<Vec<StoredEvent>> {
+    pub async fn state_changes(
+        &self,
+        room_id: &str,
+        after: i64,
+        upto: i64,
+    ) -> Result<Vec<StoredEvent>> {
         let sql = format!(
             "WITH slots AS (
                  SELECT DISTINCT ON (type, state_key) event_id FROM room_state_history
@@ -94,18 +108,30 @@ impl Store {
              SELECT {EVENT_COLUMNS} FROM slots s JOIN events e ON e.event_id = s.event_id {EVENT_JOINS}
              ORDER BY e.pos"
         );
-        let rows = self.client().await?.query(&sql, &[&room_id, &after, &upto]).await?;
+        let rows = self
+            .client()
+            .await?
+            .query(&sql, &[&room_id, &after, &upto])
+            .await?;
         Ok(rows.iter().map(StoredEvent::from_row).collect())
     }
 
     /// Current members with a given membership: (user ID, member event JSON).
-    pub async fn members(&self, room_id: &str, membership: Option<&str>) -> Result<Vec<StoredEvent>> {
+    pub async fn members(
+        &self,
+        room_id: &str,
+        membership: Option<&str>,
+    ) -> Result<Vec<StoredEvent>> {
         let sql = format!(
             "SELECT {EVENT_COLUMNS} FROM room_state s JOIN events e ON e.event_id = s.event_id {EVENT_JOINS}
              WHERE s.room_id = $1 AND s.type = 'm.room.member' AND ($2::text IS NULL OR s.membership = $2)
              ORDER BY s.state_key"
         );
-        let rows = self.client().await?.query(&sql, &[&room_id, &membership]).await?;
+        let rows = self
+            .client()
+            .await?
+            .query(&sql, &[&room_id, &membership])
+            .await?;
         Ok(rows.iter().map(StoredEvent::from_row).collect())
     }
 
@@ -123,7 +149,11 @@ impl Store {
     }
 
     /// Rooms the user is currently in with the given membership.
-    pub async fn rooms_with_membership(&self, user_id: &str, membership: &str) -> Result<Vec<String>> {
+    pub async fn rooms_with_membership(
+        &self,
+        user_id: &str,
+        membership: &str,
+    ) -> Result<Vec<String>> {
         let rows = self
             .client()
             .await?
@@ -160,7 +190,11 @@ impl Store {
     }
 
     /// A user's membership changes in one room: (position, membership).
-    pub async fn room_membership_history(&self, room_id: &str, user_id: &str) -> Result<Vec<(i64, String)>> {
+    pub async fn room_membership_history(
+        &self,
+        room_id: &str,
+        user_id: &str,
+    ) -> Result<Vec<(i64, String)>> {
         let rows = self
             .client()
             .await?
@@ -170,7 +204,10 @@ impl Store {
                 &[&room_id, &user_id],
             )
             .await?;
-        Ok(rows.iter().map(|r| (r.get(0), r.get::<_, Option<String>>(1).unwrap_or_default())).collect())
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), r.get::<_, Option<String>>(1).unwrap_or_default()))
+            .collect())
     }
 
     /// History visibility changes of a room: (position, visibility).
@@ -188,17 +225,37 @@ impl Store {
             .await?;
         Ok(rows
             .iter()
-            .map(|r| (r.get(0), r.get::<_, Option<String>>(1).unwrap_or_else(|| "shared".to_owned())))
+            .map(|r| {
+                (
+                    r.get(0),
+                    r.get::<_, Option<String>>(1)
+                        .unwrap_or_else(|| "shared".to_owned()),
+                )
+            })
             .collect())
     }
 
     pub async fn alias_room(&self, alias: &str) -> Result<Option<String>> {
-        let row = self.client().await?.query_opt("SELECT room_id FROM room_aliases WHERE alias = $1", &[&alias]).await?;
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                "SELECT room_id FROM room_aliases WHERE alias = $1",
+                &[&alias],
+            )
+            .await?;
         Ok(row.map(|r| r.get(0)))
     }
 
     pub async fn alias_creator(&self, alias: &str) -> Result<Option<String>> {
-        let row = self.client().await?.query_opt("SELECT creator FROM room_aliases WHERE alias = $1", &[&alias]).await?;
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                "SELECT creator FROM room_aliases WHERE alias = $1",
+                &[&alias],
+            )
+            .await?;
         Ok(row.map(|r| r.get(0)))
     }
 
@@ -206,7 +263,10 @@ impl Store {
         let rows = self
             .client()
             .await?
-            .query("SELECT alias FROM room_aliases WHERE room_id = $1 ORDER BY alias", &[&room_id])
+            .query(
+                "SELECT alias FROM room_aliases WHERE room_id = $1 ORDER BY alias",
+                &[&room_id],
+            )
             .await?;
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }
@@ -215,14 +275,21 @@ impl Store {
     pub async fn create_alias(&self, alias: &str, room_id: &str, creator: &str) -> Result<()> {
         self.client()
             .await?
-            .execute("INSERT INTO room_aliases (alias, room_id, creator) VALUES ($1, $2, $3)", &[&alias, &room_id, &creator])
+            .execute(
+                "INSERT INTO room_aliases (alias, room_id, creator) VALUES ($1, $2, $3)",
+                &[&alias, &room_id, &creator],
+            )
             .await
             .map_err(conflict)?;
         Ok(())
     }
 
     pub async fn delete_alias(&self, alias: &str) -> Result<bool> {
-        let n = self.client().await?.execute("DELETE FROM room_aliases WHERE alias = $1", &[&alias]).await?;
+        let n = self
+            .client()
+            .await?
+            .execute("DELETE FROM room_aliases WHERE alias = $1", &[&alias])
+            .await?;
         Ok(n == 1)
     }
 
@@ -230,7 +297,10 @@ impl Store {
         let n = self
             .client()
             .await?
-            .execute("UPDATE rooms SET is_public = $2 WHERE room_id = $1", &[&room_id, &public])
+            .execute(
+                "UPDATE rooms SET is_public = $2 WHERE room_id = $1",
+                &[&room_id, &public],
+            )
             .await?;
         Ok(n == 1)
     }
@@ -246,7 +316,10 @@ impl Store {
                 &[&limit, &offset],
             )
             .await?;
-        let total: i64 = client.query_one("SELECT count(*) FROM rooms WHERE is_public", &[]).await?.get(0);
+        let total: i64 = client
+            .query_one("SELECT count(*) FROM rooms WHERE is_public", &[])
+            .await?
+            .get(0);
         Ok((rows.iter().map(|r| (r.get(0), r.get(1))).collect(), total))
     }
 
@@ -285,7 +358,10 @@ impl Store {
         let rows = self
             .client()
             .await?
-            .query("SELECT room_id, head_pos FROM rooms WHERE room_id = ANY($1)", &[&room_ids])
+            .query(
+                "SELECT room_id, head_pos FROM rooms WHERE room_id = ANY($1)",
+                &[&room_ids],
+            )
             .await?;
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }

@@ -16,13 +16,15 @@ refinery::embed_migrations!("migrations");
 pub const SUPPORTED_COMPAT: RangeInclusive<i32> = 1..=1;
 
 /// Arbitrary constant naming our migration advisory lock.
-const MIGRATION_LOCK: i64 = 0x7465_7373_6572_61; // "tessera"
+const MIGRATION_LOCK: i64 = 0x0074_6573_7365_7261; // "tessera"
 
 impl Store {
     /// Apply pending migrations under the advisory lock, then check compatibility.
     pub async fn migrate(&self) -> Result<()> {
         let mut client = self.client().await?;
-        client.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK]).await?;
+        client
+            .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+            .await?;
         let result: Result<()> = async {
             // A schema newer than we understand must not be touched at all.
             if let Some(version) = compat_version(&client).await? {
@@ -40,7 +42,9 @@ impl Store {
             Ok(())
         }
         .await;
-        client.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK]).await?;
+        client
+            .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
+            .await?;
         result?;
         self.check_compatibility().await
     }
@@ -67,7 +71,9 @@ async fn compat_version(client: &tokio_postgres::Client) -> Result<Option<i32>> 
     if !exists {
         return Ok(None);
     }
-    let row = client.query_opt("SELECT compat_version FROM schema_compat", &[]).await?;
+    let row = client
+        .query_opt("SELECT compat_version FROM schema_compat", &[])
+        .await?;
     Ok(row.map(|r| r.get(0)))
 }
 

@@ -9,13 +9,23 @@ impl Store {
         let row = self
             .client()
             .await?
-            .query_one("INSERT INTO sync_checkpoints (positions) VALUES ($1) RETURNING id", &[&positions])
+            .query_one(
+                "INSERT INTO sync_checkpoints (positions) VALUES ($1) RETURNING id",
+                &[&positions],
+            )
             .await?;
         Ok(row.get(0))
     }
 
     pub async fn checkpoint(&self, id: i64) -> Result<Option<Vec<i64>>> {
-        let row = self.client().await?.query_opt("SELECT positions FROM sync_checkpoints WHERE id = $1", &[&id]).await?;
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                "SELECT positions FROM sync_checkpoints WHERE id = $1",
+                &[&id],
+            )
+            .await?;
         Ok(row.map(|r| r.get(0)))
     }
 

@@ -10,7 +10,8 @@ use crate::Store;
 
 /// Where test databases are created.
 pub fn admin_url() -> String {
-    std::env::var("TESSERA_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://root@127.0.0.1:5432/postgres".to_owned())
+    std::env::var("TESSERA_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://root@127.0.0.1:5432/postgres".to_owned())
 }
 
 /// A new empty database; returns its URL.
@@ -21,7 +22,10 @@ pub async fn create_database() -> String {
         .await
         .unwrap_or_else(|e| panic!("tests need Postgres at {admin}: {e}"));
     tokio::spawn(connection);
-    client.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create test database");
+    client
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .expect("create test database");
     match admin.rsplit_once('/') {
         Some((base, _)) => format!("{base}/{name}"),
         None => panic!("database URL {admin} has no database name"),
@@ -31,7 +35,9 @@ pub async fn create_database() -> String {
 /// A migrated store on a new database.
 pub async fn store() -> Store {
     let url = create_database().await;
-    let store = Store::connect(&url, 8, Duration::from_secs(5)).await.expect("connect");
+    let store = Store::connect(&url, 8, Duration::from_secs(5))
+        .await
+        .expect("connect");
     store.migrate().await.expect("migrate");
     store
 }

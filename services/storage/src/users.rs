@@ -80,7 +80,10 @@ impl Store {
         let n = self
             .client()
             .await?
-            .execute("UPDATE users SET displayname = $2 WHERE user_id = $1", &[&user_id, &displayname])
+            .execute(
+                "UPDATE users SET displayname = $2 WHERE user_id = $1",
+                &[&user_id, &displayname],
+            )
             .await?;
         Ok(n == 1)
     }
@@ -89,14 +92,23 @@ impl Store {
         let n = self
             .client()
             .await?
-            .execute("UPDATE users SET avatar_url = $2 WHERE user_id = $1", &[&user_id, &avatar_url])
+            .execute(
+                "UPDATE users SET avatar_url = $2 WHERE user_id = $1",
+                &[&user_id, &avatar_url],
+            )
             .await?;
         Ok(n == 1)
     }
 
     /// Create (or reuse) a device and give it a new access token. Logging in
     /// again with an existing device ID replaces that device's old tokens.
-    pub async fn create_session(&self, user_id: &str, device_id: &str, display_name: Option<&str>, token_hash: &[u8]) -> Result<()> {
+    pub async fn create_session(
+        &self,
+        user_id: &str,
+        device_id: &str,
+        display_name: Option<&str>,
+        token_hash: &[u8],
+    ) -> Result<()> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
         tx.execute(
@@ -106,8 +118,11 @@ impl Store {
             &[&user_id, &device_id, &display_name],
         )
         .await?;
-        tx.execute("DELETE FROM access_tokens WHERE user_id = $1 AND device_id = $2", &[&user_id, &device_id])
-            .await?;
+        tx.execute(
+            "DELETE FROM access_tokens WHERE user_id = $1 AND device_id = $2",
+            &[&user_id, &device_id],
+        )
+        .await?;
         tx.execute(
             "INSERT INTO access_tokens (token_hash, user_id, device_id) VALUES ($1, $2, $3)",
             &[&token_hash, &user_id, &device_id],
@@ -128,21 +143,31 @@ impl Store {
                 &[&token_hash],
             )
             .await?;
-        Ok(row.map(|r| TokenOwner { user_id: r.get(0), device_id: r.get(1), admin: r.get(2) }))
+        Ok(row.map(|r| TokenOwner {
+            user_id: r.get(0),
+            device_id: r.get(1),
+            admin: r.get(2),
+        }))
     }
 
     /// `/logout`: the device and its tokens go.
     pub async fn delete_device(&self, user_id: &str, device_id: &str) -> Result<()> {
         self.client()
             .await?
-            .execute("DELETE FROM devices WHERE user_id = $1 AND device_id = $2", &[&user_id, &device_id])
+            .execute(
+                "DELETE FROM devices WHERE user_id = $1 AND device_id = $2",
+                &[&user_id, &device_id],
+            )
             .await?;
         Ok(())
     }
 
     /// `/logout/all`: every device and token of the user goes.
     pub async fn delete_all_devices(&self, user_id: &str) -> Result<()> {
-        self.client().await?.execute("DELETE FROM devices WHERE user_id = $1", &[&user_id]).await?;
+        self.client()
+            .await?
+            .execute("DELETE FROM devices WHERE user_id = $1", &[&user_id])
+            .await?;
         Ok(())
     }
 
@@ -150,14 +175,22 @@ impl Store {
         let rows = self
             .client()
             .await?
-            .query("SELECT device_id, display_name FROM devices WHERE user_id = $1 ORDER BY device_id", &[&user_id])
+            .query(
+                "SELECT device_id, display_name FROM devices WHERE user_id = $1 ORDER BY device_id",
+                &[&user_id],
+            )
             .await?;
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
     // --- registration tokens ---
 
-    pub async fn create_registration_token(&self, token: &str, uses_allowed: Option<i32>, expiry_time: Option<i64>) -> Result<()> {
+    pub async fn create_registration_token(
+        &self,
+        token: &str,
+        uses_allowed: Option<i32>,
+        expiry_time: Option<i64>,
+    ) -> Result<()> {
         self.client()
             .await?
             .execute(
@@ -188,7 +221,14 @@ impl Store {
     }
 
     pub async fn delete_registration_token(&self, token: &str) -> Result<bool> {
-        let n = self.client().await?.execute("DELETE FROM registration_tokens WHERE token = $1", &[&token]).await?;
+        let n = self
+            .client()
+            .await?
+            .execute(
+                "DELETE FROM registration_tokens WHERE token = $1",
+                &[&token],
+            )
+            .await?;
         Ok(n == 1)
     }
 
@@ -226,8 +266,18 @@ impl Store {
 
     pub async fn create_nonce(&self, nonce: &str) -> Result<()> {
         let client = self.client().await?;
-        client.execute("DELETE FROM shared_secret_nonces WHERE created_at < now() - interval '1 hour'", &[]).await?;
-        client.execute("INSERT INTO shared_secret_nonces (nonce) VALUES ($1)", &[&nonce]).await?;
+        client
+            .execute(
+                "DELETE FROM shared_secret_nonces WHERE created_at < now() - interval '1 hour'",
+                &[],
+            )
+            .await?;
+        client
+            .execute(
+                "INSERT INTO shared_secret_nonces (nonce) VALUES ($1)",
+                &[&nonce],
+            )
+            .await?;
         Ok(())
     }
 
@@ -248,22 +298,43 @@ impl Store {
 
     pub async fn create_uia_session(&self, session_id: &str) -> Result<()> {
         let client = self.client().await?;
-        client.execute("DELETE FROM uia_sessions WHERE created_at < now() - interval '1 day'", &[]).await?;
-        client.execute("INSERT INTO uia_sessions (session_id) VALUES ($1)", &[&session_id]).await?;
+        client
+            .execute(
+                "DELETE FROM uia_sessions WHERE created_at < now() - interval '1 day'",
+                &[],
+            )
+            .await?;
+        client
+            .execute(
+                "INSERT INTO uia_sessions (session_id) VALUES ($1)",
+                &[&session_id],
+            )
+            .await?;
         Ok(())
     }
 
     /// Completed stages of a session and the registration token it proved.
-    pub async fn uia_session(&self, session_id: &str) -> Result<Option<(Vec<String>, Option<String>)>> {
+    pub async fn uia_session(
+        &self,
+        session_id: &str,
+    ) -> Result<Option<(Vec<String>, Option<String>)>> {
         let row = self
             .client()
             .await?
-            .query_opt("SELECT completed, registration_token FROM uia_sessions WHERE session_id = $1", &[&session_id])
+            .query_opt(
+                "SELECT completed, registration_token FROM uia_sessions WHERE session_id = $1",
+                &[&session_id],
+            )
             .await?;
         Ok(row.map(|r| (r.get(0), r.get(1))))
     }
 
-    pub async fn complete_uia_stage(&self, session_id: &str, stage: &str, registration_token: Option<&str>) -> Result<()> {
+    pub async fn complete_uia_stage(
+        &self,
+        session_id: &str,
+        stage: &str,
+        registration_token: Option<&str>,
+    ) -> Result<()> {
         self.client()
             .await?
             .execute(
@@ -277,7 +348,13 @@ impl Store {
     }
 
     pub async fn delete_uia_session(&self, session_id: &str) -> Result<()> {
-        self.client().await?.execute("DELETE FROM uia_sessions WHERE session_id = $1", &[&session_id]).await?;
+        self.client()
+            .await?
+            .execute(
+                "DELETE FROM uia_sessions WHERE session_id = $1",
+                &[&session_id],
+            )
+            .await?;
         Ok(())
     }
 }

@@ -37,7 +37,12 @@ pub struct Inner {
 
 impl SyncApi {
     pub fn new(store: Store, view: Arc<View>, tokens: Arc<Tokens>, config: Config) -> Self {
-        Self(Arc::new(Inner { store, view, tokens, config }))
+        Self(Arc::new(Inner {
+            store,
+            view,
+            tokens,
+            config,
+        }))
     }
 }
 
@@ -71,10 +76,12 @@ pub struct SyncQuery {
 
 fn since_error(error: SinceError) -> MatrixError {
     match error {
-        SinceError::Token(TokenError::Expired) => {
-            MatrixError::invalid_param("The since token has expired; start again with an initial sync")
+        SinceError::Token(TokenError::Expired) => MatrixError::invalid_param(
+            "The since token has expired; start again with an initial sync",
+        ),
+        SinceError::Token(error) => {
+            MatrixError::invalid_param(format!("Invalid since token: {error}"))
         }
-        SinceError::Token(error) => MatrixError::invalid_param(format!("Invalid since token: {error}")),
         SinceError::Store(error) => error.into(),
     }
 }
@@ -94,18 +101,26 @@ impl Drop for InFlight {
     }
 }
 
-async fn sync(State(api): State<SyncApi>, auth: Authed, Query(query): Query<SyncQuery>) -> MatrixResult<Json<Value>> {
+async fn sync(
+    State(api): State<SyncApi>,
+    auth: Authed,
+    Query(query): Query<SyncQuery>,
+) -> MatrixResult<Json<Value>> {
     let _in_flight = InFlight::new();
     let api = &api.0;
     let limits = &api.config.limits;
     let filter = match query.filter.as_deref() {
         None | Some("") => SyncFilter::default(),
         Some(text) if text.trim_start().starts_with('{') => {
-            let value: Value = serde_json::from_str(text).map_err(|e| MatrixError::invalid_param(format!("filter is not valid JSON: {e}")))?;
+            let value: Value = serde_json::from_str(text).map_err(|e| {
+                MatrixError::invalid_param(format!("filter is not valid JSON: {e}"))
+            })?;
             SyncFilter::parse(&value)?
         }
         Some(id) => {
-            let id: i64 = id.parse().map_err(|_| MatrixError::invalid_param(format!("Unknown filter {id:?}")))?;
+            let id: i64 = id
+                .parse()
+                .map_err(|_| MatrixError::invalid_param(format!("Unknown filter {id:?}")))?;
             let value = api
                 .store
                 .filter(auth.user_id.as_str(), id)
@@ -117,11 +132,17 @@ async fn sync(State(api): State<SyncApi>, auth: Authed, Query(query): Query<Sync
     let full_state = match query.full_state.as_deref() {
         None | Some("false") => false,
         Some("true") => true,
-        Some(other) => return Err(MatrixError::invalid_param(format!("full_state must be true or false, not {other:?}"))),
+        Some(other) => {
+            return Err(MatrixError::invalid_param(format!(
+                "full_state must be true or false, not {other:?}"
+            )));
+        }
     };
     let timeout_ms: u64 = match query.timeout.as_deref() {
         None => 0,
-        Some(text) => text.parse().map_err(|_| MatrixError::invalid_param("timeout must be a non-negative integer"))?,
+        Some(text) => text
+            .parse()
+            .map_err(|_| MatrixError::invalid_param("timeout must be a non-negative integer"))?,
     };
     let timeout = Duration::from_millis(timeout_ms.min(limits.sync_timeout_max_ms));
     let since = match query.since.as_deref() {
@@ -138,7 +159,9 @@ async fn sync(State(api): State<SyncApi>, auth: Authed, Query(query): Query<Sync
     if let Some(since) = &since
         && since.positions.len() != partitions as usize
     {
-        return Err(MatrixError::invalid_param("Invalid since token: wrong number of partitions"));
+        return Err(MatrixError::invalid_param(
+            "Invalid since token: wrong number of partitions",
+        ));
     }
     let request = compute::Request {
         user_id: auth.user_id.as_str(),
@@ -162,9 +185,13 @@ async fn sync(State(api): State<SyncApi>, auth: Authed, Query(query): Query<Sync
         let notify = api.view.register(&keys);
         let snapshot = api.view.positions();
         let response = compute(&api.store, &api.view, &request, &snapshot).await?;
-        let done = since.is_none() || full_state || response.has_content || Instant::now() >= deadline;
+        let done =
+            since.is_none() || full_state || response.has_content || Instant::now() >= deadline;
         if done {
-            let next_batch = api.tokens.encode(&response.positions, response.user_pos).await?;
+            let next_batch = api
+                .tokens
+                .encode(&response.positions, response.user_pos)
+                .await?;
             let mut body = response.body;
             body.insert("next_batch".into(), Value::String(next_batch));
             metrics::counter!("tessera_sync_responses_total", "kind" => if since.is_none() { "initial" } else if response.has_content { "incremental" } else { "timeout" }).increment(1);

@@ -51,36 +51,78 @@ const STRIPPED_STATE_TYPES: [&str; 7] = [
 
 fn kind_of(event: &StoredEvent) -> Option<(String, Option<String>, String)> {
     let pdu = event.pdu().ok()?;
-    Some((pdu.kind().to_string(), pdu.state_key().map(str::to_owned), pdu.sender().to_string()))
+    Some((
+        pdu.kind().to_string(),
+        pdu.state_key().map(str::to_owned),
+        pdu.sender().to_string(),
+    ))
 }
 
 fn filtered(events: Vec<StoredEvent>, filter: &EventFilter) -> Vec<StoredEvent> {
-    events.into_iter().filter(|e| filter.matches_event(e)).collect()
+    events
+        .into_iter()
+        .filter(|e| filter.matches_event(e))
+        .collect()
 }
 
-pub async fn compute(store: &Store, view: &View, request: &Request<'_>, snapshot: &[i64]) -> Result<Response, StoreError> {
+pub async fn compute(
+    store: &Store,
+    view: &View,
+    request: &Request<'_>,
+    snapshot: &[i64],
+) -> Result<Response, StoreError> {
     let initial = request.since.is_none();
     let zeros = vec![0i64; snapshot.len()];
     let since = request.since.map(|(p, _)| p).unwrap_or(&zeros);
-    let next = if initial { snapshot.to_vec() } else { merge(since, snapshot) };
-    let viewer = Viewer { user_id: request.user_id, device_id: request.device_id };
+    let next = if initial {
+        snapshot.to_vec()
+    } else {
+        merge(since, snapshot)
+    };
+    let viewer = Viewer {
+        user_id: request.user_id,
+        device_id: request.device_id,
+    };
     let now = now_ms();
-    let render_list = |events: &[StoredEvent]| -> Vec<Value> { events.iter().filter_map(|e| render(e, viewer, now, false)).collect() };
+    let render_list = |events: &[StoredEvent]| -> Vec<Value> {
+        events
+            .iter()
+            .filter_map(|e| render(e, viewer, now, false))
+            .collect()
+    };
 
     // Account data changed since the token (all of it for an initial sync).
     let since_user_pos = request.since.map(|(_, u)| u).unwrap_or(0);
-    let account_rows = store.account_data_since(request.user_id, since_user_pos).await?;
-    let user_pos = account_rows.iter().map(|r| r.stream_pos).max().unwrap_or(since_user_pos).max(since_user_pos);
+    let account_rows = store
+        .account_data_since(request.user_id, since_user_pos)
+        .await?;
+    let user_pos = account_rows
+        .iter()
+        .map(|r| r.stream_pos)
+        .max()
+        .unwrap_or(since_user_pos)
+        .max(since_user_pos);
     let mut global_account_data = Vec::new();
     let mut room_account_data: HashMap<String, Vec<Value>> = HashMap::new();
     for row in account_rows {
         let event = json!({ "type": row.kind, "content": row.content });
         if row.room_id.is_empty() {
-            if request.filter.account_data.matches(&row.kind, request.user_id) {
+            if request
+                .filter
+                .account_data
+                .matches(&row.kind, request.user_id)
+            {
                 global_account_data.push(event);
             }
-        } else if request.filter.room_account_data.matches(&row.kind, request.user_id) {
-            room_account_data.entry(row.room_id).or_default().push(event);
+        } else if request
+            .filter
+            .room_account_data
+            .matches(&row.kind, request.user_id)
+        {
+            room_account_data
+                .entry(row.room_id)
+                .or_default()
+                .push(event);
         }
     }
 
@@ -101,71 +143,141 @@ pub async fn compute(store: &Store, view: &View, request: &Request<'_>, snapshot
         }
         let p = tessera_cluster::partition_of(room_id, request.partitions) as usize;
         let (upto, after) = (next[p], since[p]);
-        let Some(now_row) = rows.iter().rev().find(|r| r.pos <= upto) else { continue };
-        let since_row = if initial { None } else { rows.iter().rev().find(|r| r.pos <= after) };
+        let Some(now_row) = rows.iter().rev().find(|r| r.pos <= upto) else {
+            continue;
+        };
+        let since_row = if initial {
+            None
+        } else {
+            rows.iter().rev().find(|r| r.pos <= after)
+        };
         let changed = since_row.map(|r| r.pos) != Some(now_row.pos);
         let account_data = room_account_data.remove(room_id).unwrap_or_default();
         match now_row.membership.as_str() {
             "join" => {
                 wait_keys.push(room_id.clone());
-                let newly = initial || request.full_state || since_row.map(|r| r.membership.as_str()) != Some("join");
+                let newly = initial
+                    || request.full_state
+                    || since_row.map(|r| r.membership.as_str()) != Some("join");
                 // Membership changes inside the range mean some events may be hidden.
                 let check_visibility = newly || rows.iter().any(|r| r.pos > after && r.pos <= upto);
-                if let Some(room) = joined_room(store, view, request, room_id, p as u32, after, upto, newly, check_visibility, rows, &render_list).await? {
+                if let Some(room) = joined_room(
+                    store,
+                    view,
+                    request,
+                    room_id,
+                    p as u32,
+                    after,
+                    upto,
+                    newly,
+                    check_visibility,
+                    rows,
+                    &render_list,
+                )
+                .await?
+                {
                     let mut room = room;
                     room.insert("account_data".into(), json!({ "events": account_data }));
                     join.insert(room_id.clone(), Value::Object(room));
                 } else if !account_data.is_empty() {
-                    join.insert(room_id.clone(), json!({
-                        "timeline": { "events": [], "limited": false },
-                        "state": { "events": [] },
-                        "account_data": { "events": account_data },
-                        "ephemeral": { "events": [] },
-                    }));
+                    join.insert(
+                        room_id.clone(),
+                        json!({
+                            "timeline": { "events": [], "limited": false },
+                            "state": { "events": [] },
+                            "account_data": { "events": account_data },
+                            "ephemeral": { "events": [] },
+                        }),
+                    );
                 }
             }
             "invite" | "knock" if changed || initial => {
                 let state = stripped_state(store, room_id, now_row).await?;
                 if now_row.membership == "invite" {
-                    invite.insert(room_id.clone(), json!({ "invite_state": { "events": state } }));
+                    invite.insert(
+                        room_id.clone(),
+                        json!({ "invite_state": { "events": state } }),
+                    );
                 } else {
-                    knock.insert(room_id.clone(), json!({ "knock_state": { "events": state } }));
+                    knock.insert(
+                        room_id.clone(),
+                        json!({ "knock_state": { "events": state } }),
+                    );
                 }
             }
-            "leave" | "ban" if (changed && !initial) || (initial && request.filter.include_leave) => {
+            "leave" | "ban"
+                if (changed && !initial) || (initial && request.filter.include_leave) =>
+            {
                 let left_at = now_row.pos;
                 let from = if initial { 0 } else { after };
-                let mut timeline = store.room_events(room_id, from, left_at, Direction::Backward, request.timeline_limit + 1).await?;
+                let mut timeline = store
+                    .room_events(
+                        room_id,
+                        from,
+                        left_at,
+                        Direction::Backward,
+                        request.timeline_limit + 1,
+                    )
+                    .await?;
                 let limited = timeline.len() as i64 > request.timeline_limit;
                 timeline.truncate(request.timeline_limit as usize);
                 timeline.reverse();
                 let visibility = load_visibility(store, room_id, rows).await?;
                 timeline.retain(|e| visible(&visibility, e, request.user_id));
                 let first = timeline.first().map(|e| e.pos).unwrap_or(left_at + 1);
-                let state = if initial { store.state_at(room_id, first - 1).await? } else if limited { store.state_changes(room_id, after, first - 1).await? } else { vec![] };
-                leave.insert(room_id.clone(), json!({
-                    "timeline": {
-                        "events": render_list(&filtered(timeline, &request.filter.timeline)),
-                        "limited": limited,
-                        "prev_batch": format!("t{}", first - 1),
-                    },
-                    "state": { "events": render_list(&filtered(state, &request.filter.state)) },
-                    "account_data": { "events": account_data },
-                }));
+                let state = if initial {
+                    store.state_at(room_id, first - 1).await?
+                } else if limited {
+                    store.state_changes(room_id, after, first - 1).await?
+                } else {
+                    vec![]
+                };
+                leave.insert(
+                    room_id.clone(),
+                    json!({
+                        "timeline": {
+                            "events": render_list(&filtered(timeline, &request.filter.timeline)),
+                            "limited": limited,
+                            "prev_batch": format!("t{}", first - 1),
+                        },
+                        "state": { "events": render_list(&filtered(state, &request.filter.state)) },
+                        "account_data": { "events": account_data },
+                    }),
+                );
             }
             _ => {}
         }
     }
 
-    let has_content = !join.is_empty() || !invite.is_empty() || !knock.is_empty() || !leave.is_empty() || !global_account_data.is_empty();
+    let has_content = !join.is_empty()
+        || !invite.is_empty()
+        || !knock.is_empty()
+        || !leave.is_empty()
+        || !global_account_data.is_empty();
     let mut body = Map::new();
-    body.insert("rooms".into(), json!({ "join": join, "invite": invite, "knock": knock, "leave": leave }));
-    body.insert("account_data".into(), json!({ "events": global_account_data }));
+    body.insert(
+        "rooms".into(),
+        json!({ "join": join, "invite": invite, "knock": knock, "leave": leave }),
+    );
+    body.insert(
+        "account_data".into(),
+        json!({ "events": global_account_data }),
+    );
     body.insert("presence".into(), json!({ "events": [] }));
-    Ok(Response { body, has_content, positions: next, user_pos, wait_keys })
+    Ok(Response {
+        body,
+        has_content,
+        positions: next,
+        user_pos,
+        wait_keys,
+    })
 }
 
-async fn load_visibility(store: &Store, room_id: &str, rows: &[MembershipRow]) -> Result<Visibility, StoreError> {
+async fn load_visibility(
+    store: &Store,
+    room_id: &str,
+    rows: &[MembershipRow],
+) -> Result<Visibility, StoreError> {
     Ok(Visibility::new(
         rows.iter().map(|r| (r.pos, r.membership.clone())).collect(),
         store.history_visibility_changes(room_id).await?,
@@ -173,7 +285,8 @@ async fn load_visibility(store: &Store, room_id: &str, rows: &[MembershipRow]) -
 }
 
 fn visible(visibility: &Visibility, event: &StoredEvent, user_id: &str) -> bool {
-    let own = kind_of(event).is_some_and(|(kind, key, _)| kind == "m.room.member" && key.as_deref() == Some(user_id));
+    let own = kind_of(event)
+        .is_some_and(|(kind, key, _)| kind == "m.room.member" && key.as_deref() == Some(user_id));
     visibility.can_see(event.pos, own)
 }
 
@@ -191,11 +304,22 @@ async fn joined_room(
     rows: &[MembershipRow],
     render_list: &impl Fn(&[StoredEvent]) -> Vec<Value>,
 ) -> Result<Option<Map<String, Value>>, StoreError> {
-    if !newly && let Some(head) = view.room_head_after(room_id, partition, after) && head <= after {
+    if !newly
+        && let Some(head) = view.room_head_after(room_id, partition, after)
+        && head <= after
+    {
         return Ok(None);
     }
     let from = if newly { 0 } else { after };
-    let mut timeline = store.room_events(room_id, from, upto, Direction::Backward, request.timeline_limit + 1).await?;
+    let mut timeline = store
+        .room_events(
+            room_id,
+            from,
+            upto,
+            Direction::Backward,
+            request.timeline_limit + 1,
+        )
+        .await?;
     if !newly && timeline.is_empty() {
         return Ok(None);
     }
@@ -216,8 +340,12 @@ async fn joined_room(
     };
     let mut room = Map::new();
     let membership_changed = newly
-        || timeline.iter().any(|e| kind_of(e).is_some_and(|(k, _, _)| k == "m.room.member"))
-        || state.iter().any(|e| kind_of(e).is_some_and(|(k, _, _)| k == "m.room.member"));
+        || timeline
+            .iter()
+            .any(|e| kind_of(e).is_some_and(|(k, _, _)| k == "m.room.member"))
+        || state
+            .iter()
+            .any(|e| kind_of(e).is_some_and(|(k, _, _)| k == "m.room.member"));
     if membership_changed {
         let (joined, invited) = store.member_counts(room_id).await?;
         let heroes = store.heroes(room_id, request.user_id, 5).await?;
@@ -234,20 +362,28 @@ async fn joined_room(
             "prev_batch": format!("t{}", first - 1),
         }),
     );
-    room.insert("state".into(), json!({ "events": render_list(&filtered(state, &request.filter.state)) }));
+    room.insert(
+        "state".into(),
+        json!({ "events": render_list(&filtered(state, &request.filter.state)) }),
+    );
     room.insert("ephemeral".into(), json!({ "events": [] }));
     Ok(Some(room))
 }
 
 /// The stripped state shown with an invite or knock: the room's basics at
 /// that point, and the membership event itself.
-async fn stripped_state(store: &Store, room_id: &str, row: &MembershipRow) -> Result<Vec<Value>, StoreError> {
+async fn stripped_state(
+    store: &Store,
+    room_id: &str,
+    row: &MembershipRow,
+) -> Result<Vec<Value>, StoreError> {
     let mut events = Vec::new();
     for stored in store.state_at(room_id, row.pos).await? {
         let Ok(pdu) = stored.pdu() else { continue };
         let kind = pdu.kind().to_string();
         let is_own = stored.event_id == row.event_id;
-        if is_own || (STRIPPED_STATE_TYPES.contains(&kind.as_str()) && pdu.state_key() == Some("")) {
+        if is_own || (STRIPPED_STATE_TYPES.contains(&kind.as_str()) && pdu.state_key() == Some(""))
+        {
             events.push(tessera_events::client::stripped_state(&pdu));
         }
     }

@@ -44,23 +44,41 @@ async fn run(started: Started) -> anyhow::Result<()> {
     } else {
         store.check_compatibility().await?;
     }
-    store.init_cluster(&config.server_name, config.cluster.partitions).await?;
+    store
+        .init_cluster(&config.server_name, config.cluster.partitions)
+        .await?;
     let redis = redis::Client::open(config.redis.url.as_str()).context("invalid redis.url")?;
 
     // Start from the committed heads: history before them is read from
     // Postgres by each sync; the stream brings everything after.
     let heads = store.partition_heads().await?;
     let view = view::View::new(heads.clone());
-    let reader = StreamReader::new(store.clone(), redis, StreamKeys::new(&config.redis.key_prefix), heads);
+    let reader = StreamReader::new(
+        store.clone(),
+        redis,
+        StreamKeys::new(&config.redis.key_prefix),
+        heads,
+    );
     {
         let view = Arc::clone(&view);
         let shutdown = started.shutdown.clone();
-        tokio::spawn(async move { reader.run(view, async move { shutdown.cancelled().await }).await });
+        tokio::spawn(async move {
+            reader
+                .run(view, async move { shutdown.cancelled().await })
+                .await
+        });
     }
-    let tokens = Arc::new(tokens::Tokens::new(store.clone(), config.cluster.partitions as usize));
+    let tokens = Arc::new(tokens::Tokens::new(
+        store.clone(),
+        config.cluster.partitions as usize,
+    ));
     {
         let (store, days) = (store.clone(), config.sync_worker.token_lifetime_days);
-        let (tokens, view, every) = (Arc::clone(&tokens), Arc::clone(&view), config.sync_worker.checkpoint_interval_secs);
+        let (tokens, view, every) = (
+            Arc::clone(&tokens),
+            Arc::clone(&view),
+            config.sync_worker.checkpoint_interval_secs,
+        );
         tokio::spawn(async move {
             let mut ticker = tokio::time::interval(Duration::from_secs(every.max(1)));
             loop {
@@ -80,12 +98,20 @@ async fn run(started: Started) -> anyhow::Result<()> {
     let state = api::SyncApi::new(store, view, tokens, config.clone());
     let listener = tokio::net::TcpListener::bind(config.sync_worker.listen)
         .await
-        .with_context(|| format!("cannot bind the sync listener on {}", config.sync_worker.listen))?;
+        .with_context(|| {
+            format!(
+                "cannot bind the sync listener on {}",
+                config.sync_worker.listen
+            )
+        })?;
     tracing::info!(listen = %listener.local_addr()?, "sync listening");
     started.health.set_ready(true);
     let shutdown = started.shutdown.clone();
-    axum::serve(listener, api::router(state, started.health.clone(), started.metrics.clone()))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await?;
+    axum::serve(
+        listener,
+        api::router(state, started.health.clone(), started.metrics.clone()),
+    )
+    .with_graceful_shutdown(async move { shutdown.cancelled().await })
+    .await?;
     Ok(())
 }

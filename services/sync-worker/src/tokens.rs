@@ -30,7 +30,12 @@ pub enum SinceError {
 
 impl Tokens {
     pub fn new(store: Store, partitions: usize) -> Self {
-        Self { store, partitions, current: Mutex::new(None), cache: Mutex::new(HashMap::new()) }
+        Self {
+            store,
+            partitions,
+            current: Mutex::new(None),
+            cache: Mutex::new(HashMap::new()),
+        }
     }
 
     async fn checkpoint(&self, id: u64) -> Result<Arc<Vec<i64>>, SinceError> {
@@ -59,21 +64,35 @@ impl Tokens {
         let token = Token::decode(text).map_err(SinceError::Token)?;
         let checkpoint = self.checkpoint(token.checkpoint).await?;
         let positions = token.positions(&checkpoint).map_err(SinceError::Token)?;
-        Ok(Since { positions, user_pos: token.user_pos })
+        Ok(Since {
+            positions,
+            user_pos: token.user_pos,
+        })
     }
 
-    async fn store_checkpoint(&self, positions: &[i64]) -> Result<(u64, Arc<Vec<i64>>), StoreError> {
+    async fn store_checkpoint(
+        &self,
+        positions: &[i64],
+    ) -> Result<(u64, Arc<Vec<i64>>), StoreError> {
         let id = self.store.create_checkpoint(positions).await? as u64;
         let vector = Arc::new(positions.to_vec());
         *self.current.lock().expect("current lock") = Some((id, Arc::clone(&vector)));
-        self.cache.lock().expect("cache lock").insert(id, Arc::clone(&vector));
+        self.cache
+            .lock()
+            .expect("cache lock")
+            .insert(id, Arc::clone(&vector));
         metrics::counter!("tessera_sync_checkpoints_written_total").increment(1);
         Ok((id, vector))
     }
 
     /// Write a new checkpoint of `positions` if they moved since the last one.
     pub async fn refresh_checkpoint(&self, positions: &[i64]) -> Result<(), StoreError> {
-        let unchanged = self.current.lock().expect("current lock").as_ref().is_some_and(|(_, v)| v.as_slice() == positions);
+        let unchanged = self
+            .current
+            .lock()
+            .expect("current lock")
+            .as_ref()
+            .is_some_and(|(_, v)| v.as_slice() == positions);
         if !unchanged {
             self.store_checkpoint(positions).await?;
         }
@@ -88,6 +107,7 @@ impl Tokens {
             return Ok(token);
         }
         let (id, vector) = self.store_checkpoint(positions).await?;
-        Ok(encode_against(id, &vector, positions, user_pos).expect("a token against its own positions is tiny"))
+        Ok(encode_against(id, &vector, positions, user_pos)
+            .expect("a token against its own positions is tiny"))
     }
 }

@@ -46,7 +46,14 @@ impl View {
         if since < self.started[partition as usize] {
             return None;
         }
-        Some(self.room_heads.read().expect("heads lock").get(room_id).copied().unwrap_or(0))
+        Some(
+            self.room_heads
+                .read()
+                .expect("heads lock")
+                .get(room_id)
+                .copied()
+                .unwrap_or(0),
+        )
     }
 
     /// Wait on these keys; the returned handle is notified by any of them.
@@ -82,7 +89,8 @@ impl ReplicationSink for View {
             }
         }
         self.positions.write().expect("positions lock")[partition as usize] = last.pos;
-        metrics::gauge!("tessera_sync_stream_position", "partition" => partition.to_string()).set(last.pos as f64);
+        metrics::gauge!("tessera_sync_stream_position", "partition" => partition.to_string())
+            .set(last.pos as f64);
         for entry in entries {
             if entry.rejected {
                 continue;

@@ -26,7 +26,9 @@ use crate::state::AppState;
 fn raw_object<T>(raw: &ruma::serde::Raw<T>, what: &str) -> MatrixResult<Map<String, Value>> {
     match serde_json::from_str::<Value>(raw.json().get()) {
         Ok(Value::Object(map)) => Ok(map),
-        _ => Err(MatrixError::bad_json(format!("{what} must be a JSON object"))),
+        _ => Err(MatrixError::bad_json(format!(
+            "{what} must be a JSON object"
+        ))),
     }
 }
 
@@ -42,16 +44,27 @@ pub fn proto_template(t: &EventTemplate) -> tessera_proto::room_worker::EventTem
     }
 }
 
-pub async fn create_room(State(state): State<AppState>, auth: Authed, Ruma(request): Ruma<Request>) -> MatrixResult<Json<Value>> {
-    let version = request.room_version.clone().unwrap_or(room_version::DEFAULT_ROOM_VERSION);
+pub async fn create_room(
+    State(state): State<AppState>,
+    auth: Authed,
+    Ruma(request): Ruma<Request>,
+) -> MatrixResult<Json<Value>> {
+    let version = request
+        .room_version
+        .clone()
+        .unwrap_or(room_version::DEFAULT_ROOM_VERSION);
     let Some(rules) = room_version::rules(&version) else {
-        return Err(MatrixError::unsupported_room_version(format!("Room version {version} is not supported")));
+        return Err(MatrixError::unsupported_room_version(format!(
+            "Room version {version} is not supported"
+        )));
     };
 
     let alias: Option<OwnedRoomAliasId> = match &request.room_alias_name {
         Some(name) => {
             if name.is_empty() || name.contains(':') || name.chars().any(char::is_whitespace) {
-                return Err(MatrixError::invalid_param("room_alias_name must be a non-empty localpart without ':' or spaces"));
+                return Err(MatrixError::invalid_param(
+                    "room_alias_name must be a non-empty localpart without ':' or spaces",
+                ));
             }
             let alias = RoomAliasId::parse(format!("#{name}:{}", state.server_name()))
                 .map_err(|e| MatrixError::invalid_param(format!("Invalid alias: {e}")))?;
@@ -77,14 +90,21 @@ pub async fn create_room(State(state): State<AppState>, auth: Authed, Ruma(reque
     let mut initial_state = Vec::new();
     for raw in &request.initial_state {
         let event = raw_object(raw, "initial_state event")?;
-        let kind = event.get("type").and_then(Value::as_str).ok_or_else(|| MatrixError::bad_json("initial_state event needs a type"))?;
+        let kind = event
+            .get("type")
+            .and_then(Value::as_str)
+            .ok_or_else(|| MatrixError::bad_json("initial_state event needs a type"))?;
         let state_key = event.get("state_key").and_then(Value::as_str).unwrap_or("");
         let content = event.get("content").cloned().unwrap_or(json!({}));
         if !content.is_object() {
-            return Err(MatrixError::bad_json("initial_state content must be an object"));
+            return Err(MatrixError::bad_json(
+                "initial_state content must be an object",
+            ));
         }
         if kind == "m.room.create" || kind == "m.room.member" {
-            return Err(MatrixError::bad_json(format!("{kind} cannot be set through initial_state")));
+            return Err(MatrixError::bad_json(format!(
+                "{kind} cannot be set through initial_state"
+            )));
         }
         initial_state.push((kind.to_owned(), state_key.to_owned(), content));
     }
@@ -133,7 +153,8 @@ pub async fn create_room(State(state): State<AppState>, auth: Authed, Ruma(reque
             .take(18)
             .map(char::from)
             .collect();
-        RoomId::parse(format!("!{random}:{}", state.server_name())).map_err(|e| MatrixError::internal(e.to_string()))?
+        RoomId::parse(format!("!{random}:{}", state.server_name()))
+            .map_err(|e| MatrixError::internal(e.to_string()))?
     };
 
     let response = state
@@ -160,7 +181,9 @@ pub async fn create_room(State(state): State<AppState>, auth: Authed, Ruma(reque
             }
             Ok(Json(body))
         }
-        Some(create_room_response::Outcome::Refusal(r)) => Err(MatrixError::from_errcode(&r.errcode, r.message)),
+        Some(create_room_response::Outcome::Refusal(r)) => {
+            Err(MatrixError::from_errcode(&r.errcode, r.message))
+        }
         None => Err(MatrixError::internal("room-worker returned no outcome")),
     }
 }

@@ -5,7 +5,7 @@
 
 use axum::Json;
 use axum::extract::{Path, State};
-use ruma::{OwnedRoomId, OwnedUserId, RoomId, RoomAliasId, UserId};
+use ruma::{OwnedRoomId, OwnedUserId, RoomAliasId, RoomId, UserId};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tessera_matrix_http::auth::Authed;
@@ -26,14 +26,20 @@ pub struct TargetBody {
 }
 
 pub fn parse_room_id(room: &str) -> MatrixResult<OwnedRoomId> {
-    RoomId::parse(room).map_err(|e| MatrixError::invalid_param(format!("Invalid room ID {room:?}: {e}")))
+    RoomId::parse(room)
+        .map_err(|e| MatrixError::invalid_param(format!("Invalid room ID {room:?}: {e}")))
 }
 
 /// A room ID, or an alias resolved through our alias table.
 async fn resolve_room(state: &AppState, room: &str) -> MatrixResult<OwnedRoomId> {
     if room.starts_with('#') {
-        let alias = RoomAliasId::parse(room).map_err(|e| MatrixError::invalid_param(format!("Invalid alias: {e}")))?;
-        let room_id = state.store.alias_room(alias.as_str()).await?.ok_or_else(|| MatrixError::not_found(format!("Room alias {alias} not found")))?;
+        let alias = RoomAliasId::parse(room)
+            .map_err(|e| MatrixError::invalid_param(format!("Invalid alias: {e}")))?;
+        let room_id = state
+            .store
+            .alias_room(alias.as_str())
+            .await?
+            .ok_or_else(|| MatrixError::not_found(format!("Room alias {alias} not found")))?;
         parse_room_id(&room_id)
     } else {
         parse_room_id(room)
@@ -50,8 +56,12 @@ async fn require_room(state: &AppState, room_id: &RoomId) -> MatrixResult<()> {
 }
 
 fn target(state: &AppState, body: &TargetBody) -> MatrixResult<OwnedUserId> {
-    let user = body.user_id.as_deref().ok_or_else(|| MatrixError::bad_json("user_id is required"))?;
-    let user_id = UserId::parse(user).map_err(|e| MatrixError::invalid_param(format!("Invalid user ID: {e}")))?;
+    let user = body
+        .user_id
+        .as_deref()
+        .ok_or_else(|| MatrixError::bad_json("user_id is required"))?;
+    let user_id = UserId::parse(user)
+        .map_err(|e| MatrixError::invalid_param(format!("Invalid user ID: {e}")))?;
     if !state.is_local(&user_id) {
         return Err(MatrixError::forbidden(format!(
             "{user_id} is on another server: that needs federation, which this server does not do yet"
@@ -69,14 +79,36 @@ fn member_content(membership: &str, reason: Option<&str>) -> Value {
 }
 
 /// Send `sender`'s membership change for `target`.
-async fn change(state: &AppState, room_id: &RoomId, sender: &UserId, target: &UserId, content: Value) -> MatrixResult<()> {
-    send(state, room_id, template(sender, "m.room.member", Some(target.as_str()), &content)).await?;
+async fn change(
+    state: &AppState,
+    room_id: &RoomId,
+    sender: &UserId,
+    target: &UserId,
+    content: Value,
+) -> MatrixResult<()> {
+    send(
+        state,
+        room_id,
+        template(sender, "m.room.member", Some(target.as_str()), &content),
+    )
+    .await?;
     Ok(())
 }
 
-async fn join(state: &AppState, auth: &Authed, room_id: OwnedRoomId, reason: Option<String>) -> MatrixResult<Json<Value>> {
+async fn join(
+    state: &AppState,
+    auth: &Authed,
+    room_id: OwnedRoomId,
+    reason: Option<String>,
+) -> MatrixResult<Json<Value>> {
     require_room(state, &room_id).await?;
-    if state.store.membership(room_id.as_str(), auth.user_id.as_str()).await?.as_deref() == Some("join") {
+    if state
+        .store
+        .membership(room_id.as_str(), auth.user_id.as_str())
+        .await?
+        .as_deref()
+        == Some("join")
+    {
         return Ok(Json(json!({ "room_id": room_id })));
     }
     let mut content = member_content("join", reason.as_deref());
@@ -119,7 +151,14 @@ pub async fn knock(
 ) -> MatrixResult<Json<Value>> {
     let room_id = resolve_room(&state, &room).await?;
     require_room(&state, &room_id).await?;
-    change(&state, &room_id, &auth.user_id, &auth.user_id, member_content("knock", body.reason.as_deref())).await?;
+    change(
+        &state,
+        &room_id,
+        &auth.user_id,
+        &auth.user_id,
+        member_content("knock", body.reason.as_deref()),
+    )
+    .await?;
     Ok(Json(json!({ "room_id": room_id })))
 }
 
@@ -131,12 +170,24 @@ pub async fn leave(
 ) -> MatrixResult<Json<Value>> {
     let room_id = parse_room_id(&room)?;
     require_room(&state, &room_id).await?;
-    match state.store.membership(room_id.as_str(), auth.user_id.as_str()).await?.as_deref() {
+    match state
+        .store
+        .membership(room_id.as_str(), auth.user_id.as_str())
+        .await?
+        .as_deref()
+    {
         Some("join" | "invite" | "knock") => {}
         Some("leave") => return Ok(Json(json!({}))),
         _ => return Err(MatrixError::forbidden("You are not in this room")),
     }
-    change(&state, &room_id, &auth.user_id, &auth.user_id, member_content("leave", body.reason.as_deref())).await?;
+    change(
+        &state,
+        &room_id,
+        &auth.user_id,
+        &auth.user_id,
+        member_content("leave", body.reason.as_deref()),
+    )
+    .await?;
     Ok(Json(json!({})))
 }
 
@@ -152,7 +203,14 @@ pub async fn invite(
     if state.store.user(target.as_str()).await?.is_none() {
         return Err(MatrixError::not_found(format!("Unknown user {target}")));
     }
-    change(&state, &room_id, &auth.user_id, &target, member_content("invite", body.reason.as_deref())).await?;
+    change(
+        &state,
+        &room_id,
+        &auth.user_id,
+        &target,
+        member_content("invite", body.reason.as_deref()),
+    )
+    .await?;
     Ok(Json(json!({})))
 }
 
@@ -165,11 +223,27 @@ pub async fn kick(
     let room_id = parse_room_id(&room)?;
     let target = target(&state, &body)?;
     require_room(&state, &room_id).await?;
-    match state.store.membership(room_id.as_str(), target.as_str()).await?.as_deref() {
+    match state
+        .store
+        .membership(room_id.as_str(), target.as_str())
+        .await?
+        .as_deref()
+    {
         Some("join" | "invite" | "knock") => {}
-        _ => return Err(MatrixError::forbidden(format!("{target} is not in the room"))),
+        _ => {
+            return Err(MatrixError::forbidden(format!(
+                "{target} is not in the room"
+            )));
+        }
     }
-    change(&state, &room_id, &auth.user_id, &target, member_content("leave", body.reason.as_deref())).await?;
+    change(
+        &state,
+        &room_id,
+        &auth.user_id,
+        &target,
+        member_content("leave", body.reason.as_deref()),
+    )
+    .await?;
     Ok(Json(json!({})))
 }
 
@@ -182,7 +256,14 @@ pub async fn ban(
     let room_id = parse_room_id(&room)?;
     let target = target(&state, &body)?;
     require_room(&state, &room_id).await?;
-    change(&state, &room_id, &auth.user_id, &target, member_content("ban", body.reason.as_deref())).await?;
+    change(
+        &state,
+        &room_id,
+        &auth.user_id,
+        &target,
+        member_content("ban", body.reason.as_deref()),
+    )
+    .await?;
     Ok(Json(json!({})))
 }
 
@@ -195,9 +276,22 @@ pub async fn unban(
     let room_id = parse_room_id(&room)?;
     let target = target(&state, &body)?;
     require_room(&state, &room_id).await?;
-    if state.store.membership(room_id.as_str(), target.as_str()).await?.as_deref() != Some("ban") {
+    if state
+        .store
+        .membership(room_id.as_str(), target.as_str())
+        .await?
+        .as_deref()
+        != Some("ban")
+    {
         return Err(MatrixError::forbidden(format!("{target} is not banned")));
     }
-    change(&state, &room_id, &auth.user_id, &target, member_content("leave", body.reason.as_deref())).await?;
+    change(
+        &state,
+        &room_id,
+        &auth.user_id,
+        &target,
+        member_content("leave", body.reason.as_deref()),
+    )
+    .await?;
     Ok(Json(json!({})))
 }

@@ -26,8 +26,10 @@ pub async fn well_known(State(state): State<AppState>) -> Json<Value> {
 }
 
 pub async fn capabilities(_auth: Authed) -> Json<Value> {
-    let available: serde_json::Map<String, Value> =
-        room_version::supported().iter().map(|v| (v.to_string(), json!("stable"))).collect();
+    let available: serde_json::Map<String, Value> = room_version::supported()
+        .iter()
+        .map(|v| (v.to_string(), json!("stable")))
+        .collect();
     Json(json!({
         "capabilities": {
             "m.change_password": { "enabled": false },
@@ -55,5 +57,6 @@ pub async fn push_rules_global(auth: Authed) -> MatrixResult<Json<Value>> {
 
 fn default_ruleset(auth: &Authed) -> MatrixResult<Value> {
     let ruleset = ruma::push::Ruleset::server_default(&auth.user_id);
-    serde_json::to_value(ruleset).map_err(|e| tessera_matrix_http::MatrixError::internal(e.to_string()))
+    serde_json::to_value(ruleset)
+        .map_err(|e| tessera_matrix_http::MatrixError::internal(e.to_string()))
 }

@@ -12,12 +12,23 @@ use tessera_matrix_http::{MatrixError, MatrixJson, MatrixResult};
 use crate::rooms::{send, template};
 use crate::state::AppState;
 
-async fn profile_row(state: &AppState, user: &str) -> MatrixResult<tessera_storage::users::UserRow> {
-    let user_id = UserId::parse(user).map_err(|e| MatrixError::invalid_param(format!("Invalid user ID: {e}")))?;
-    state.store.user(user_id.as_str()).await?.ok_or_else(|| MatrixError::not_found("Profile was not found"))
+async fn profile_row(
+    state: &AppState,
+    user: &str,
+) -> MatrixResult<tessera_storage::users::UserRow> {
+    let user_id = UserId::parse(user)
+        .map_err(|e| MatrixError::invalid_param(format!("Invalid user ID: {e}")))?;
+    state
+        .store
+        .user(user_id.as_str())
+        .await?
+        .ok_or_else(|| MatrixError::not_found("Profile was not found"))
 }
 
-pub async fn profile(State(state): State<AppState>, Path(user): Path<String>) -> MatrixResult<Json<Value>> {
+pub async fn profile(
+    State(state): State<AppState>,
+    Path(user): Path<String>,
+) -> MatrixResult<Json<Value>> {
     let row = profile_row(&state, &user).await?;
     let mut body = json!({});
     if let Some(name) = row.displayname {
@@ -29,7 +40,10 @@ pub async fn profile(State(state): State<AppState>, Path(user): Path<String>) ->
     Ok(Json(body))
 }
 
-pub async fn get_displayname(State(state): State<AppState>, Path(user): Path<String>) -> MatrixResult<Json<Value>> {
+pub async fn get_displayname(
+    State(state): State<AppState>,
+    Path(user): Path<String>,
+) -> MatrixResult<Json<Value>> {
     let row = profile_row(&state, &user).await?;
     Ok(Json(match row.displayname {
         Some(name) => json!({ "displayname": name }),
@@ -37,7 +51,10 @@ pub async fn get_displayname(State(state): State<AppState>, Path(user): Path<Str
     }))
 }
 
-pub async fn get_avatar_url(State(state): State<AppState>, Path(user): Path<String>) -> MatrixResult<Json<Value>> {
+pub async fn get_avatar_url(
+    State(state): State<AppState>,
+    Path(user): Path<String>,
+) -> MatrixResult<Json<Value>> {
     let row = profile_row(&state, &user).await?;
     Ok(Json(match row.avatar_url {
         Some(url) => json!({ "avatar_url": url }),
@@ -57,7 +74,9 @@ pub struct AvatarBody {
 
 fn own(auth: &Authed, user: &str) -> MatrixResult<()> {
     if auth.user_id.as_str() != user {
-        return Err(MatrixError::forbidden("You cannot change another user's profile"));
+        return Err(MatrixError::forbidden(
+            "You cannot change another user's profile",
+        ));
     }
     Ok(())
 }
@@ -70,9 +89,14 @@ pub async fn set_displayname(
 ) -> MatrixResult<Json<Value>> {
     own(&auth, &user)?;
     if body.displayname.as_ref().is_some_and(|n| n.len() > 256) {
-        return Err(MatrixError::bad_json("displayname is longer than 256 bytes"));
+        return Err(MatrixError::bad_json(
+            "displayname is longer than 256 bytes",
+        ));
     }
-    state.store.set_displayname(auth.user_id.as_str(), body.displayname.as_deref()).await?;
+    state
+        .store
+        .set_displayname(auth.user_id.as_str(), body.displayname.as_deref())
+        .await?;
     propagate(&state, &auth).await?;
     Ok(Json(json!({})))
 }
@@ -87,16 +111,27 @@ pub async fn set_avatar_url(
     if body.avatar_url.as_ref().is_some_and(|u| u.len() > 1024) {
         return Err(MatrixError::bad_json("avatar_url is too long"));
     }
-    state.store.set_avatar_url(auth.user_id.as_str(), body.avatar_url.as_deref()).await?;
+    state
+        .store
+        .set_avatar_url(auth.user_id.as_str(), body.avatar_url.as_deref())
+        .await?;
     propagate(&state, &auth).await?;
     Ok(Json(json!({})))
 }
 
 /// Send an updated membership event into every joined room.
 async fn propagate(state: &AppState, auth: &Authed) -> MatrixResult<()> {
-    let Some(row) = state.store.user(auth.user_id.as_str()).await? else { return Ok(()) };
-    for room in state.store.rooms_with_membership(auth.user_id.as_str(), "join").await? {
-        let Ok(room_id) = ruma::RoomId::parse(room.as_str()) else { continue };
+    let Some(row) = state.store.user(auth.user_id.as_str()).await? else {
+        return Ok(());
+    };
+    for room in state
+        .store
+        .rooms_with_membership(auth.user_id.as_str(), "join")
+        .await?
+    {
+        let Ok(room_id) = ruma::RoomId::parse(room.as_str()) else {
+            continue;
+        };
         let mut content = json!({ "membership": "join" });
         if let Some(name) = &row.displayname {
             content["displayname"] = json!(name);
@@ -104,7 +139,18 @@ async fn propagate(state: &AppState, auth: &Authed) -> MatrixResult<()> {
         if let Some(avatar) = &row.avatar_url {
             content["avatar_url"] = json!(avatar);
         }
-        if let Err(error) = send(state, &room_id, template(&auth.user_id, "m.room.member", Some(auth.user_id.as_str()), &content)).await {
+        if let Err(error) = send(
+            state,
+            &room_id,
+            template(
+                &auth.user_id,
+                "m.room.member",
+                Some(auth.user_id.as_str()),
+                &content,
+            ),
+        )
+        .await
+        {
             tracing::warn!(room = %room_id, %error, "cannot update the membership event after a profile change");
         }
     }

@@ -38,12 +38,18 @@ struct Identifier {
 }
 
 pub fn random_string(len: usize) -> String {
-    rand::thread_rng().sample_iter(&Alphanumeric).take(len).map(char::from).collect()
+    rand::thread_rng()
+        .sample_iter(&Alphanumeric)
+        .take(len)
+        .map(char::from)
+        .collect()
 }
 
 pub fn new_device_id() -> String {
     let mut rng = rand::thread_rng();
-    (0..10).map(|_| (b'A' + rng.gen_range(0..26)) as char).collect()
+    (0..10)
+        .map(|_| (b'A' + rng.gen_range(0..26)) as char)
+        .collect()
 }
 
 /// Create a device (or reuse one) with a fresh access token.
@@ -53,16 +59,31 @@ pub async fn issue_session(
     device_id: Option<String>,
     display_name: Option<&str>,
 ) -> MatrixResult<(String, String)> {
-    let device_id = device_id.filter(|d| !d.is_empty() && d.len() <= 255).unwrap_or_else(new_device_id);
+    let device_id = device_id
+        .filter(|d| !d.is_empty() && d.len() <= 255)
+        .unwrap_or_else(new_device_id);
     let token = format!("tsr_{}", random_string(40));
-    state.store.create_session(user_id.as_str(), &device_id, display_name, &hash_token(&token)).await?;
+    state
+        .store
+        .create_session(
+            user_id.as_str(),
+            &device_id,
+            display_name,
+            &hash_token(&token),
+        )
+        .await?;
     Ok((token, device_id))
 }
 
 /// Resolve `@user:server` or a bare localpart to one of our user IDs.
 pub fn local_user_id(state: &AppState, user: &str) -> MatrixResult<OwnedUserId> {
-    let full = if user.starts_with('@') { user.to_owned() } else { format!("@{}:{}", user.to_lowercase(), state.server_name()) };
-    let user_id = UserId::parse(full).map_err(|e| MatrixError::invalid_param(format!("Invalid user ID: {e}")))?;
+    let full = if user.starts_with('@') {
+        user.to_owned()
+    } else {
+        format!("@{}:{}", user.to_lowercase(), state.server_name())
+    };
+    let user_id = UserId::parse(full)
+        .map_err(|e| MatrixError::invalid_param(format!("Invalid user ID: {e}")))?;
     if !state.is_local(&user_id) {
         return Err(MatrixError::forbidden("That user is not on this server"));
     }
@@ -72,7 +93,9 @@ pub fn local_user_id(state: &AppState, user: &str) -> MatrixResult<OwnedUserId> 
 pub async fn hash_password(password: String) -> MatrixResult<String> {
     tokio::task::spawn_blocking(move || {
         use argon2::PasswordHasher;
-        argon2::Argon2::default().hash_password(password.as_bytes()).map(|h| h.to_string())
+        argon2::Argon2::default()
+            .hash_password(password.as_bytes())
+            .map(|h| h.to_string())
     })
     .await
     .map_err(|e| MatrixError::internal(e.to_string()))?
@@ -89,7 +112,12 @@ async fn verify_password(password: String, hash: Option<String>) -> bool {
         let argon = argon2::Argon2::default();
         let hash = hash.unwrap_or_else(|| {
             DUMMY
-                .get_or_init(|| argon.hash_password(random_string(16).as_bytes()).map(|h| h.to_string()).unwrap_or_default())
+                .get_or_init(|| {
+                    argon
+                        .hash_password(random_string(16).as_bytes())
+                        .map(|h| h.to_string())
+                        .unwrap_or_default()
+                })
                 .clone()
         });
         match argon2::password_hash::phc::PasswordHash::new(&hash) {
@@ -101,7 +129,10 @@ async fn verify_password(password: String, hash: Option<String>) -> bool {
     .unwrap_or(false)
 }
 
-pub async fn login(State(state): State<AppState>, MatrixJson(body): MatrixJson<LoginBody>) -> MatrixResult<Json<Value>> {
+pub async fn login(
+    State(state): State<AppState>,
+    MatrixJson(body): MatrixJson<LoginBody>,
+) -> MatrixResult<Json<Value>> {
     if body.kind != "m.login.password" {
         return Err(MatrixError::new(
             axum::http::StatusCode::BAD_REQUEST,
@@ -110,9 +141,10 @@ pub async fn login(State(state): State<AppState>, MatrixJson(body): MatrixJson<L
         ));
     }
     let user = match (&body.identifier, &body.user) {
-        (Some(identifier), _) if identifier.kind == "m.id.user" => {
-            identifier.user.clone().ok_or_else(|| MatrixError::bad_json("identifier.user is required"))?
-        }
+        (Some(identifier), _) if identifier.kind == "m.id.user" => identifier
+            .user
+            .clone()
+            .ok_or_else(|| MatrixError::bad_json("identifier.user is required"))?,
         (Some(identifier), _) => {
             return Err(MatrixError::new(
                 axum::http::StatusCode::BAD_REQUEST,
@@ -123,7 +155,9 @@ pub async fn login(State(state): State<AppState>, MatrixJson(body): MatrixJson<L
         (None, Some(user)) => user.clone(),
         (None, None) => return Err(MatrixError::bad_json("identifier is required")),
     };
-    let password = body.password.ok_or_else(|| MatrixError::bad_json("password is required"))?;
+    let password = body
+        .password
+        .ok_or_else(|| MatrixError::bad_json("password is required"))?;
     let forbidden = || MatrixError::forbidden("Invalid username or password");
     let user_id = local_user_id(&state, &user).map_err(|_| forbidden())?;
     let row = state.store.user(user_id.as_str()).await?;
@@ -132,10 +166,19 @@ pub async fn login(State(state): State<AppState>, MatrixJson(body): MatrixJson<L
         return Err(forbidden());
     }
     if row.as_ref().is_some_and(|r| r.deactivated) {
-        return Err(MatrixError::new(axum::http::StatusCode::FORBIDDEN, "M_USER_DEACTIVATED", "This account has been deactivated"));
+        return Err(MatrixError::new(
+            axum::http::StatusCode::FORBIDDEN,
+            "M_USER_DEACTIVATED",
+            "This account has been deactivated",
+        ));
     }
-    let (token, device_id) =
-        issue_session(&state, &user_id, body.device_id, body.initial_device_display_name.as_deref()).await?;
+    let (token, device_id) = issue_session(
+        &state,
+        &user_id,
+        body.device_id,
+        body.initial_device_display_name.as_deref(),
+    )
+    .await?;
     metrics::counter!("tessera_logins_total").increment(1);
     Ok(Json(json!({
         "user_id": user_id,
@@ -146,12 +189,18 @@ pub async fn login(State(state): State<AppState>, MatrixJson(body): MatrixJson<L
 }
 
 pub async fn logout(State(state): State<AppState>, auth: Authed) -> MatrixResult<Json<Value>> {
-    state.store.delete_device(auth.user_id.as_str(), &auth.device_id).await?;
+    state
+        .store
+        .delete_device(auth.user_id.as_str(), &auth.device_id)
+        .await?;
     Ok(Json(json!({})))
 }
 
 pub async fn logout_all(State(state): State<AppState>, auth: Authed) -> MatrixResult<Json<Value>> {
-    state.store.delete_all_devices(auth.user_id.as_str()).await?;
+    state
+        .store
+        .delete_all_devices(auth.user_id.as_str())
+        .await?;
     Ok(Json(json!({})))
 }
 

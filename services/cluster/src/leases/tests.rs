@@ -51,7 +51,11 @@ async fn workers_split_partitions_and_hand_over_on_leave() {
 
     // The epochs we hold are the ones in the database.
     for lease in store.leases().await.unwrap() {
-        let holder = if sa.contains(&lease.partition) { &oa } else { &ob };
+        let holder = if sa.contains(&lease.partition) {
+            &oa
+        } else {
+            &ob
+        };
         assert_eq!(holder.epoch(lease.partition), Some(lease.epoch));
     }
 

@@ -23,24 +23,55 @@ fn a_demotion_beats_a_concurrent_action_it_forbids() {
             events.push(pdu.clone());
             pdu
         };
-        push(&mut room, template("bob", "m.room.member", Some("@bob:test.local"), json!({"membership": "join"})));
-        let mut pl = room.get(&StateEventType::RoomPowerLevels, "").unwrap().content_value();
+        push(
+            &mut room,
+            template(
+                "bob",
+                "m.room.member",
+                Some("@bob:test.local"),
+                json!({"membership": "join"}),
+            ),
+        );
+        let mut pl = room
+            .get(&StateEventType::RoomPowerLevels, "")
+            .unwrap()
+            .content_value();
         pl["users"]["@bob:test.local"] = json!(50);
-        push(&mut room, template("alice", "m.room.power_levels", Some(""), pl.clone()));
+        push(
+            &mut room,
+            template("alice", "m.room.power_levels", Some(""), pl.clone()),
+        );
 
         // Fork: on one branch Alice demotes Bob; on the other Bob renames the room.
         let mut branch_a = room.clone();
         let mut branch_b = room.clone();
         pl["users"]["@bob:test.local"] = json!(0);
-        let demote = push(&mut branch_a, template("alice", "m.room.power_levels", Some(""), pl));
-        let mut rename = template("bob", "m.room.name", Some(""), json!({"name": "Bob's room"}));
+        let demote = push(
+            &mut branch_a,
+            template("alice", "m.room.power_levels", Some(""), pl),
+        );
+        let mut rename = template(
+            "bob",
+            "m.room.name",
+            Some(""),
+            json!({"name": "Bob's room"}),
+        );
         rename.origin_server_ts += 10;
         let rename = push(&mut branch_b, rename);
 
         let map = index(&events);
-        let resolved = resolve(room.rules(), &[branch_a.state_map(), branch_b.state_map()], fetch(&map)).unwrap();
+        let resolved = resolve(
+            room.rules(),
+            &[branch_a.state_map(), branch_b.state_map()],
+            fetch(&map),
+        )
+        .unwrap();
         let pl_key = (StateEventType::RoomPowerLevels, String::new());
-        assert_eq!(resolved[&pl_key], demote.event_id(), "{version}: the demotion stands");
+        assert_eq!(
+            resolved[&pl_key],
+            demote.event_id(),
+            "{version}: the demotion stands"
+        );
         let name_key = (StateEventType::RoomName, String::new());
         assert!(
             !resolved.contains_key(&name_key),
@@ -58,15 +89,38 @@ fn non_conflicting_forks_merge() {
     let (room, mut events) = create_room(&s);
     let mut a = room.clone();
     let mut b = room.clone();
-    let topic = a.create_event(&template("alice", "m.room.topic", Some(""), json!({"topic": "t"})), key(), server()).unwrap();
+    let topic = a
+        .create_event(
+            &template("alice", "m.room.topic", Some(""), json!({"topic": "t"})),
+            key(),
+            server(),
+        )
+        .unwrap();
     a.apply(topic.clone());
-    let avatar = b.create_event(&template("alice", "m.room.avatar", Some(""), json!({"url": "mxc://x/y"})), key(), server()).unwrap();
+    let avatar = b
+        .create_event(
+            &template(
+                "alice",
+                "m.room.avatar",
+                Some(""),
+                json!({"url": "mxc://x/y"}),
+            ),
+            key(),
+            server(),
+        )
+        .unwrap();
     b.apply(avatar.clone());
     events.extend([topic.clone(), avatar.clone()]);
     let map = index(&events);
     let resolved = resolve(room.rules(), &[a.state_map(), b.state_map()], fetch(&map)).unwrap();
-    assert_eq!(resolved[&(StateEventType::RoomTopic, String::new())], topic.event_id());
-    assert_eq!(resolved[&(StateEventType::RoomAvatar, String::new())], avatar.event_id());
+    assert_eq!(
+        resolved[&(StateEventType::RoomTopic, String::new())],
+        topic.event_id()
+    );
+    assert_eq!(
+        resolved[&(StateEventType::RoomAvatar, String::new())],
+        avatar.event_id()
+    );
 }
 
 #[test]
@@ -79,7 +133,10 @@ fn conflicted_subgraph_is_the_paths_between_conflicted_events() {
     let join = events[1].event_id().to_owned();
     let subgraph = conflicted_state_subgraph(&[pl.clone(), create.clone()], fetch(&map));
     assert!(subgraph.contains(&pl) && subgraph.contains(&create));
-    assert!(subgraph.contains(&join), "join lies on the path from power levels to create");
+    assert!(
+        subgraph.contains(&join),
+        "join lies on the path from power levels to create"
+    );
     // With only the join and create conflicted, power levels is not between them.
     let subgraph = conflicted_state_subgraph(&[join.clone(), create.clone()], fetch(&map));
     assert!(!subgraph.contains(&pl));

@@ -41,13 +41,14 @@ pub(crate) fn create_room(setup: &RoomSetup) -> (RoomState, Vec<Arc<Pdu>>) {
         v1_room_id = ruma::RoomId::parse("!abcdef:test.local").unwrap();
         Some(&*v1_room_id)
     };
-    let create = Arc::new(build_create_event(&create_template, &rules, room_id, key(), server()).unwrap());
+    let create =
+        Arc::new(build_create_event(&create_template, &rules, room_id, key(), server()).unwrap());
     let mut room = RoomState::from_create(create.clone(), setup.version.clone()).unwrap();
     let mut events = vec![create];
     for template in rest {
-        let pdu = room.create_event(&template, key(), server()).unwrap_or_else(|e| {
-            panic!("{} {:?} rejected: {e}", template.kind, template.state_key)
-        });
+        let pdu = room
+            .create_event(&template, key(), server())
+            .unwrap_or_else(|e| panic!("{} {:?} rejected: {e}", template.kind, template.state_key));
         room.apply(pdu.clone());
         events.push(pdu);
     }
@@ -62,8 +63,14 @@ fn versions() -> [RoomVersionId; 3] {
 fn create_room_in_every_supported_version() {
     for version in versions() {
         let (room, events) = create_room(&setup(version.clone(), Preset::PrivateChat, &["bob"]));
-        assert_eq!(room.membership("@alice:test.local").as_deref(), Some("join"));
-        assert_eq!(room.membership("@bob:test.local").as_deref(), Some("invite"));
+        assert_eq!(
+            room.membership("@alice:test.local").as_deref(),
+            Some("join")
+        );
+        assert_eq!(
+            room.membership("@bob:test.local").as_deref(),
+            Some("invite")
+        );
         let name = room.get(&StateEventType::RoomName, "").expect("name set");
         assert_eq!(name.content_value()["name"], "Test room");
         // Every event is signed by us and its ID is its reference hash.
@@ -72,7 +79,10 @@ fn create_room_in_every_supported_version() {
             let recomputed = crate::pdu::event_id_of(pdu.json(), room.rules()).unwrap();
             assert_eq!(&recomputed, pdu.event_id());
             let mut keys = std::collections::BTreeMap::new();
-            keys.insert(key().key_id(), ruma::serde::Base64::parse(key().public_key_base64()).unwrap());
+            keys.insert(
+                key().key_id(),
+                ruma::serde::Base64::parse(key().public_key_base64()).unwrap(),
+            );
             let mut map = std::collections::BTreeMap::new();
             map.insert("test.local".to_owned(), keys);
             let verified = ruma::signatures::verify_event(&map, pdu.json(), room.rules()).unwrap();
@@ -85,7 +95,11 @@ fn create_room_in_every_supported_version() {
             assert!(!events[0].json().contains_key("room_id"));
             // Creators are privileged by the create event, not listed in power levels.
             let pl = room.get(&StateEventType::RoomPowerLevels, "").unwrap();
-            assert!(pl.content_value()["users"].get("@alice:test.local").is_none());
+            assert!(
+                pl.content_value()["users"]
+                    .get("@alice:test.local")
+                    .is_none()
+            );
         } else {
             assert!(room.room_id().as_str().ends_with(":test.local"));
             let pl = room.get(&StateEventType::RoomPowerLevels, "").unwrap();
@@ -100,30 +114,88 @@ fn membership_rules_are_enforced() {
         let (mut room, _) = create_room(&setup(version.clone(), Preset::PrivateChat, &["bob"]));
         let msg = json!({"msgtype": "m.text", "body": "hi"});
         // A stranger can neither join an invite-only room nor talk in it.
-        let join = |u: &str| template(u, "m.room.member", Some(&format!("@{u}:test.local")), json!({"membership": "join"}));
-        assert!(matches!(room.create_event(&join("carol"), key(), server()), Err(CreateError::Forbidden(_))), "{version}");
-        assert!(room.create_event(&template("carol", "m.room.message", None, msg.clone()), key(), server()).is_err());
+        let join = |u: &str| {
+            template(
+                u,
+                "m.room.member",
+                Some(&format!("@{u}:test.local")),
+                json!({"membership": "join"}),
+            )
+        };
+        assert!(
+            matches!(
+                room.create_event(&join("carol"), key(), server()),
+                Err(CreateError::Forbidden(_))
+            ),
+            "{version}"
+        );
+        assert!(
+            room.create_event(
+                &template("carol", "m.room.message", None, msg.clone()),
+                key(),
+                server()
+            )
+            .is_err()
+        );
         // The invited user can join, then talk.
         let pdu = room.create_event(&join("bob"), key(), server()).unwrap();
         room.apply(pdu);
-        let pdu = room.create_event(&template("bob", "m.room.message", None, msg.clone()), key(), server()).unwrap();
+        let pdu = room
+            .create_event(
+                &template("bob", "m.room.message", None, msg.clone()),
+                key(),
+                server(),
+            )
+            .unwrap();
         room.apply(pdu);
         // Bob (power 0) cannot rename the room, kick or ban Alice.
-        assert!(room.create_event(&template("bob", "m.room.name", Some(""), json!({"name": "x"})), key(), server()).is_err());
-        let ban_alice = template("bob", "m.room.member", Some("@alice:test.local"), json!({"membership": "ban"}));
+        assert!(
+            room.create_event(
+                &template("bob", "m.room.name", Some(""), json!({"name": "x"})),
+                key(),
+                server()
+            )
+            .is_err()
+        );
+        let ban_alice = template(
+            "bob",
+            "m.room.member",
+            Some("@alice:test.local"),
+            json!({"membership": "ban"}),
+        );
         assert!(room.create_event(&ban_alice, key(), server()).is_err());
         // Alice bans Bob; Bob can no longer talk or rejoin.
-        let ban_bob = template("alice", "m.room.member", Some("@bob:test.local"), json!({"membership": "ban", "reason": "spam"}));
+        let ban_bob = template(
+            "alice",
+            "m.room.member",
+            Some("@bob:test.local"),
+            json!({"membership": "ban", "reason": "spam"}),
+        );
         let pdu = room.create_event(&ban_bob, key(), server()).unwrap();
         room.apply(pdu);
         assert_eq!(room.membership("@bob:test.local").as_deref(), Some("ban"));
-        assert!(room.create_event(&template("bob", "m.room.message", None, msg.clone()), key(), server()).is_err());
+        assert!(
+            room.create_event(
+                &template("bob", "m.room.message", None, msg.clone()),
+                key(),
+                server()
+            )
+            .is_err()
+        );
         assert!(room.create_event(&join("bob"), key(), server()).is_err());
         // Unban (to leave), then a fresh invite lets him back.
-        let unban = template("alice", "m.room.member", Some("@bob:test.local"), json!({"membership": "leave"}));
+        let unban = template(
+            "alice",
+            "m.room.member",
+            Some("@bob:test.local"),
+            json!({"membership": "leave"}),
+        );
         let pdu = room.create_event(&unban, key(), server()).unwrap();
         room.apply(pdu);
-        assert!(room.create_event(&join("bob"), key(), server()).is_err(), "still invite-only");
+        assert!(
+            room.create_event(&join("bob"), key(), server()).is_err(),
+            "still invite-only"
+        );
     }
 }
 
@@ -133,17 +205,38 @@ fn public_rooms_allow_joins_and_knock_rooms_allow_knocks() {
         let mut s = setup(version.clone(), Preset::PublicChat, &[]);
         s.public = true;
         let (mut room, _) = create_room(&s);
-        let join = template("dave", "m.room.member", Some("@dave:test.local"), json!({"membership": "join"}));
+        let join = template(
+            "dave",
+            "m.room.member",
+            Some("@dave:test.local"),
+            json!({"membership": "join"}),
+        );
         room.apply(room.create_event(&join, key(), server()).unwrap());
         assert_eq!(room.membership("@dave:test.local").as_deref(), Some("join"));
 
         let (mut room, _) = create_room(&setup(version.clone(), Preset::PrivateChat, &[]));
-        let knock = template("erin", "m.room.member", Some("@erin:test.local"), json!({"membership": "knock"}));
-        assert!(room.create_event(&knock, key(), server()).is_err(), "invite rooms refuse knocks");
-        let rules = template("alice", "m.room.join_rules", Some(""), json!({"join_rule": "knock"}));
+        let knock = template(
+            "erin",
+            "m.room.member",
+            Some("@erin:test.local"),
+            json!({"membership": "knock"}),
+        );
+        assert!(
+            room.create_event(&knock, key(), server()).is_err(),
+            "invite rooms refuse knocks"
+        );
+        let rules = template(
+            "alice",
+            "m.room.join_rules",
+            Some(""),
+            json!({"join_rule": "knock"}),
+        );
         room.apply(room.create_event(&rules, key(), server()).unwrap());
         room.apply(room.create_event(&knock, key(), server()).unwrap());
-        assert_eq!(room.membership("@erin:test.local").as_deref(), Some("knock"));
+        assert_eq!(
+            room.membership("@erin:test.local").as_deref(),
+            Some("knock")
+        );
     }
 }
 
@@ -153,7 +246,16 @@ fn events_chain_linearly() {
     let last = events.last().unwrap();
     assert_eq!(room.extremities(), &[last.event_id().to_owned()]);
     let pdu = room
-        .create_event(&template("alice", "m.room.message", None, json!({"body": "x", "msgtype": "m.text"})), key(), server())
+        .create_event(
+            &template(
+                "alice",
+                "m.room.message",
+                None,
+                json!({"body": "x", "msgtype": "m.text"}),
+            ),
+            key(),
+            server(),
+        )
         .unwrap();
     assert_eq!(pdu.prev_events(), &[last.event_id().to_owned()]);
     assert_eq!(pdu.depth(), last.depth() + 1);
@@ -165,10 +267,15 @@ fn events_chain_linearly() {
 
 /// Lets other test modules look events up by ID.
 pub(crate) fn index(events: &[Arc<Pdu>]) -> HashMap<OwnedEventId, Arc<Pdu>> {
-    events.iter().map(|p| (p.event_id().to_owned(), p.clone())).collect()
+    events
+        .iter()
+        .map(|p| (p.event_id().to_owned(), p.clone()))
+        .collect()
 }
 
-pub(crate) fn fetch(map: &HashMap<OwnedEventId, Arc<Pdu>>) -> impl Fn(&EventId) -> Option<Arc<Pdu>> + '_ {
+pub(crate) fn fetch(
+    map: &HashMap<OwnedEventId, Arc<Pdu>>,
+) -> impl Fn(&EventId) -> Option<Arc<Pdu>> + '_ {
     move |id| map.get(id).cloned()
 }
 
@@ -176,19 +283,34 @@ pub(crate) fn fetch(map: &HashMap<OwnedEventId, Arc<Pdu>>) -> impl Fn(&EventId) 
 fn power_levels_and_redaction_rights() {
     for version in versions() {
         let (mut room, _) = create_room(&setup(version.clone(), Preset::PublicChat, &[]));
-        let join = template("bob", "m.room.member", Some("@bob:test.local"), json!({"membership": "join"}));
+        let join = template(
+            "bob",
+            "m.room.member",
+            Some("@bob:test.local"),
+            json!({"membership": "join"}),
+        );
         room.apply(room.create_event(&join, key(), server()).unwrap());
         let alice = user("alice");
         let bob = user("bob");
         if version == RoomVersionId::V12 {
-            assert_eq!(room.power_level(&alice), None, "creators are unlimited in v12");
+            assert_eq!(
+                room.power_level(&alice),
+                None,
+                "creators are unlimited in v12"
+            );
         } else {
             assert_eq!(room.power_level(&alice), Some(100));
         }
         assert_eq!(room.power_level(&bob), Some(0));
         assert!(room.redaction_applies(&bob, &bob), "own events");
-        assert!(!room.redaction_applies(&bob, &alice), "not others' without power");
-        assert!(room.redaction_applies(&alice, &bob), "moderators redact anyone");
+        assert!(
+            !room.redaction_applies(&bob, &alice),
+            "not others' without power"
+        );
+        assert!(
+            room.redaction_applies(&alice, &bob),
+            "moderators redact anyone"
+        );
     }
 }
 

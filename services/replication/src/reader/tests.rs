@@ -18,7 +18,11 @@ struct Collect {
 impl ReplicationSink for Collect {
     fn apply(&self, partition: u32, entries: &[EventEntry]) {
         let mut events = self.events.lock().unwrap();
-        events.extend(entries.iter().map(|e| (partition, e.pos, e.event_id.clone())));
+        events.extend(
+            entries
+                .iter()
+                .map(|e| (partition, e.pos, e.event_id.clone())),
+        );
     }
     fn user_changed(&self, _user_id: &str) {}
 }
@@ -49,7 +53,11 @@ fn redis_url() -> String {
 async fn gaps_in_redis_are_filled_from_postgres() {
     let store = test_util::store().await;
     store.init_cluster("example.org", 2).await.unwrap();
-    let epoch = store.claim_partition(1, "w", Duration::from_secs(30)).await.unwrap().unwrap();
+    let epoch = store
+        .claim_partition(1, "w", Duration::from_secs(30))
+        .await
+        .unwrap()
+        .unwrap();
     let prefix = format!("test-{}", std::process::id() as u64 * 1000 + rand_suffix());
     let keys = StreamKeys::new(&prefix);
     let client = redis::Client::open(redis_url()).unwrap();
@@ -59,7 +67,9 @@ async fn gaps_in_redis_are_filled_from_postgres() {
     let reader = StreamReader::new(store.clone(), client.clone(), keys.clone(), vec![0, 0])
         .with_head_poll(Duration::from_millis(200));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(reader.run(sink.clone() as Arc<dyn ReplicationSink>, async { let _ = stop_rx.await; }));
+    let task = tokio::spawn(reader.run(sink.clone() as Arc<dyn ReplicationSink>, async {
+        let _ = stop_rx.await;
+    }));
 
     // Ten batches of three; only every other batch reaches Redis.
     let mut expected = Vec::new();
@@ -70,7 +80,11 @@ async fn gaps_in_redis_are_filled_from_postgres() {
             worker_id: "w".into(),
             epoch,
             room_id: "!r:example.org".into(),
-            new_room: (batch_no == 0).then(|| NewRoom { version: "12".into(), creator: "@a:example.org".into(), is_public: false }),
+            new_room: (batch_no == 0).then(|| NewRoom {
+                version: "12".into(),
+                creator: "@a:example.org".into(),
+                is_public: false,
+            }),
             events,
             depth: 1,
             extremities: vec![],
@@ -90,7 +104,12 @@ async fn gaps_in_redis_are_filled_from_postgres() {
                 rejected: false,
             })
             .collect();
-        expected.extend(positions.iter().zip(&batch.events).map(|(p, e)| (1u32, *p, e.event_id.clone())));
+        expected.extend(
+            positions
+                .iter()
+                .zip(&batch.events)
+                .map(|(p, e)| (1u32, *p, e.event_id.clone())),
+        );
         if batch_no % 2 == 1 {
             publisher.publish(1, &entries).await;
         }
@@ -105,9 +124,16 @@ async fn gaps_in_redis_are_filled_from_postgres() {
     }
     let _ = stop_tx.send(());
     task.await.unwrap();
-    assert_eq!(*sink.events.lock().unwrap(), expected, "every event once, in order");
+    assert_eq!(
+        *sink.events.lock().unwrap(),
+        expected,
+        "every event once, in order"
+    );
 }
 
 fn rand_suffix() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as u64
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as u64
 }

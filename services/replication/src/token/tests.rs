@@ -22,14 +22,42 @@ fn round_trip() {
 
 #[test]
 fn garbage_is_refused() {
-    for bad in ["", "s", "x123", "s!!!", "sAQ", "s_____________", &format!("s{}", "A".repeat(5000))] {
-        assert_eq!(Token::decode(bad).err(), Some(TokenError::Malformed), "{bad:?}");
+    for bad in [
+        "",
+        "s",
+        "x123",
+        "s!!!",
+        "sAQ",
+        "s_____________",
+        &format!("s{}", "A".repeat(5000)),
+    ] {
+        assert_eq!(
+            Token::decode(bad).err(),
+            Some(TokenError::Malformed),
+            "{bad:?}"
+        );
     }
     // A partition beyond this cluster's count.
-    let token = Token::new(1, &[0; 300], &{ let mut v = vec![0; 300]; v[299] = 1; v }, 0);
-    assert_eq!(token.positions(&[0; 256]).err(), Some(TokenError::WrongCluster));
+    let token = Token::new(
+        1,
+        &[0; 300],
+        &{
+            let mut v = vec![0; 300];
+            v[299] = 1;
+            v
+        },
+        0,
+    );
+    assert_eq!(
+        token.positions(&[0; 256]).err(),
+        Some(TokenError::WrongCluster)
+    );
     // Deltas that would go negative.
-    let token = Token { checkpoint: 1, user_pos: 0, deltas: vec![(0, -5)] };
+    let token = Token {
+        checkpoint: 1,
+        user_pos: 0,
+        deltas: vec![(0, -5)],
+    };
     assert_eq!(token.positions(&[3]).err(), Some(TokenError::Malformed));
 }
 
@@ -37,7 +65,10 @@ fn garbage_is_refused() {
 fn tokens_stay_small_even_when_every_partition_moved() {
     let checkpoint = vec![1_000_000i64; 256];
     let positions: Vec<i64> = (0..256).map(|p| 1_000_000 + 50_000 + p).collect();
-    assert!(encode_against(1, &checkpoint, &positions, 5).is_none(), "too far from the checkpoint");
+    assert!(
+        encode_against(1, &checkpoint, &positions, 5).is_none(),
+        "too far from the checkpoint"
+    );
     let fresh = encode_against(2, &positions, &positions, 5).unwrap();
     assert!(fresh.len() < 16, "{fresh}");
 }
@@ -56,7 +87,11 @@ enum Op {
     /// An owner commits `n` events to a partition.
     Commit { partition: usize, n: usize },
     /// A sync-worker reads some of what is committed in a partition.
-    Read { worker: usize, partition: usize, fraction: u8 },
+    Read {
+        worker: usize,
+        partition: usize,
+        fraction: u8,
+    },
     /// A sync-worker restarts: it starts from the heads in Postgres with no cache.
     Restart { worker: usize },
     /// The client syncs against some worker.
@@ -78,7 +113,11 @@ struct Worker {
 }
 
 /// The sync-worker's token handling, as `tessera-sync-worker` does it.
-fn sync(worker: &mut Worker, since: Option<&str>, checkpoints: &mut Vec<Vec<i64>>) -> (Vec<(u32, i64, i64)>, Vec<i64>, String) {
+fn sync(
+    worker: &mut Worker,
+    since: Option<&str>,
+    checkpoints: &mut Vec<Vec<i64>>,
+) -> (Vec<(u32, i64, i64)>, Vec<i64>, String) {
     let (since, served) = match since {
         None => (worker.view.clone(), vec![]),
         Some(text) => {

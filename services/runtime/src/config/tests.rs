@@ -3,23 +3,36 @@ use std::io::Write;
 use super::*;
 
 fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 #[test]
 fn defaults_load_without_a_file() {
     let config = Config::load(None, env(&[])).unwrap();
     assert_eq!(config.cluster.partitions, 256);
-    assert!(!config.registration.open, "registration is closed by default");
+    assert!(
+        !config.registration.open,
+        "registration is closed by default"
+    );
 }
 
 #[test]
 fn file_then_environment_overrides() {
     let mut file = tempfile::NamedTempFile::new().unwrap();
-    writeln!(file, "server_name = \"example.org\"\n[database]\npool_size = 3\n").unwrap();
+    writeln!(
+        file,
+        "server_name = \"example.org\"\n[database]\npool_size = 3\n"
+    )
+    .unwrap();
     let config = Config::load(
         Some(file.path()),
-        env(&[("TESSERA_DATABASE__POOL_SIZE", "7"), ("TESSERA_REDIS__KEY_PREFIX", "t1")]),
+        env(&[
+            ("TESSERA_DATABASE__POOL_SIZE", "7"),
+            ("TESSERA_REDIS__KEY_PREFIX", "t1"),
+        ]),
     )
     .unwrap();
     assert_eq!(config.server_name, "example.org");
@@ -56,5 +69,8 @@ fn example_toml_round_trips() {
     write!(file, "{}", Config::example_toml()).unwrap();
     let config = Config::load(Some(file.path()), env(&[])).unwrap();
     assert_eq!(config.server_name, Config::default().server_name);
-    assert_eq!(config.gateway.sync_workers, Config::default().gateway.sync_workers);
+    assert_eq!(
+        config.gateway.sync_workers,
+        Config::default().gateway.sync_workers
+    );
 }

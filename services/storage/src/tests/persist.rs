@@ -18,7 +18,14 @@ fn event(id: &str, kind: &str, state_key: Option<&str>) -> EventToPersist {
         prev_state_event_id: None,
         json: format!(r#"{{"type":"{kind}","content":{{}},"sender":"@a:example.org"}}"#),
         state_changes: state_key
-            .map(|k| vec![StateChange { kind: kind.to_owned(), state_key: k.to_owned(), event_id: Some(id.to_owned()), membership: None }])
+            .map(|k| {
+                vec![StateChange {
+                    kind: kind.to_owned(),
+                    state_key: k.to_owned(),
+                    event_id: Some(id.to_owned()),
+                    membership: None,
+                }]
+            })
             .unwrap_or_default(),
         redacts: None,
         txn: None,
@@ -31,9 +38,16 @@ fn batch(epoch: i64, worker: &str, new_room: bool, events: Vec<EventToPersist>) 
         worker_id: worker.to_owned(),
         epoch,
         room_id: "!r:example.org".to_owned(),
-        new_room: new_room.then(|| NewRoom { version: "12".to_owned(), creator: "@a:example.org".to_owned(), is_public: false }),
+        new_room: new_room.then(|| NewRoom {
+            version: "12".to_owned(),
+            creator: "@a:example.org".to_owned(),
+            is_public: false,
+        }),
         depth: 1,
-        extremities: events.last().map(|e| vec![e.event_id.clone()]).unwrap_or_default(),
+        extremities: events
+            .last()
+            .map(|e| vec![e.event_id.clone()])
+            .unwrap_or_default(),
         events,
         aliases: vec![],
     }
@@ -45,21 +59,56 @@ async fn positions_are_gap_free_and_writes_are_fenced() {
     store.init_cluster("example.org", 4).await.unwrap();
     let epoch = store.claim_partition(2, "a", TTL).await.unwrap().unwrap();
     let positions = store
-        .persist(&batch(epoch, "a", true, vec![event("$1", "m.room.create", Some("")), event("$2", "m.room.topic", Some(""))]))
+        .persist(&batch(
+            epoch,
+            "a",
+            true,
+            vec![
+                event("$1", "m.room.create", Some("")),
+                event("$2", "m.room.topic", Some("")),
+            ],
+        ))
         .await
         .unwrap();
     assert_eq!(positions, vec![1, 2]);
-    let positions = store.persist(&batch(epoch, "a", false, vec![event("$3", "m.room.message", None)])).await.unwrap();
+    let positions = store
+        .persist(&batch(
+            epoch,
+            "a",
+            false,
+            vec![event("$3", "m.room.message", None)],
+        ))
+        .await
+        .unwrap();
     assert_eq!(positions, vec![3]);
     assert_eq!(store.partition_heads().await.unwrap()[2], 3);
 
     // b takes the partition over; a's next write is refused and changes nothing.
     assert!(store.release_partition(2, "a", epoch).await.unwrap());
     let epoch_b = store.claim_partition(2, "b", TTL).await.unwrap().unwrap();
-    let err = store.persist(&batch(epoch, "a", false, vec![event("$4", "m.room.message", None)])).await.unwrap_err();
-    assert!(matches!(err, StoreError::Fenced { partition: 2, .. }), "{err}");
+    let err = store
+        .persist(&batch(
+            epoch,
+            "a",
+            false,
+            vec![event("$4", "m.room.message", None)],
+        ))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::Fenced { partition: 2, .. }),
+        "{err}"
+    );
     assert!(store.event("$4").await.unwrap().is_none());
-    let positions = store.persist(&batch(epoch_b, "b", false, vec![event("$5", "m.room.message", None)])).await.unwrap();
+    let positions = store
+        .persist(&batch(
+            epoch_b,
+            "b",
+            false,
+            vec![event("$5", "m.room.message", None)],
+        ))
+        .await
+        .unwrap();
     assert_eq!(positions, vec![4], "no gap left by the fenced write");
 }
 
@@ -68,14 +117,59 @@ async fn state_history_answers_state_at_any_position() {
     let store = test_util::store().await;
     store.init_cluster("example.org", 4).await.unwrap();
     let epoch = store.claim_partition(2, "a", TTL).await.unwrap().unwrap();
-    store.persist(&batch(epoch, "a", true, vec![event("$c", "m.room.create", Some("")), event("$t1", "m.room.topic", Some(""))])).await.unwrap();
-    store.persist(&batch(epoch, "a", false, vec![event("$m", "m.room.message", None), event("$t2", "m.room.topic", Some(""))])).await.unwrap();
-    let ids = |events: Vec<crate::events::StoredEvent>| events.into_iter().map(|e| e.event_id).collect::<Vec<_>>();
-    assert_eq!(ids(store.state_at("!r:example.org", 2).await.unwrap()), vec!["$c", "$t1"]);
-    assert_eq!(ids(store.state_at("!r:example.org", 4).await.unwrap()), vec!["$c", "$t2"]);
-    assert_eq!(ids(store.current_state("!r:example.org").await.unwrap()), vec!["$c", "$t2"]);
-    assert_eq!(ids(store.state_changes("!r:example.org", 2, 4).await.unwrap()), vec!["$t2"]);
-    let events = store.room_events("!r:example.org", 0, 4, crate::events::Direction::Backward, 2).await.unwrap();
+    store
+        .persist(&batch(
+            epoch,
+            "a",
+            true,
+            vec![
+                event("$c", "m.room.create", Some("")),
+                event("$t1", "m.room.topic", Some("")),
+            ],
+        ))
+        .await
+        .unwrap();
+    store
+        .persist(&batch(
+            epoch,
+            "a",
+            false,
+            vec![
+                event("$m", "m.room.message", None),
+                event("$t2", "m.room.topic", Some("")),
+            ],
+        ))
+        .await
+        .unwrap();
+    let ids = |events: Vec<crate::events::StoredEvent>| {
+        events.into_iter().map(|e| e.event_id).collect::<Vec<_>>()
+    };
+    assert_eq!(
+        ids(store.state_at("!r:example.org", 2).await.unwrap()),
+        vec!["$c", "$t1"]
+    );
+    assert_eq!(
+        ids(store.state_at("!r:example.org", 4).await.unwrap()),
+        vec!["$c", "$t2"]
+    );
+    assert_eq!(
+        ids(store.current_state("!r:example.org").await.unwrap()),
+        vec!["$c", "$t2"]
+    );
+    assert_eq!(
+        ids(store.state_changes("!r:example.org", 2, 4).await.unwrap()),
+        vec!["$t2"]
+    );
+    let events = store
+        .room_events(
+            "!r:example.org",
+            0,
+            4,
+            crate::events::Direction::Backward,
+            2,
+        )
+        .await
+        .unwrap();
     assert_eq!(ids(events), vec!["$t2", "$m"]);
 }
 
@@ -84,14 +178,31 @@ async fn a_reused_transaction_id_is_a_conflict() {
     let store = test_util::store().await;
     store.init_cluster("example.org", 4).await.unwrap();
     let epoch = store.claim_partition(2, "a", TTL).await.unwrap().unwrap();
-    let txn = TxnKey { user_id: "@a:example.org".into(), device_id: "D".into(), txn_id: "t1".into() };
+    let txn = TxnKey {
+        user_id: "@a:example.org".into(),
+        device_id: "D".into(),
+        txn_id: "t1".into(),
+    };
     let mut first = event("$1", "m.room.message", None);
     first.txn = Some(txn.clone());
-    store.persist(&batch(epoch, "a", true, vec![first])).await.unwrap();
-    assert_eq!(store.txn_event("@a:example.org", "D", "t1").await.unwrap().as_deref(), Some("$1"));
+    store
+        .persist(&batch(epoch, "a", true, vec![first]))
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .txn_event("@a:example.org", "D", "t1")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("$1")
+    );
     let mut again = event("$2", "m.room.message", None);
     again.txn = Some(txn);
-    let err = store.persist(&batch(epoch, "a", false, vec![again])).await.unwrap_err();
+    let err = store
+        .persist(&batch(epoch, "a", false, vec![again]))
+        .await
+        .unwrap_err();
     assert!(matches!(err, StoreError::Conflict(_)), "{err}");
     assert!(store.event("$2").await.unwrap().is_none());
 }

@@ -26,6 +26,8 @@ pub struct Spec {
     pub partitions: u32,
     pub lease_ttl_ms: u64,
     pub heartbeat_ms: u64,
+    pub pool_size: usize,
+    pub log_filter: String,
 }
 
 impl Default for Spec {
@@ -37,6 +39,8 @@ impl Default for Spec {
             partitions: 16,
             lease_ttl_ms: 3000,
             heartbeat_ms: 300,
+            pool_size: 6,
+            log_filter: "info,ruma_state_res=warn".to_owned(),
         }
     }
 }
@@ -72,15 +76,23 @@ pub fn free_port() -> u16 {
         .expect("free port")
 }
 
+/// Where a Tessera binary is: `TESSERA_TEST_BIN_DIR` if set (the benchmark
+/// points it at `target/release`), else `target/debug`.
 pub fn binary(name: &str) -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf();
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
-    let path = target.join("debug").join(name);
+    let dir = match std::env::var_os("TESSERA_TEST_BIN_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => {
+            let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .parent()
+                .expect("workspace root")
+                .to_path_buf();
+            std::env::var_os("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| root.join("target"))
+                .join("debug")
+        }
+    };
+    let path = dir.join(name);
     assert!(
         path.exists(),
         "{} is missing: run `cargo build --workspace --bins` first (scripts/test does)",
@@ -115,7 +127,7 @@ impl TestCluster {
 
 [database]
 url = "{db_url}"
-pool_size = 6
+pool_size = {pool_size}
 
 [redis]
 url = "{redis}"
@@ -138,12 +150,14 @@ client_api = ["http://127.0.0.1:{api_port}"]
 sync_workers = {sync_list:?}
 
 [log]
-filter = "info,ruma_state_res=warn,tessera=debug"
+filter = "{log_filter}"
 "#,
                 redis = redis_url(),
                 partitions = spec.partitions,
                 ttl = spec.lease_ttl_ms,
                 hb = spec.heartbeat_ms,
+                pool_size = spec.pool_size,
+                log_filter = spec.log_filter,
                 sync_list = sync_urls,
             ),
         )
@@ -208,6 +222,12 @@ filter = "info,ruma_state_res=warn,tessera=debug"
         let log = self.dir.path().join(format!("{name}.log"));
         let file = std::fs::File::create(&log).expect("log file");
         let mut command = Command::new(binary(binary_name));
+        // Our own TESSERA_TEST_* variables would read as config overrides.
+        for (key, _) in std::env::vars() {
+            if key.starts_with("TESSERA_") {
+                command.env_remove(key);
+            }
+        }
         command
             .env("TESSERA_CONFIG", &self.config)
             .env("TESSERA_ADMIN__LISTEN", format!("127.0.0.1:{admin_port}"))

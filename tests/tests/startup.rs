@@ -13,6 +13,11 @@ async fn run(binary_name: &str, config: &str, env: &[(&str, &str)]) -> (Option<i
     let path = dir.path().join("tessera.toml");
     std::fs::write(&path, config).unwrap();
     let mut command = tokio::process::Command::new(binary(binary_name));
+    for (key, _) in std::env::vars() {
+        if key.starts_with("TESSERA_") {
+            command.env_remove(key);
+        }
+    }
     command
         .env("TESSERA_CONFIG", &path)
         .env_remove("RUST_LOG")

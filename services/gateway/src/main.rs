@@ -78,7 +78,7 @@ async fn run(started: Started) -> anyhow::Result<()> {
     started.health.set_ready(true);
     let app = axum::Router::new().fallback(proxy).with_state(gateway);
     let shutdown = started.shutdown.clone();
-    axum::serve(listener, app)
+    axum::serve(tessera_runtime::nodelay(listener), app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await?;
     Ok(())

@@ -138,7 +138,7 @@ async fn run(started: Started) -> anyhow::Result<()> {
             tonic::transport::Server::builder()
                 .add_service(RoomWorkerServer::new(service))
                 .serve_with_incoming_shutdown(
-                    tonic::transport::server::TcpIncoming::from(listener),
+                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
                     stop.cancelled(),
                 )
                 .await

@@ -139,33 +139,33 @@ async fn submit(engine: &Engine, room_id: &RoomId, jobs: Vec<Job>) {
     let mut working = state;
     let mut accepted: Vec<Accepted> = Vec::new();
     let mut outcomes: Vec<Vec<Outcome>> = Vec::with_capacity(jobs.len());
-    let mut txns_in_turn: HashMap<TxnKey, OwnedEventId> = HashMap::new();
+    // One lookup for every client transaction of the turn: a repeat answers
+    // with the event its first attempt created.
+    let keys: Vec<TxnKey> = jobs
+        .iter()
+        .flat_map(|job| match &job.work {
+            Work::Submit(requests) => requests.iter().filter_map(|r| r.txn.clone()).collect(),
+            Work::Create(_) => vec![],
+        })
+        .collect();
+    let mut known_txns: HashMap<TxnKey, String> = match engine.store.txn_events(&keys).await {
+        Ok(known) => known,
+        Err(error) => return answer_all(jobs, Answer::Retry(error.to_string())),
+    };
     for job in &jobs {
         let Work::Submit(requests) = &job.work else {
             continue;
         };
         let mut job_outcomes = Vec::with_capacity(requests.len());
         for request in requests {
-            if let Some(txn) = &request.txn {
-                if let Some(id) = txns_in_turn.get(txn) {
-                    job_outcomes.push(Ok(id.clone()));
-                    continue;
-                }
-                match engine
-                    .store
-                    .txn_event(&txn.user_id, &txn.device_id, &txn.txn_id)
-                    .await
-                {
-                    Ok(Some(id)) => {
-                        job_outcomes.push(
-                            EventId::parse(id)
-                                .map_err(|e| Refusal::new("M_UNKNOWN", e.to_string())),
-                        );
-                        continue;
-                    }
-                    Ok(None) => {}
-                    Err(error) => return answer_all(jobs, Answer::Retry(error.to_string())),
-                }
+            if let Some(txn) = &request.txn
+                && let Some(id) = known_txns.get(txn)
+            {
+                job_outcomes.push(
+                    EventId::parse(id.as_str())
+                        .map_err(|e| Refusal::new("M_UNKNOWN", e.to_string())),
+                );
+                continue;
             }
             match working.create_event(&request.template, &engine.key, &engine.server_name) {
                 Ok(pdu) => {
@@ -177,7 +177,7 @@ async fn submit(engine: &Engine, room_id: &RoomId, jobs: Vec<Job>) {
                     };
                     let replaced = working.apply(Arc::clone(&pdu));
                     if let Some(txn) = &request.txn {
-                        txns_in_turn.insert(txn.clone(), pdu.event_id().to_owned());
+                        known_txns.insert(txn.clone(), pdu.event_id().to_string());
                     }
                     job_outcomes.push(Ok(pdu.event_id().to_owned()));
                     accepted.push(Accepted {

@@ -70,7 +70,7 @@ pub async fn serve(
         .await
         .map_err(|e| anyhow::anyhow!("cannot bind admin listener on {addr}: {e}"))?;
     tracing::info!(%addr, "admin listener (health, metrics) started");
-    axum::serve(listener, router(health, metrics))
+    axum::serve(crate::nodelay(listener), router(health, metrics))
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await?;
     Ok(())

@@ -18,3 +18,16 @@ pub mod telemetry;
 
 pub use config::Config;
 pub use shutdown::Shutdown;
+
+/// A listener whose connections send small writes at once (`TCP_NODELAY`):
+/// request/response traffic on loopback otherwise waits on delayed ACKs.
+pub fn nodelay(
+    listener: tokio::net::TcpListener,
+) -> impl axum::serve::Listener<Addr = std::net::SocketAddr> {
+    use axum::serve::ListenerExt;
+    listener.tap_io(|tcp| {
+        if let Err(error) = tcp.set_nodelay(true) {
+            tracing::debug!(%error, "cannot set TCP_NODELAY");
+        }
+    })
+}

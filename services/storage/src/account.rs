@@ -48,10 +48,7 @@ impl Store {
         room_id: &str,
         kind: &str,
     ) -> Result<Option<Value>> {
-        let row = self
-            .client()
-            .await?
-            .query_opt(
+        let row = self.query_opt(
                 "SELECT content FROM account_data WHERE user_id = $1 AND room_id = $2 AND type = $3",
                 &[&user_id, &room_id, &kind],
             )
@@ -66,8 +63,6 @@ impl Store {
         after: i64,
     ) -> Result<Vec<AccountDataRow>> {
         let rows = self
-            .client()
-            .await?
             .query(
                 "SELECT room_id, type, content, stream_pos FROM account_data
                  WHERE user_id = $1 AND stream_pos > $2 ORDER BY stream_pos",
@@ -88,8 +83,6 @@ impl Store {
     /// The user's data-stream position.
     pub async fn user_stream_pos(&self, user_id: &str) -> Result<i64> {
         let row = self
-            .client()
-            .await?
             .query_opt(
                 "SELECT stream_pos FROM users WHERE user_id = $1",
                 &[&user_id],
@@ -101,8 +94,6 @@ impl Store {
     /// Store a filter; returns its ID.
     pub async fn create_filter(&self, user_id: &str, filter: &Value) -> Result<i64> {
         let row = self
-            .client()
-            .await?
             .query_one(
                 "INSERT INTO filters (user_id, filter_id, filter)
                  SELECT $1, COALESCE(max(filter_id), -1) + 1, $2 FROM filters WHERE user_id = $1
@@ -115,8 +106,6 @@ impl Store {
 
     pub async fn filter(&self, user_id: &str, filter_id: i64) -> Result<Option<Value>> {
         let row = self
-            .client()
-            .await?
             .query_opt(
                 "SELECT filter FROM filters WHERE user_id = $1 AND filter_id = $2",
                 &[&user_id, &filter_id],

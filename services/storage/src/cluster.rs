@@ -79,9 +79,7 @@ impl Store {
         grpc_addr: &str,
         draining: bool,
     ) -> Result<()> {
-        self.client()
-            .await?
-            .execute(
+        self.execute(
                 "INSERT INTO room_workers (worker_id, grpc_addr, heartbeat_at, draining)
                  VALUES ($1, $2, now(), $3)
                  ON CONFLICT (worker_id) DO UPDATE
@@ -93,23 +91,18 @@ impl Store {
     }
 
     pub async fn remove_worker(&self, worker_id: &str) -> Result<()> {
-        self.client()
-            .await?
-            .execute(
-                "DELETE FROM room_workers WHERE worker_id = $1",
-                &[&worker_id],
-            )
-            .await?;
+        self.execute(
+            "DELETE FROM room_workers WHERE worker_id = $1",
+            &[&worker_id],
+        )
+        .await?;
         Ok(())
     }
 
     /// Workers that heartbeated within `ttl` and are not draining: the set
     /// partitions are spread over.
     pub async fn active_workers(&self, ttl: Duration) -> Result<Vec<WorkerRow>> {
-        let rows = self
-            .client()
-            .await?
-            .query(
+        let rows = self.query(
                 "SELECT worker_id, grpc_addr, draining FROM room_workers
                  WHERE heartbeat_at > now() - make_interval(secs => $1::float8 / 1000.0) AND NOT draining
                  ORDER BY worker_id",
@@ -129,8 +122,6 @@ impl Store {
     /// Every partition with its current (unexpired) owner.
     pub async fn leases(&self) -> Result<Vec<LeaseRow>> {
         let rows = self
-            .client()
-            .await?
             .query(
                 "SELECT partition, CASE WHEN expires_at > now() THEN owner END, epoch
                  FROM partition_leases ORDER BY partition",
@@ -156,10 +147,7 @@ impl Store {
         worker_id: &str,
         ttl: Duration,
     ) -> Result<Option<i64>> {
-        let row = self
-            .client()
-            .await?
-            .query_opt(
+        let row = self.query_opt(
                 "UPDATE partition_leases
                  SET owner = $2, epoch = epoch + 1, expires_at = now() + make_interval(secs => $3::float8 / 1000.0)
                  WHERE partition = $1 AND (owner IS NULL OR expires_at <= now() OR owner = $2)
@@ -181,8 +169,6 @@ impl Store {
         let partitions: Vec<i32> = held.iter().map(|(p, _)| *p as i32).collect();
         let epochs: Vec<i64> = held.iter().map(|(_, e)| *e).collect();
         let rows = self
-            .client()
-            .await?
             .query(
                 "UPDATE partition_leases l
                  SET expires_at = now() + make_interval(secs => $4::float8 / 1000.0)
@@ -204,8 +190,6 @@ impl Store {
         epoch: i64,
     ) -> Result<bool> {
         let n = self
-            .client()
-            .await?
             .execute(
                 "UPDATE partition_leases SET owner = NULL, expires_at = '-infinity'
                  WHERE partition = $1 AND owner = $2 AND epoch = $3",
@@ -218,8 +202,6 @@ impl Store {
     /// Who owns a partition now, and where to reach them.
     pub async fn partition_owner(&self, partition: u32) -> Result<Option<OwnerRow>> {
         let row = self
-            .client()
-            .await?
             .query_opt(
                 "SELECT l.owner, w.grpc_addr, l.epoch FROM partition_leases l
                  JOIN room_workers w ON w.worker_id = l.owner
@@ -237,8 +219,6 @@ impl Store {
     /// The newest committed position of every partition (0 when empty).
     pub async fn partition_heads(&self) -> Result<Vec<i64>> {
         let rows = self
-            .client()
-            .await?
             .query(
                 "SELECT next_pos - 1 FROM partition_leases ORDER BY partition",
                 &[],

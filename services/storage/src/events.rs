@@ -127,7 +127,7 @@ impl Store {
     pub async fn event(&self, event_id: &str) -> Result<Option<StoredEvent>> {
         let sql =
             format!("SELECT {EVENT_COLUMNS} FROM events e {EVENT_JOINS} WHERE e.event_id = $1");
-        let row = self.client().await?.query_opt(&sql, &[&event_id]).await?;
+        let row = self.query_opt(&sql, &[&event_id]).await?;
         Ok(row.as_ref().map(StoredEvent::from_row))
     }
 
@@ -135,7 +135,7 @@ impl Store {
         let sql = format!(
             "SELECT {EVENT_COLUMNS} FROM events e {EVENT_JOINS} WHERE e.event_id = ANY($1)"
         );
-        let rows = self.client().await?.query(&sql, &[&event_ids]).await?;
+        let rows = self.query(&sql, &[&event_ids]).await?;
         Ok(rows.iter().map(StoredEvent::from_row).collect())
     }
 
@@ -158,11 +158,7 @@ impl Store {
              WHERE e.room_id = $1 AND e.pos > $2 AND e.pos <= $3 AND NOT e.rejected
              ORDER BY e.pos {order} LIMIT $4"
         );
-        let rows = self
-            .client()
-            .await?
-            .query(&sql, &[&room_id, &after, &upto, &limit])
-            .await?;
+        let rows = self.query(&sql, &[&room_id, &after, &upto, &limit]).await?;
         Ok(rows.iter().map(StoredEvent::from_row).collect())
     }
 
@@ -176,8 +172,6 @@ impl Store {
         limit: i64,
     ) -> Result<Vec<PartitionEntry>> {
         let rows = self
-            .client()
-            .await?
             .query(
                 "SELECT pos, room_id, event_id, type, state_key, membership, rejected FROM events
                  WHERE partition = $1 AND pos > $2 AND pos <= $3 ORDER BY pos LIMIT $4",
@@ -198,6 +192,38 @@ impl Store {
             .collect())
     }
 
+    /// Which of these client transactions already produced an event.
+    pub async fn txn_events(
+        &self,
+        keys: &[crate::persist::TxnKey],
+    ) -> Result<std::collections::HashMap<crate::persist::TxnKey, String>> {
+        if keys.is_empty() {
+            return Ok(Default::default());
+        }
+        let users: Vec<&str> = keys.iter().map(|k| k.user_id.as_str()).collect();
+        let devices: Vec<&str> = keys.iter().map(|k| k.device_id.as_str()).collect();
+        let txns: Vec<&str> = keys.iter().map(|k| k.txn_id.as_str()).collect();
+        let rows = self
+            .query(
+                "SELECT t.user_id, t.device_id, t.txn_id, t.event_id FROM event_txns t
+                 JOIN unnest($1::text[], $2::text[], $3::text[]) AS k(user_id, device_id, txn_id)
+                   ON t.user_id = k.user_id AND t.device_id = k.device_id AND t.txn_id = k.txn_id",
+                &[&users, &devices, &txns],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let key = crate::persist::TxnKey {
+                    user_id: r.get(0),
+                    device_id: r.get(1),
+                    txn_id: r.get(2),
+                };
+                (key, r.get(3))
+            })
+            .collect())
+    }
+
     /// The transaction ID already used by (user, device, txn), if any.
     pub async fn txn_event(
         &self,
@@ -205,10 +231,7 @@ impl Store {
         device_id: &str,
         txn_id: &str,
     ) -> Result<Option<String>> {
-        let row = self
-            .client()
-            .await?
-            .query_opt(
+        let row = self.query_opt(
                 "SELECT event_id FROM event_txns WHERE user_id = $1 AND device_id = $2 AND txn_id = $3",
                 &[&user_id, &device_id, &txn_id],
             )

@@ -32,6 +32,8 @@ use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 pub use tokio_postgres;
+use tokio_postgres::Row;
+use tokio_postgres::types::ToSql;
 
 /// Errors from storage. `Fenced` and `Conflict` are expected outcomes callers
 /// act on; the rest are infrastructure failures.
@@ -107,6 +109,41 @@ impl Store {
     pub(crate) async fn client(&self) -> Result<deadpool_postgres::Object> {
         Ok(self.pool.get().await?)
     }
+
+    // One-statement helpers. Statements are prepared once per connection and
+    // cached: an unprepared statement costs tokio-postgres an extra round trip.
+
+    pub(crate) async fn query(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>> {
+        let client = self.client().await?;
+        let statement = client.prepare_cached(sql).await?;
+        Ok(client.query(&statement, params).await?)
+    }
+
+    pub(crate) async fn query_opt(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>> {
+        let client = self.client().await?;
+        let statement = client.prepare_cached(sql).await?;
+        Ok(client.query_opt(&statement, params).await?)
+    }
+
+    pub(crate) async fn query_one(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Row> {
+        let client = self.client().await?;
+        let statement = client.prepare_cached(sql).await?;
+        Ok(client.query_one(&statement, params).await?)
+    }
+
+    pub(crate) async fn execute(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
+        let client = self.client().await?;
+        let statement = client.prepare_cached(sql).await?;
+        Ok(client.execute(&statement, params).await?)
+    }
 }
 
 /// The URL with any password replaced, for log lines.
@@ -124,13 +161,15 @@ pub fn redact_url(url: &str) -> String {
 }
 
 /// Map a unique-violation into [`StoreError::Conflict`], other errors unchanged.
-pub(crate) fn conflict(error: tokio_postgres::Error) -> StoreError {
-    if let Some(db) = error.as_db_error()
+pub(crate) fn conflict(error: impl Into<StoreError>) -> StoreError {
+    let error = error.into();
+    if let StoreError::Db(db_error) = &error
+        && let Some(db) = db_error.as_db_error()
         && *db.code() == tokio_postgres::error::SqlState::UNIQUE_VIOLATION
     {
         return StoreError::Conflict(db.constraint().unwrap_or("unique").to_owned());
     }
-    StoreError::Db(error)
+    error
 }
 
 #[cfg(test)]

@@ -26,10 +26,7 @@ pub struct MembershipRow {
 
 impl Store {
     pub async fn room(&self, room_id: &str) -> Result<Option<RoomRow>> {
-        let row = self
-            .client()
-            .await?
-            .query_opt(
+        let row = self.query_opt(
                 "SELECT room_id, partition, room_version, creator, is_public, head_pos, depth, forward_extremities
                  FROM rooms WHERE room_id = $1",
                 &[&room_id],
@@ -53,7 +50,7 @@ impl Store {
             "SELECT {EVENT_COLUMNS} FROM room_state s JOIN events e ON e.event_id = s.event_id {EVENT_JOINS}
              WHERE s.room_id = $1 ORDER BY s.pos"
         );
-        let rows = self.client().await?.query(&sql, &[&room_id]).await?;
+        let rows = self.query(&sql, &[&room_id]).await?;
         Ok(rows.iter().map(StoredEvent::from_row).collect())
     }
 
@@ -68,11 +65,7 @@ impl Store {
             "SELECT {EVENT_COLUMNS} FROM room_state s JOIN events e ON e.event_id = s.event_id {EVENT_JOINS}
              WHERE s.room_id = $1 AND s.type = $2 AND s.state_key = $3"
         );
-        let row = self
-            .client()
-            .await?
-            .query_opt(&sql, &[&room_id, &kind, &state_key])
-            .await?;
+        let row = self.query_opt(&sql, &[&room_id, &kind, &state_key]).await?;
         Ok(row.as_ref().map(StoredEvent::from_row))
     }
 
@@ -88,7 +81,7 @@ impl Store {
              SELECT {EVENT_COLUMNS} FROM slots s JOIN events e ON e.event_id = s.event_id {EVENT_JOINS}
              ORDER BY e.pos"
         );
-        let rows = self.client().await?.query(&sql, &[&room_id, &pos]).await?;
+        let rows = self.query(&sql, &[&room_id, &pos]).await?;
         Ok(rows.iter().map(StoredEvent::from_row).collect())
     }
 
@@ -108,11 +101,7 @@ impl Store {
              SELECT {EVENT_COLUMNS} FROM slots s JOIN events e ON e.event_id = s.event_id {EVENT_JOINS}
              ORDER BY e.pos"
         );
-        let rows = self
-            .client()
-            .await?
-            .query(&sql, &[&room_id, &after, &upto])
-            .await?;
+        let rows = self.query(&sql, &[&room_id, &after, &upto]).await?;
         Ok(rows.iter().map(StoredEvent::from_row).collect())
     }
 
@@ -127,20 +116,13 @@ impl Store {
              WHERE s.room_id = $1 AND s.type = 'm.room.member' AND ($2::text IS NULL OR s.membership = $2)
              ORDER BY s.state_key"
         );
-        let rows = self
-            .client()
-            .await?
-            .query(&sql, &[&room_id, &membership])
-            .await?;
+        let rows = self.query(&sql, &[&room_id, &membership]).await?;
         Ok(rows.iter().map(StoredEvent::from_row).collect())
     }
 
     /// A user's current membership in a room.
     pub async fn membership(&self, room_id: &str, user_id: &str) -> Result<Option<String>> {
-        let row = self
-            .client()
-            .await?
-            .query_opt(
+        let row = self.query_opt(
                 "SELECT membership FROM room_state WHERE room_id = $1 AND type = 'm.room.member' AND state_key = $2",
                 &[&room_id, &user_id],
             )
@@ -154,10 +136,7 @@ impl Store {
         user_id: &str,
         membership: &str,
     ) -> Result<Vec<String>> {
-        let rows = self
-            .client()
-            .await?
-            .query(
+        let rows = self.query(
                 "SELECT room_id FROM room_state WHERE type = 'm.room.member' AND state_key = $1 AND membership = $2
                  ORDER BY room_id",
                 &[&user_id, &membership],
@@ -169,8 +148,6 @@ impl Store {
     /// Every membership change of a user, in each room's order.
     pub async fn membership_history(&self, user_id: &str) -> Result<Vec<MembershipRow>> {
         let rows = self
-            .client()
-            .await?
             .query(
                 "SELECT room_id, pos, membership, event_id FROM room_state_history
                  WHERE type = 'm.room.member' AND state_key = $1 AND event_id IS NOT NULL
@@ -196,8 +173,6 @@ impl Store {
         user_id: &str,
     ) -> Result<Vec<(i64, String)>> {
         let rows = self
-            .client()
-            .await?
             .query(
                 "SELECT pos, membership FROM room_state_history
                  WHERE room_id = $1 AND type = 'm.room.member' AND state_key = $2 ORDER BY pos",
@@ -213,8 +188,6 @@ impl Store {
     /// History visibility changes of a room: (position, visibility).
     pub async fn history_visibility_changes(&self, room_id: &str) -> Result<Vec<(i64, String)>> {
         let rows = self
-            .client()
-            .await?
             .query(
                 "SELECT h.pos, e.json::jsonb -> 'content' ->> 'history_visibility'
                  FROM room_state_history h JOIN events e ON e.event_id = h.event_id
@@ -237,8 +210,6 @@ impl Store {
 
     pub async fn alias_room(&self, alias: &str) -> Result<Option<String>> {
         let row = self
-            .client()
-            .await?
             .query_opt(
                 "SELECT room_id FROM room_aliases WHERE alias = $1",
                 &[&alias],
@@ -249,8 +220,6 @@ impl Store {
 
     pub async fn alias_creator(&self, alias: &str) -> Result<Option<String>> {
         let row = self
-            .client()
-            .await?
             .query_opt(
                 "SELECT creator FROM room_aliases WHERE alias = $1",
                 &[&alias],
@@ -261,8 +230,6 @@ impl Store {
 
     pub async fn room_aliases(&self, room_id: &str) -> Result<Vec<String>> {
         let rows = self
-            .client()
-            .await?
             .query(
                 "SELECT alias FROM room_aliases WHERE room_id = $1 ORDER BY alias",
                 &[&room_id],
@@ -273,21 +240,17 @@ impl Store {
 
     /// Create an alias; [`StoreError::Conflict`] if it is taken.
     pub async fn create_alias(&self, alias: &str, room_id: &str, creator: &str) -> Result<()> {
-        self.client()
-            .await?
-            .execute(
-                "INSERT INTO room_aliases (alias, room_id, creator) VALUES ($1, $2, $3)",
-                &[&alias, &room_id, &creator],
-            )
-            .await
-            .map_err(conflict)?;
+        self.execute(
+            "INSERT INTO room_aliases (alias, room_id, creator) VALUES ($1, $2, $3)",
+            &[&alias, &room_id, &creator],
+        )
+        .await
+        .map_err(conflict)?;
         Ok(())
     }
 
     pub async fn delete_alias(&self, alias: &str) -> Result<bool> {
         let n = self
-            .client()
-            .await?
             .execute("DELETE FROM room_aliases WHERE alias = $1", &[&alias])
             .await?;
         Ok(n == 1)
@@ -295,8 +258,6 @@ impl Store {
 
     pub async fn set_room_public(&self, room_id: &str, public: bool) -> Result<bool> {
         let n = self
-            .client()
-            .await?
             .execute(
                 "UPDATE rooms SET is_public = $2 WHERE room_id = $1",
                 &[&room_id, &public],
@@ -325,10 +286,7 @@ impl Store {
 
     /// (joined, invited) member counts, for room summaries.
     pub async fn member_counts(&self, room_id: &str) -> Result<(i64, i64)> {
-        let row = self
-            .client()
-            .await?
-            .query_one(
+        let row = self.query_one(
                 "SELECT count(*) FILTER (WHERE membership = 'join'), count(*) FILTER (WHERE membership = 'invite')
                  FROM room_state WHERE room_id = $1 AND type = 'm.room.member'",
                 &[&room_id],
@@ -340,10 +298,7 @@ impl Store {
     /// Up to `limit` joined or invited members other than `exclude`, oldest
     /// first: the "heroes" clients name unnamed rooms after.
     pub async fn heroes(&self, room_id: &str, exclude: &str, limit: i64) -> Result<Vec<String>> {
-        let rows = self
-            .client()
-            .await?
-            .query(
+        let rows = self.query(
                 "SELECT state_key FROM room_state
                  WHERE room_id = $1 AND type = 'm.room.member' AND membership IN ('join', 'invite') AND state_key <> $2
                  ORDER BY pos LIMIT $3",
@@ -356,8 +311,6 @@ impl Store {
     /// Room heads (latest positions) of many rooms.
     pub async fn room_heads(&self, room_ids: &[String]) -> Result<Vec<(String, i64)>> {
         let rows = self
-            .client()
-            .await?
             .query(
                 "SELECT room_id, head_pos FROM rooms WHERE room_id = ANY($1)",
                 &[&room_ids],

@@ -7,8 +7,6 @@ impl Store {
     /// Store a checkpoint; returns its ID.
     pub async fn create_checkpoint(&self, positions: &[i64]) -> Result<i64> {
         let row = self
-            .client()
-            .await?
             .query_one(
                 "INSERT INTO sync_checkpoints (positions) VALUES ($1) RETURNING id",
                 &[&positions],
@@ -19,8 +17,6 @@ impl Store {
 
     pub async fn checkpoint(&self, id: i64) -> Result<Option<Vec<i64>>> {
         let row = self
-            .client()
-            .await?
             .query_opt(
                 "SELECT positions FROM sync_checkpoints WHERE id = $1",
                 &[&id],
@@ -32,8 +28,6 @@ impl Store {
     /// Drop checkpoints older than `days`, always keeping the newest.
     pub async fn expire_checkpoints(&self, days: u64) -> Result<u64> {
         let n = self
-            .client()
-            .await?
             .execute(
                 "DELETE FROM sync_checkpoints WHERE created_at < now() - make_interval(days => $1)
                  AND id < (SELECT max(id) FROM sync_checkpoints)",

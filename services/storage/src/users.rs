@@ -46,9 +46,7 @@ pub struct RegistrationTokenRow {
 impl Store {
     /// Create an account; [`crate::StoreError::Conflict`] if the ID is taken.
     pub async fn create_user(&self, user: &NewUser<'_>) -> Result<()> {
-        self.client()
-            .await?
-            .execute(
+        self.execute(
                 "INSERT INTO users (user_id, password_hash, admin, user_type, displayname) VALUES ($1, $2, $3, $4, $5)",
                 &[&user.user_id, &user.password_hash, &user.admin, &user.user_type, &user.displayname],
             )
@@ -58,10 +56,7 @@ impl Store {
     }
 
     pub async fn user(&self, user_id: &str) -> Result<Option<UserRow>> {
-        let row = self
-            .client()
-            .await?
-            .query_opt(
+        let row = self.query_opt(
                 "SELECT user_id, password_hash, admin, deactivated, displayname, avatar_url FROM users WHERE user_id = $1",
                 &[&user_id],
             )
@@ -78,8 +73,6 @@ impl Store {
 
     pub async fn set_displayname(&self, user_id: &str, displayname: Option<&str>) -> Result<bool> {
         let n = self
-            .client()
-            .await?
             .execute(
                 "UPDATE users SET displayname = $2 WHERE user_id = $1",
                 &[&user_id, &displayname],
@@ -90,8 +83,6 @@ impl Store {
 
     pub async fn set_avatar_url(&self, user_id: &str, avatar_url: Option<&str>) -> Result<bool> {
         let n = self
-            .client()
-            .await?
             .execute(
                 "UPDATE users SET avatar_url = $2 WHERE user_id = $1",
                 &[&user_id, &avatar_url],
@@ -134,10 +125,7 @@ impl Store {
 
     /// The owner of a token, unless the account is deactivated.
     pub async fn token_owner(&self, token_hash: &[u8]) -> Result<Option<TokenOwner>> {
-        let row = self
-            .client()
-            .await?
-            .query_opt(
+        let row = self.query_opt(
                 "SELECT t.user_id, t.device_id, u.admin FROM access_tokens t JOIN users u ON u.user_id = t.user_id
                  WHERE t.token_hash = $1 AND NOT u.deactivated",
                 &[&token_hash],
@@ -152,29 +140,23 @@ impl Store {
 
     /// `/logout`: the device and its tokens go.
     pub async fn delete_device(&self, user_id: &str, device_id: &str) -> Result<()> {
-        self.client()
-            .await?
-            .execute(
-                "DELETE FROM devices WHERE user_id = $1 AND device_id = $2",
-                &[&user_id, &device_id],
-            )
-            .await?;
+        self.execute(
+            "DELETE FROM devices WHERE user_id = $1 AND device_id = $2",
+            &[&user_id, &device_id],
+        )
+        .await?;
         Ok(())
     }
 
     /// `/logout/all`: every device and token of the user goes.
     pub async fn delete_all_devices(&self, user_id: &str) -> Result<()> {
-        self.client()
-            .await?
-            .execute("DELETE FROM devices WHERE user_id = $1", &[&user_id])
+        self.execute("DELETE FROM devices WHERE user_id = $1", &[&user_id])
             .await?;
         Ok(())
     }
 
     pub async fn devices(&self, user_id: &str) -> Result<Vec<(String, Option<String>)>> {
         let rows = self
-            .client()
-            .await?
             .query(
                 "SELECT device_id, display_name FROM devices WHERE user_id = $1 ORDER BY device_id",
                 &[&user_id],
@@ -191,9 +173,7 @@ impl Store {
         uses_allowed: Option<i32>,
         expiry_time: Option<i64>,
     ) -> Result<()> {
-        self.client()
-            .await?
-            .execute(
+        self.execute(
                 "INSERT INTO registration_tokens (token, uses_allowed, expiry_time) VALUES ($1, $2, $3)",
                 &[&token, &uses_allowed, &expiry_time],
             )
@@ -203,10 +183,7 @@ impl Store {
     }
 
     pub async fn registration_tokens(&self) -> Result<Vec<RegistrationTokenRow>> {
-        let rows = self
-            .client()
-            .await?
-            .query("SELECT token, uses_allowed, pending, completed, expiry_time FROM registration_tokens ORDER BY created_at", &[])
+        let rows = self.query("SELECT token, uses_allowed, pending, completed, expiry_time FROM registration_tokens ORDER BY created_at", &[])
             .await?;
         Ok(rows
             .iter()
@@ -222,8 +199,6 @@ impl Store {
 
     pub async fn delete_registration_token(&self, token: &str) -> Result<bool> {
         let n = self
-            .client()
-            .await?
             .execute(
                 "DELETE FROM registration_tokens WHERE token = $1",
                 &[&token],
@@ -235,8 +210,6 @@ impl Store {
     /// Whether a token can still be used (not expired, uses left counting pending ones).
     pub async fn registration_token_valid(&self, token: &str, now_ms: i64) -> Result<bool> {
         let row = self
-            .client()
-            .await?
             .query_opt(
                 "SELECT 1 FROM registration_tokens WHERE token = $1
                  AND (expiry_time IS NULL OR expiry_time > $2)
@@ -250,8 +223,6 @@ impl Store {
     /// Count a completed registration against the token.
     pub async fn consume_registration_token(&self, token: &str, now_ms: i64) -> Result<bool> {
         let n = self
-            .client()
-            .await?
             .execute(
                 "UPDATE registration_tokens SET completed = completed + 1 WHERE token = $1
                  AND (expiry_time IS NULL OR expiry_time > $2)
@@ -283,10 +254,7 @@ impl Store {
 
     /// Use a nonce once; false if unknown, used or older than `max_age`.
     pub async fn consume_nonce(&self, nonce: &str, max_age: Duration) -> Result<bool> {
-        let n = self
-            .client()
-            .await?
-            .execute(
+        let n = self.execute(
                 "DELETE FROM shared_secret_nonces WHERE nonce = $1 AND created_at > now() - make_interval(secs => $2::float8)",
                 &[&nonce, &max_age.as_secs_f64()],
             )
@@ -319,8 +287,6 @@ impl Store {
         session_id: &str,
     ) -> Result<Option<(Vec<String>, Option<String>)>> {
         let row = self
-            .client()
-            .await?
             .query_opt(
                 "SELECT completed, registration_token FROM uia_sessions WHERE session_id = $1",
                 &[&session_id],
@@ -335,26 +301,22 @@ impl Store {
         stage: &str,
         registration_token: Option<&str>,
     ) -> Result<()> {
-        self.client()
-            .await?
-            .execute(
-                "UPDATE uia_sessions SET completed = array_append(completed, $2),
+        self.execute(
+            "UPDATE uia_sessions SET completed = array_append(completed, $2),
                         registration_token = COALESCE($3, registration_token)
                  WHERE session_id = $1 AND NOT ($2 = ANY(completed))",
-                &[&session_id, &stage, &registration_token],
-            )
-            .await?;
+            &[&session_id, &stage, &registration_token],
+        )
+        .await?;
         Ok(())
     }
 
     pub async fn delete_uia_session(&self, session_id: &str) -> Result<()> {
-        self.client()
-            .await?
-            .execute(
-                "DELETE FROM uia_sessions WHERE session_id = $1",
-                &[&session_id],
-            )
-            .await?;
+        self.execute(
+            "DELETE FROM uia_sessions WHERE session_id = $1",
+            &[&session_id],
+        )
+        .await?;
         Ok(())
     }
 }

@@ -108,7 +108,7 @@ async fn run(started: Started) -> anyhow::Result<()> {
     started.health.set_ready(true);
     let shutdown = started.shutdown.clone();
     axum::serve(
-        listener,
+        tessera_runtime::nodelay(listener),
         api::router(state, started.health.clone(), started.metrics.clone()),
     )
     .with_graceful_shutdown(async move { shutdown.cancelled().await })

@@ -39,13 +39,8 @@ pub async fn send_message(
     check_type(&kind)?;
     check_id_part("Transaction ID", &txn)?;
     let content = Value::Object(json_object(&body)?);
-    if let Some(event_id) = state
-        .store
-        .txn_event(auth.user_id.as_str(), &auth.device_id, &txn)
-        .await?
-    {
-        return Ok(Json(json!({ "event_id": event_id })));
-    }
+    // A repeated transaction is answered by the room's owner with the event
+    // the first attempt created.
     let mut t = template(&auth.user_id, &kind, None, &content);
     if kind == "m.room.redaction"
         && let Some(target) = content.get("redacts").and_then(Value::as_str)

@@ -136,23 +136,65 @@ async fn submit(engine: &Engine, room_id: &RoomId, jobs: Vec<Job>) {
         return;
     };
 
-    let mut working = state;
+    // Client transactions are assumed new: the unique key on them makes a
+    // repeat fail the commit, and only then are they looked up (one query)
+    // and the turn built again, answering repeats with their first event.
+    let mut known_txns: HashMap<TxnKey, String> = HashMap::new();
+    for attempt in 0..2 {
+        let (working, accepted, outcomes) =
+            build_turn(engine, &state, &jobs, &mut known_txns).await;
+        if !accepted.is_empty() {
+            let epoch = jobs[0].guard.epoch();
+            match commit(engine, &working, accepted, None, vec![], epoch).await {
+                Ok(()) => {}
+                Err(StoreError::Conflict(constraint))
+                    if constraint.starts_with("event_txns") && attempt == 0 =>
+                {
+                    let keys: Vec<TxnKey> = jobs
+                        .iter()
+                        .flat_map(|job| match &job.work {
+                            Work::Submit(requests) => {
+                                requests.iter().filter_map(|r| r.txn.clone()).collect()
+                            }
+                            Work::Create(_) => vec![],
+                        })
+                        .collect();
+                    match engine.store.txn_events(&keys).await {
+                        Ok(known) => known_txns = known,
+                        Err(error) => return answer_all(jobs, Answer::Retry(error.to_string())),
+                    }
+                    continue;
+                }
+                Err(error) => {
+                    engine.drop_state(room_id);
+                    return answer_all(jobs, Answer::Retry(error.to_string()));
+                }
+            }
+        }
+        engine.cache_state(working);
+        for (job, outcome) in jobs.into_iter().zip(outcomes) {
+            let _ = job.reply.send(Answer::Events(outcome));
+        }
+        return;
+    }
+    answer_all(
+        jobs,
+        Answer::Retry("client transaction conflict persisted".to_owned()),
+    );
+}
+
+/// Build every event of a turn on a copy of the room state. Transactions in
+/// `known_txns` (and repeats within the turn) are answered with their event.
+async fn build_turn(
+    engine: &Engine,
+    state: &RoomState,
+    jobs: &[Job],
+    known_txns: &mut HashMap<TxnKey, String>,
+) -> (RoomState, Vec<Accepted>, Vec<Vec<Outcome>>) {
+    let mut working = state.clone();
     let mut accepted: Vec<Accepted> = Vec::new();
     let mut outcomes: Vec<Vec<Outcome>> = Vec::with_capacity(jobs.len());
-    // One lookup for every client transaction of the turn: a repeat answers
-    // with the event its first attempt created.
-    let keys: Vec<TxnKey> = jobs
-        .iter()
-        .flat_map(|job| match &job.work {
-            Work::Submit(requests) => requests.iter().filter_map(|r| r.txn.clone()).collect(),
-            Work::Create(_) => vec![],
-        })
-        .collect();
-    let mut known_txns: HashMap<TxnKey, String> = match engine.store.txn_events(&keys).await {
-        Ok(known) => known,
-        Err(error) => return answer_all(jobs, Answer::Retry(error.to_string())),
-    };
-    for job in &jobs {
+    for job in jobs {
         let Work::Submit(requests) = &job.work else {
             continue;
         };
@@ -188,25 +230,15 @@ async fn submit(engine: &Engine, room_id: &RoomId, jobs: Vec<Job>) {
                     });
                 }
                 Err(error) => {
-                    metrics::counter!("tessera_room_worker_refused_events_total", "errcode" => refusal_for(&error).errcode).increment(1);
+                    metrics::counter!("tessera_room_worker_refused_events_total", "errcode" => refusal_for(&error).errcode)
+                        .increment(1);
                     job_outcomes.push(Err(refusal_for(&error)));
                 }
             }
         }
         outcomes.push(job_outcomes);
     }
-
-    if !accepted.is_empty() {
-        let epoch = jobs[0].guard.epoch();
-        if let Err(error) = commit(engine, &working, accepted, None, vec![], epoch).await {
-            engine.drop_state(room_id);
-            return answer_all(jobs, Answer::Retry(error.to_string()));
-        }
-    }
-    engine.cache_state(working);
-    for (job, outcome) in jobs.into_iter().zip(outcomes) {
-        let _ = job.reply.send(Answer::Events(outcome));
-    }
+    (working, accepted, outcomes)
 }
 
 /// The target of a redaction, if the redaction should hide it from clients.

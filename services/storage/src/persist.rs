@@ -66,104 +66,70 @@ pub struct Batch {
     pub aliases: Vec<(String, String)>,
 }
 
-const LEASE_SQL: &str = "UPDATE partition_leases SET next_pos = next_pos + $4
-     WHERE partition = $1 AND owner = $2 AND epoch = $3 AND expires_at > now()
-     RETURNING next_pos - $4";
-
-const NEW_ROOM_SQL: &str = "INSERT INTO rooms (room_id, partition, room_version, creator, is_public, head_pos, depth, forward_extremities)
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
-
-const ROOM_HEAD_SQL: &str =
-    "UPDATE rooms SET head_pos = $2, depth = $3, forward_extremities = $4 WHERE room_id = $1";
-
-const EVENTS_SQL: &str = "INSERT INTO events (partition, pos, event_id, room_id, type, state_key, sender,
-                         origin_server_ts, depth, membership, rejected, prev_state_event_id, json)
-     SELECT $1, e.pos, e.event_id, $2, e.type, e.state_key, e.sender, e.ts, e.depth,
-            e.membership, e.rejected, e.prev_state, e.json
-     FROM unnest($3::bigint[], $4::text[], $5::text[], $6::text[], $7::text[], $8::bigint[],
-                 $9::bigint[], $10::text[], $11::bool[], $12::text[], $13::text[])
-          AS e(pos, event_id, type, state_key, sender, ts, depth, membership, rejected, prev_state, json)";
-
-const HISTORY_SQL: &str =
-    "INSERT INTO room_state_history (room_id, pos, type, state_key, event_id, membership)
-     SELECT $1, * FROM unnest($2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[])";
-
-// Newest change per slot wins; DISTINCT ON keeps the last position.
-const CURRENT_STATE_SQL: &str = "WITH latest AS (
-         SELECT DISTINCT ON (c.type, c.state_key) c.type, c.state_key, c.event_id, c.membership, c.pos
-         FROM unnest($2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[])
-              AS c(pos, type, state_key, event_id, membership)
-         ORDER BY c.type, c.state_key, c.pos DESC
-     ), removed AS (
-         DELETE FROM room_state s USING latest l
-         WHERE s.room_id = $1 AND s.type = l.type AND s.state_key = l.state_key AND l.event_id IS NULL
-     )
-     INSERT INTO room_state (room_id, type, state_key, event_id, membership, pos)
-     SELECT $1, type, state_key, event_id, membership, pos FROM latest WHERE event_id IS NOT NULL
-     ON CONFLICT (room_id, type, state_key) DO UPDATE
-     SET event_id = EXCLUDED.event_id, membership = EXCLUDED.membership, pos = EXCLUDED.pos";
-
-const REDACTIONS_SQL: &str = "INSERT INTO event_redactions (redacted_event_id, redaction_event_id)
-     SELECT * FROM unnest($1::text[], $2::text[]) ON CONFLICT DO NOTHING";
-
-const TXNS_SQL: &str = "INSERT INTO event_txns (user_id, device_id, txn_id, event_id)
-     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])";
-
-const ALIAS_SQL: &str = "INSERT INTO room_aliases (alias, room_id, creator) VALUES ($1, $2, $3)";
-
-type Pending<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<u64>> + Send + 'a>>;
-
-fn pending_execute<'a, 't: 'a>(
-    tx: &'a deadpool_postgres::Transaction<'t>,
-    statement: &'a tokio_postgres::Statement,
-    params: Vec<&'a (dyn tokio_postgres::types::ToSql + Sync)>,
-) -> Pending<'a> {
-    Box::pin(async move { tx.execute(statement, &params).await.map_err(conflict) })
-}
+/// The whole batch in one statement, so one round trip: the fenced lease
+/// update hands out the positions (and takes the partition's row lock until
+/// commit); every other part inserts `FROM lease`, so a failed fence writes
+/// nothing. A unique violation anywhere (a repeated client transaction, a room
+/// or alias that exists) aborts the whole statement.
+const PERSIST_SQL: &str = "
+WITH lease AS (
+    UPDATE partition_leases SET next_pos = next_pos + $4::bigint
+    WHERE partition = $1::int AND owner = $2::text AND epoch = $3::bigint AND expires_at > now()
+    RETURNING next_pos - $4 AS first
+), new_room AS (
+    INSERT INTO rooms (room_id, partition, room_version, creator, is_public, head_pos, depth, forward_extremities)
+    SELECT $5::text, $1::int, $6::text, $7::text, $8::bool, lease.first + $4 - 1, $9::bigint, $10::text[] FROM lease WHERE $6::text IS NOT NULL
+), room_head AS (
+    UPDATE rooms SET head_pos = lease.first + $4 - 1, depth = $9, forward_extremities = $10
+    FROM lease WHERE rooms.room_id = $5 AND $6::text IS NULL
+), new_events AS (
+    INSERT INTO events (partition, pos, event_id, room_id, type, state_key, sender,
+                        origin_server_ts, depth, membership, rejected, prev_state_event_id, json)
+    SELECT $1, lease.first + e.ord - 1, e.event_id, $5, e.type, e.state_key, e.sender, e.ts, e.depth,
+           e.membership, e.rejected, e.prev_state, e.json
+    FROM lease, unnest($11::text[], $12::text[], $13::text[], $14::text[], $15::bigint[], $16::bigint[],
+                       $17::text[], $18::bool[], $19::text[], $20::text[])
+         WITH ORDINALITY AS e(event_id, type, state_key, sender, ts, depth, membership, rejected, prev_state, json, ord)
+), changes AS (
+    SELECT lease.first + c.ord - 1 AS pos, c.type, c.state_key, c.event_id, c.membership
+    FROM lease, unnest($21::bigint[], $22::text[], $23::text[], $24::text[], $25::text[])
+         AS c(ord, type, state_key, event_id, membership)
+), history AS (
+    INSERT INTO room_state_history (room_id, pos, type, state_key, event_id, membership)
+    SELECT $5, pos, type, state_key, event_id, membership FROM changes
+), latest AS (
+    SELECT DISTINCT ON (type, state_key) type, state_key, event_id, membership, pos
+    FROM changes ORDER BY type, state_key, pos DESC
+), removed AS (
+    DELETE FROM room_state s USING latest l
+    WHERE s.room_id = $5 AND s.type = l.type AND s.state_key = l.state_key AND l.event_id IS NULL
+), current_state AS (
+    INSERT INTO room_state (room_id, type, state_key, event_id, membership, pos)
+    SELECT $5, type, state_key, event_id, membership, pos FROM latest WHERE event_id IS NOT NULL
+    ON CONFLICT (room_id, type, state_key) DO UPDATE
+    SET event_id = EXCLUDED.event_id, membership = EXCLUDED.membership, pos = EXCLUDED.pos
+), redactions AS (
+    INSERT INTO event_redactions (redacted_event_id, redaction_event_id)
+    SELECT r.target, r.redaction FROM lease, unnest($26::text[], $27::text[]) AS r(target, redaction)
+    ON CONFLICT DO NOTHING
+), txns AS (
+    INSERT INTO event_txns (user_id, device_id, txn_id, event_id)
+    SELECT t.user_id, t.device_id, t.txn_id, t.event_id
+    FROM lease, unnest($28::text[], $29::text[], $30::text[], $31::text[]) AS t(user_id, device_id, txn_id, event_id)
+), aliases AS (
+    INSERT INTO room_aliases (alias, room_id, creator)
+    SELECT a.alias, $5, a.creator FROM lease, unnest($32::text[], $33::text[]) AS a(alias, creator)
+)
+SELECT first FROM lease";
 
 impl Store {
-    /// Persist a batch. Returns the position of each event, in order.
-    ///
-    /// Four round trips whatever the batch size: BEGIN, the fenced lease
-    /// update that hands out positions, every insert pipelined together, COMMIT.
+    /// Persist a batch in one round trip. Returns the position of each event,
+    /// in order.
     pub async fn persist(&self, batch: &Batch) -> Result<Vec<i64>> {
         let n = batch.events.len() as i64;
         if n == 0 {
             return Ok(vec![]);
         }
-        let mut client = self.client().await?;
-        let lease = client.prepare_cached(LEASE_SQL).await?;
-        let room_sql = client
-            .prepare_cached(if batch.new_room.is_some() {
-                NEW_ROOM_SQL
-            } else {
-                ROOM_HEAD_SQL
-            })
-            .await?;
-        let events_sql = client.prepare_cached(EVENTS_SQL).await?;
-        let history_sql = client.prepare_cached(HISTORY_SQL).await?;
-        let state_sql = client.prepare_cached(CURRENT_STATE_SQL).await?;
-        let redactions_sql = client.prepare_cached(REDACTIONS_SQL).await?;
-        let txns_sql = client.prepare_cached(TXNS_SQL).await?;
-        let alias_sql = client.prepare_cached(ALIAS_SQL).await?;
-
-        let tx = client.transaction().await?;
-        let partition = batch.partition as i32;
-        let first: i64 = match tx
-            .query_opt(&lease, &[&partition, &batch.worker_id, &batch.epoch, &n])
-            .await?
-        {
-            Some(row) => row.get(0),
-            None => {
-                return Err(StoreError::Fenced {
-                    partition: batch.partition,
-                    epoch: batch.epoch,
-                });
-            }
-        };
-        let positions: Vec<i64> = (first..first + n).collect();
-        let last = first + n - 1;
-
         let events = &batch.events;
         let strings = |f: fn(&EventToPersist) -> String| events.iter().map(f).collect::<Vec<_>>();
         let options =
@@ -183,19 +149,20 @@ impl Store {
         let depths: Vec<i64> = events.iter().map(|e| e.depth).collect();
         let rejected: Vec<bool> = events.iter().map(|e| e.rejected).collect();
 
-        let mut h_pos = Vec::new();
-        let (mut h_type, mut h_key, mut h_event, mut h_membership) =
+        // State changes, keyed by the ordinal of their event in the batch.
+        let mut c_ord = Vec::new();
+        let (mut c_type, mut c_key, mut c_event, mut c_membership) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for (event, pos) in events.iter().zip(&positions) {
+        for (i, event) in events.iter().enumerate() {
             for change in &event.state_changes {
-                h_pos.push(*pos);
-                h_type.push(change.kind.clone());
-                h_key.push(change.state_key.clone());
-                h_event.push(change.event_id.clone());
-                h_membership.push(change.membership.clone());
+                c_ord.push(i as i64 + 1);
+                c_type.push(change.kind.clone());
+                c_key.push(change.state_key.clone());
+                c_event.push(change.event_id.clone());
+                c_membership.push(change.membership.clone());
             }
         }
-        let (redacted, redactions): (Vec<String>, Vec<String>) = events
+        let (targets, redactions): (Vec<String>, Vec<String>) = events
             .iter()
             .filter_map(|e| Some((e.redacts.clone()?, e.event_id.clone())))
             .unzip();
@@ -207,90 +174,69 @@ impl Store {
         let txn_devices: Vec<&str> = txns.iter().map(|(t, _)| t.device_id.as_str()).collect();
         let txn_ids: Vec<&str> = txns.iter().map(|(t, _)| t.txn_id.as_str()).collect();
         let txn_events: Vec<&str> = txns.iter().map(|(_, e)| e.as_str()).collect();
+        let (aliases, alias_creators): (Vec<&str>, Vec<&str>) = batch
+            .aliases
+            .iter()
+            .map(|(a, c)| (a.as_str(), c.as_str()))
+            .unzip();
+        let room = batch.new_room.as_ref();
+        let version = room.map(|r| r.version.as_str());
+        let creator = room.map(|r| r.creator.as_str());
+        let is_public = room.map(|r| r.is_public).unwrap_or(false);
+        let partition = batch.partition as i32;
 
-        // Everything below is sent at once: tokio-postgres pipelines
-        // concurrent queries on one connection.
-        let run = |statement, params| pending_execute(&tx, statement, params);
-        let mut pending: Vec<Pending<'_>> = Vec::new();
-        if let Some(room) = &batch.new_room {
-            pending.push(run(
-                &room_sql,
-                vec![
-                    &batch.room_id,
+        let client = self.client().await?;
+        let statement = client.prepare_cached(PERSIST_SQL).await?;
+        let row = client
+            .query_opt(
+                &statement,
+                &[
                     &partition,
-                    &room.version,
-                    &room.creator,
-                    &room.is_public,
-                    &last,
+                    &batch.worker_id,
+                    &batch.epoch,
+                    &n,
+                    &batch.room_id,
+                    &version,
+                    &creator,
+                    &is_public,
                     &batch.depth,
                     &batch.extremities,
+                    &event_ids,
+                    &kinds,
+                    &state_keys,
+                    &senders,
+                    &timestamps,
+                    &depths,
+                    &memberships,
+                    &rejected,
+                    &prev_states,
+                    &jsons,
+                    &c_ord,
+                    &c_type,
+                    &c_key,
+                    &c_event,
+                    &c_membership,
+                    &targets,
+                    &redactions,
+                    &txn_users,
+                    &txn_devices,
+                    &txn_ids,
+                    &txn_events,
+                    &aliases,
+                    &alias_creators,
                 ],
-            ));
-        } else {
-            pending.push(run(
-                &room_sql,
-                vec![&batch.room_id, &last, &batch.depth, &batch.extremities],
-            ));
-        }
-        pending.push(run(
-            &events_sql,
-            vec![
-                &partition,
-                &batch.room_id,
-                &positions,
-                &event_ids,
-                &kinds,
-                &state_keys,
-                &senders,
-                &timestamps,
-                &depths,
-                &memberships,
-                &rejected,
-                &prev_states,
-                &jsons,
-            ],
-        ));
-        if !h_pos.is_empty() {
-            pending.push(run(
-                &history_sql,
-                vec![
-                    &batch.room_id,
-                    &h_pos,
-                    &h_type,
-                    &h_key,
-                    &h_event,
-                    &h_membership,
-                ],
-            ));
-            pending.push(run(
-                &state_sql,
-                vec![
-                    &batch.room_id,
-                    &h_pos,
-                    &h_type,
-                    &h_key,
-                    &h_event,
-                    &h_membership,
-                ],
-            ));
-        }
-        if !redacted.is_empty() {
-            pending.push(run(&redactions_sql, vec![&redacted, &redactions]));
-        }
-        if !txns.is_empty() {
-            pending.push(run(
-                &txns_sql,
-                vec![&txn_users, &txn_devices, &txn_ids, &txn_events],
-            ));
-        }
-        for (alias, creator) in &batch.aliases {
-            pending.push(run(&alias_sql, vec![alias, &batch.room_id, creator]));
-        }
-        let results = futures::future::join_all(pending).await;
-        for result in results {
-            result?;
-        }
-        tx.commit().await?;
-        Ok(positions)
+            )
+            .await
+            .map_err(conflict)?;
+        let first: i64 = match row {
+            Some(row) => row.get(0),
+            None => {
+                return Err(StoreError::Fenced {
+                    partition: batch.partition,
+                    epoch: batch.epoch,
+                });
+            }
+        };
+        Ok((first..first + n).collect())
     }
 }

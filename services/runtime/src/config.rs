@@ -152,8 +152,6 @@ impl Default for RegistrationConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
-    /// Largest request body accepted by the client API, in bytes.
-    pub max_request_bytes: usize,
     /// Default and maximum `/sync` timeline length per room.
     pub sync_timeline_limit: u32,
     pub sync_timeline_limit_max: u32,
@@ -164,7 +162,6 @@ pub struct LimitsConfig {
 impl Default for LimitsConfig {
     fn default() -> Self {
         Self {
-            max_request_bytes: 1024 * 1024,
             sync_timeline_limit: 20,
             sync_timeline_limit_max: 500,
             sync_timeout_max_ms: 60_000,

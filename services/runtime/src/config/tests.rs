@@ -74,3 +74,27 @@ fn example_toml_round_trips() {
         Config::default().gateway.sync_workers
     );
 }
+
+#[test]
+fn the_example_config_in_deploy_is_current() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/tessera.example.toml");
+    let committed = std::fs::read_to_string(&path).unwrap_or_default();
+    let generated = format!("{}{}", EXAMPLE_HEADER, Config::example_toml());
+    if committed != generated {
+        // Regenerate with: TESSERA_WRITE_EXAMPLE=1 cargo test -p tessera-runtime example
+        if std::env::var_os("TESSERA_WRITE_EXAMPLE").is_some() {
+            std::fs::write(&path, &generated).unwrap();
+        } else {
+            panic!(
+                "deploy/tessera.example.toml is out of date; regenerate it with TESSERA_WRITE_EXAMPLE=1 cargo test -p tessera-runtime example"
+            );
+        }
+    }
+}
+
+const EXAMPLE_HEADER: &str = "# Every setting with its default. Generated from the config structs in
+# services/runtime/src/config.rs (regenerate: TESSERA_WRITE_EXAMPLE=1 cargo test -p tessera-runtime example).
+# One file for every role; any key can be overridden from the environment:
+# TESSERA_<SECTION>__<KEY>, e.g. TESSERA_DATABASE__URL. docs/operations.md explains each key.
+
+";

@@ -116,7 +116,7 @@ async fn workers_join_and_leave_at_runtime_without_losing_messages() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_killed_worker_loses_its_partitions_when_the_lease_expires() {
+async fn a_killed_worker_loses_its_partitions_and_no_acknowledged_event() {
     let mut cluster = TestCluster::start(Spec {
         room_workers: 2,
         partitions: 8,
@@ -127,9 +127,28 @@ async fn a_killed_worker_loses_its_partitions_when_the_lease_expires() {
     .await;
     let api = cluster.api();
     let alice = cluster.register("alice").await;
+    let bob = cluster.register("bob").await;
     let mut rooms = Vec::new();
     for _ in 0..6 {
-        rooms.push(api.create_room(&alice, json!({})).await);
+        let room = api
+            .create_room(&alice, json!({ "preset": "public_chat" }))
+            .await;
+        api.join(&bob, &room).await;
+        rooms.push(room);
+    }
+    let since = api.sync(&bob, None, 0).await["next_batch"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Acknowledged events, then SIGKILL straight after the last acknowledgement.
+    let mut acked = Vec::new();
+    for i in 0..30 {
+        let room = &rooms[i % rooms.len()];
+        acked.push((
+            room.clone(),
+            api.send_text(&alice, room, &format!("before-kill-{i}"), &format!("b{i}"))
+                .await,
+        ));
     }
     cluster.kill("room-worker-0").await;
     // Sends to every room succeed: rooms of the dead worker wait for its
@@ -152,6 +171,27 @@ async fn a_killed_worker_loses_its_partitions_when_the_lease_expires() {
         }
     })
     .await;
+    // Every acknowledged event is there, in history and through /sync.
+    let sync = api.sync(&bob, Some(&since), 0).await;
+    for (room, event_id) in &acked {
+        let (status, _) = api
+            .call(
+                Method::GET,
+                &format!(
+                    "/_matrix/client/v3/rooms/{}/event/{}",
+                    enc(room),
+                    enc(event_id)
+                ),
+                Some(&alice.token),
+                None,
+            )
+            .await;
+        assert_eq!(status, 200, "acknowledged event {event_id} is readable");
+        let delivered = sync["rooms"]["join"][room.as_str()]["timeline"]["events"]
+            .as_array()
+            .is_some_and(|events| events.iter().any(|e| e["event_id"] == event_id.as_str()));
+        assert!(delivered, "acknowledged event {event_id} reaches /sync");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

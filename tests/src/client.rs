@@ -139,6 +139,34 @@ impl Api {
         .await;
     }
 
+    /// `count` public rooms created by `creator`, each joined by `members`.
+    pub async fn shared_rooms(
+        &self,
+        creator: &TestUser,
+        members: &[&TestUser],
+        count: usize,
+    ) -> Vec<String> {
+        let mut rooms = Vec::with_capacity(count);
+        for _ in 0..count {
+            let room = self
+                .create_room(creator, json!({ "preset": "public_chat" }))
+                .await;
+            for member in members {
+                self.join(member, &room).await;
+            }
+            rooms.push(room);
+        }
+        rooms
+    }
+
+    /// The `next_batch` of an initial sync: where an incremental sync starts.
+    pub async fn initial_token(&self, user: &TestUser) -> String {
+        self.sync(user, None, 0).await["next_batch"]
+            .as_str()
+            .expect("next_batch")
+            .to_owned()
+    }
+
     /// One `/sync` call against `base` (a sync-worker URL).
     pub async fn sync_at(
         &self,

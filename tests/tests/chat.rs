@@ -290,10 +290,7 @@ async fn membership_moderation_and_sections() {
         .await;
     assert_eq!(alias["room_id"], room);
     api.join(&bob, "#lobby:test.local").await;
-    let bob_token = api.sync(&bob, None, 0).await["next_batch"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let bob_token = api.initial_token(&bob).await;
 
     // Bob cannot kick Alice; Alice kicks Bob; Bob's sync shows the room under leave.
     let (status, body) = api
@@ -372,10 +369,7 @@ async fn membership_moderation_and_sections() {
 
     // Knock on a room that allows it.
     let knock_room = api.create_room(&alice, json!({ "initial_state": [{ "type": "m.room.join_rules", "state_key": "", "content": { "join_rule": "knock" } }] })).await;
-    let carol_token = api.sync(&carol, None, 0).await["next_batch"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let carol_token = api.initial_token(&carol).await;
     api.ok(
         Method::POST,
         &format!("/_matrix/client/v3/knock/{}", enc(&knock_room)),
@@ -413,10 +407,7 @@ async fn profile_account_data_filters_and_redactions() {
     let api = cluster.api();
     let alice = cluster.register("alice").await;
     let room = api.create_room(&alice, json!({})).await;
-    let token = api.sync(&alice, None, 0).await["next_batch"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let token = api.initial_token(&alice).await;
 
     api.ok(
         Method::PUT,

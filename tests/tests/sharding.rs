@@ -128,18 +128,8 @@ async fn a_killed_worker_loses_its_partitions_and_no_acknowledged_event() {
     let api = cluster.api();
     let alice = cluster.register("alice").await;
     let bob = cluster.register("bob").await;
-    let mut rooms = Vec::new();
-    for _ in 0..6 {
-        let room = api
-            .create_room(&alice, json!({ "preset": "public_chat" }))
-            .await;
-        api.join(&bob, &room).await;
-        rooms.push(room);
-    }
-    let since = api.sync(&bob, None, 0).await["next_batch"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let rooms = api.shared_rooms(&alice, &[&bob], 6).await;
+    let since = api.initial_token(&bob).await;
     // Acknowledged events, then SIGKILL straight after the last acknowledgement.
     let mut acked = Vec::new();
     for i in 0..30 {

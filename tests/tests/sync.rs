@@ -41,14 +41,7 @@ async fn tokens_survive_worker_switches_restarts_and_redis_loss() {
     let api = cluster.api();
     let alice = cluster.register("alice").await;
     let bob = cluster.register("bob").await;
-    let mut rooms = Vec::new();
-    for _ in 0..4 {
-        let room = api
-            .create_room(&alice, json!({ "preset": "public_chat" }))
-            .await;
-        api.join(&bob, &room).await;
-        rooms.push(room);
-    }
+    let rooms = api.shared_rooms(&alice, &[&bob], 4).await;
     let mut token = api.sync_at(&cluster.sync_urls[0], &bob, None, 0).await["next_batch"]
         .as_str()
         .unwrap()
@@ -120,10 +113,7 @@ async fn long_polls_wait_for_something_relevant() {
     let alice = cluster.register("alice").await;
     let bob = cluster.register("bob").await;
     let alices_room = api.create_room(&alice, json!({})).await;
-    let token = api.sync(&bob, None, 0).await["next_batch"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let token = api.initial_token(&bob).await;
 
     // Activity in a room Bob is not in does not end his long-poll early.
     let waiting = {

@@ -21,7 +21,7 @@ use anyhow::Context;
 use tessera_cluster::router::RoomRouter;
 use tessera_replication::{Publisher, StreamKeys};
 use tessera_runtime::start::Started;
-use tessera_storage::Store;
+use tessera_storage::{OpenOptions, Store};
 
 fn main() -> ExitCode {
     tessera_runtime::start::run("client-api", run)
@@ -29,32 +29,23 @@ fn main() -> ExitCode {
 
 async fn run(started: Started) -> anyhow::Result<()> {
     let config = started.config.clone();
-    let store = Store::connect(
-        &config.database.url,
-        config.database.pool_size,
-        Duration::from_secs(config.database.connect_timeout_secs),
-    )
+    let store = Store::open(OpenOptions {
+        url: &config.database.url,
+        pool_size: config.database.pool_size,
+        connect_timeout: Duration::from_secs(config.database.connect_timeout_secs),
+        migrate: config.database.migrate_on_start,
+        server_name: &config.server_name,
+        partitions: config.cluster.partitions,
+    })
     .await?;
-    if config.database.migrate_on_start {
-        store.migrate().await?;
-    } else {
-        store.check_compatibility().await?;
-    }
-    store
-        .init_cluster(&config.server_name, config.cluster.partitions)
-        .await?;
-    let redis = redis::Client::open(config.redis.url.as_str()).context("invalid redis.url")?;
-    let publisher = tokio::time::timeout(
+    let publisher = Publisher::connect(
+        &config.redis.url,
+        StreamKeys::new(&config.redis.key_prefix),
+        config.redis.stream_max_len,
         Duration::from_secs(config.database.connect_timeout_secs),
-        Publisher::new(
-            &redis,
-            StreamKeys::new(&config.redis.key_prefix),
-            config.redis.stream_max_len,
-        ),
     )
     .await
-    .map_err(|_| anyhow::anyhow!("cannot connect to Redis at {}: timed out", config.redis.url))?
-    .with_context(|| format!("cannot connect to Redis at {}", config.redis.url))?;
+    .map_err(anyhow::Error::msg)?;
 
     let router = RoomRouter::new(store.clone(), config.cluster.partitions);
     let listen = config.client_api.listen;

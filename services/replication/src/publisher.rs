@@ -30,6 +30,22 @@ impl Publisher {
         })
     }
 
+    /// Connect, giving up after `timeout` with the URL in the error.
+    pub async fn connect(
+        url: &str,
+        keys: StreamKeys,
+        max_len: u64,
+        timeout: std::time::Duration,
+    ) -> Result<Self, String> {
+        let client =
+            redis::Client::open(url).map_err(|e| format!("invalid Redis URL {url}: {e}"))?;
+        match tokio::time::timeout(timeout, Self::new(&client, keys, max_len)).await {
+            Ok(Ok(publisher)) => Ok(publisher),
+            Ok(Err(e)) => Err(format!("cannot connect to Redis at {url}: {e}")),
+            Err(_) => Err(format!("cannot connect to Redis at {url}: timed out")),
+        }
+    }
+
     /// XADD the entries of one partition, in position order, in one round trip.
     pub async fn publish(&self, partition: u32, entries: &[EventEntry]) {
         if entries.is_empty() {

@@ -59,6 +59,18 @@ pub enum StoreError {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+/// How a process opens the database: see [`Store::open`].
+pub struct OpenOptions<'a> {
+    pub url: &'a str,
+    pub pool_size: usize,
+    pub connect_timeout: Duration,
+    /// Apply pending migrations (under the advisory lock) rather than only
+    /// checking compatibility.
+    pub migrate: bool,
+    pub server_name: &'a str,
+    pub partitions: u32,
+}
+
 /// The connection pool and every query, grouped by module as `impl Store` blocks.
 #[derive(Clone)]
 pub struct Store {
@@ -104,6 +116,21 @@ impl Store {
                 }
             }
         }
+    }
+
+    /// What every process does first: connect, migrate (or check the schema
+    /// is one this build runs against), and check the cluster's fixed settings.
+    pub async fn open(options: OpenOptions<'_>) -> Result<Self> {
+        let store = Self::connect(options.url, options.pool_size, options.connect_timeout).await?;
+        if options.migrate {
+            store.migrate().await?;
+        } else {
+            store.check_compatibility().await?;
+        }
+        store
+            .init_cluster(options.server_name, options.partitions)
+            .await?;
+        Ok(store)
     }
 
     pub(crate) async fn client(&self) -> Result<deadpool_postgres::Object> {

@@ -25,7 +25,7 @@ use std::time::Duration;
 use anyhow::Context;
 use tessera_replication::{StreamKeys, StreamReader};
 use tessera_runtime::start::Started;
-use tessera_storage::Store;
+use tessera_storage::{OpenOptions, Store};
 
 fn main() -> ExitCode {
     tessera_runtime::start::run("sync-worker", run)
@@ -33,20 +33,15 @@ fn main() -> ExitCode {
 
 async fn run(started: Started) -> anyhow::Result<()> {
     let config = started.config.clone();
-    let store = Store::connect(
-        &config.database.url,
-        config.database.pool_size,
-        Duration::from_secs(config.database.connect_timeout_secs),
-    )
+    let store = Store::open(OpenOptions {
+        url: &config.database.url,
+        pool_size: config.database.pool_size,
+        connect_timeout: Duration::from_secs(config.database.connect_timeout_secs),
+        migrate: config.database.migrate_on_start,
+        server_name: &config.server_name,
+        partitions: config.cluster.partitions,
+    })
     .await?;
-    if config.database.migrate_on_start {
-        store.migrate().await?;
-    } else {
-        store.check_compatibility().await?;
-    }
-    store
-        .init_cluster(&config.server_name, config.cluster.partitions)
-        .await?;
     let redis = redis::Client::open(config.redis.url.as_str()).context("invalid redis.url")?;
 
     // Start from the committed heads: history before them is read from

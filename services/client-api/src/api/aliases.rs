@@ -25,16 +25,21 @@ fn parse_alias(state: &AppState, alias: &str) -> MatrixResult<ruma::OwnedRoomAli
     Ok(alias)
 }
 
+/// The room an alias of ours points to, or `M_NOT_FOUND`.
+async fn alias_room(state: &AppState, alias: &ruma::RoomAliasId) -> MatrixResult<String> {
+    state
+        .store
+        .alias_room(alias.as_str())
+        .await?
+        .ok_or_else(|| MatrixError::not_found(format!("Room alias {alias} not found")))
+}
+
 pub async fn get_alias(
     State(state): State<AppState>,
     Path(alias): Path<String>,
 ) -> MatrixResult<Json<Value>> {
     let alias = parse_alias(&state, &alias)?;
-    let room_id = state
-        .store
-        .alias_room(alias.as_str())
-        .await?
-        .ok_or_else(|| MatrixError::not_found(format!("Room alias {alias} not found")))?;
+    let room_id = alias_room(&state, &alias).await?;
     Ok(Json(
         json!({ "room_id": room_id, "servers": [state.server_name()] }),
     ))
@@ -104,11 +109,7 @@ pub async fn delete_alias(
     Path(alias): Path<String>,
 ) -> MatrixResult<Json<Value>> {
     let alias = parse_alias(&state, &alias)?;
-    let room_id = state
-        .store
-        .alias_room(alias.as_str())
-        .await?
-        .ok_or_else(|| MatrixError::not_found(format!("Room alias {alias} not found")))?;
+    let room_id = alias_room(&state, &alias).await?;
     let creator = state.store.alias_creator(alias.as_str()).await?;
     let allowed = auth.admin
         || creator.as_deref() == Some(auth.user_id.as_str())

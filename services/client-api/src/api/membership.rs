@@ -191,27 +191,56 @@ pub async fn leave(
     Ok(Json(json!({})))
 }
 
+/// What an action on another member needs before its membership event is sent.
+enum Precondition {
+    /// The target must have an account here.
+    KnownUser,
+    /// The target's current membership must be one of these.
+    Membership(&'static [&'static str], &'static str),
+    None,
+}
+
+/// Invite, kick, ban, unban: check, then send `membership` for the target.
+async fn act_on_member(
+    state: AppState,
+    auth: Authed,
+    room: String,
+    body: TargetBody,
+    membership: &str,
+    precondition: Precondition,
+) -> MatrixResult<Json<Value>> {
+    let room_id = parse_room_id(&room)?;
+    let target = target(&state, &body)?;
+    require_room(&state, &room_id).await?;
+    match precondition {
+        Precondition::KnownUser => {
+            if state.store.user(target.as_str()).await?.is_none() {
+                return Err(MatrixError::not_found(format!("Unknown user {target}")));
+            }
+        }
+        Precondition::Membership(allowed, refusal) => {
+            let current = state
+                .store
+                .membership(room_id.as_str(), target.as_str())
+                .await?;
+            if !current.as_deref().is_some_and(|m| allowed.contains(&m)) {
+                return Err(MatrixError::forbidden(format!("{target} {refusal}")));
+            }
+        }
+        Precondition::None => {}
+    }
+    let content = member_content(membership, body.reason.as_deref());
+    change(&state, &room_id, &auth.user_id, &target, content).await?;
+    Ok(Json(json!({})))
+}
+
 pub async fn invite(
     State(state): State<AppState>,
     auth: Authed,
     Path(room): Path<String>,
     MatrixJson(body): MatrixJson<TargetBody>,
 ) -> MatrixResult<Json<Value>> {
-    let room_id = parse_room_id(&room)?;
-    let target = target(&state, &body)?;
-    require_room(&state, &room_id).await?;
-    if state.store.user(target.as_str()).await?.is_none() {
-        return Err(MatrixError::not_found(format!("Unknown user {target}")));
-    }
-    change(
-        &state,
-        &room_id,
-        &auth.user_id,
-        &target,
-        member_content("invite", body.reason.as_deref()),
-    )
-    .await?;
-    Ok(Json(json!({})))
+    act_on_member(state, auth, room, body, "invite", Precondition::KnownUser).await
 }
 
 pub async fn kick(
@@ -220,31 +249,8 @@ pub async fn kick(
     Path(room): Path<String>,
     MatrixJson(body): MatrixJson<TargetBody>,
 ) -> MatrixResult<Json<Value>> {
-    let room_id = parse_room_id(&room)?;
-    let target = target(&state, &body)?;
-    require_room(&state, &room_id).await?;
-    match state
-        .store
-        .membership(room_id.as_str(), target.as_str())
-        .await?
-        .as_deref()
-    {
-        Some("join" | "invite" | "knock") => {}
-        _ => {
-            return Err(MatrixError::forbidden(format!(
-                "{target} is not in the room"
-            )));
-        }
-    }
-    change(
-        &state,
-        &room_id,
-        &auth.user_id,
-        &target,
-        member_content("leave", body.reason.as_deref()),
-    )
-    .await?;
-    Ok(Json(json!({})))
+    let in_room = Precondition::Membership(&["join", "invite", "knock"], "is not in the room");
+    act_on_member(state, auth, room, body, "leave", in_room).await
 }
 
 pub async fn ban(
@@ -253,18 +259,7 @@ pub async fn ban(
     Path(room): Path<String>,
     MatrixJson(body): MatrixJson<TargetBody>,
 ) -> MatrixResult<Json<Value>> {
-    let room_id = parse_room_id(&room)?;
-    let target = target(&state, &body)?;
-    require_room(&state, &room_id).await?;
-    change(
-        &state,
-        &room_id,
-        &auth.user_id,
-        &target,
-        member_content("ban", body.reason.as_deref()),
-    )
-    .await?;
-    Ok(Json(json!({})))
+    act_on_member(state, auth, room, body, "ban", Precondition::None).await
 }
 
 pub async fn unban(
@@ -273,25 +268,6 @@ pub async fn unban(
     Path(room): Path<String>,
     MatrixJson(body): MatrixJson<TargetBody>,
 ) -> MatrixResult<Json<Value>> {
-    let room_id = parse_room_id(&room)?;
-    let target = target(&state, &body)?;
-    require_room(&state, &room_id).await?;
-    if state
-        .store
-        .membership(room_id.as_str(), target.as_str())
-        .await?
-        .as_deref()
-        != Some("ban")
-    {
-        return Err(MatrixError::forbidden(format!("{target} is not banned")));
-    }
-    change(
-        &state,
-        &room_id,
-        &auth.user_id,
-        &target,
-        member_content("leave", body.reason.as_deref()),
-    )
-    .await?;
-    Ok(Json(json!({})))
+    let banned = Precondition::Membership(&["ban"], "is not banned");
+    act_on_member(state, auth, room, body, "leave", banned).await
 }

@@ -21,7 +21,7 @@ use tessera_matrix_http::{MatrixError, MatrixJson, MatrixResult};
 use tessera_storage::StoreError;
 use tessera_storage::users::NewUser;
 
-use super::session::{hash_password, issue_session, random_string};
+use super::session::{hash_password, random_string, session_response};
 use crate::state::AppState;
 
 const DUMMY: &str = "m.login.dummy";
@@ -243,19 +243,13 @@ pub async fn register(
             json!({ "user_id": user_id, "home_server": state.server_name() }),
         ));
     }
-    let (token, device_id) = issue_session(
+    session_response(
         &state,
         &user_id,
         body.device_id,
         body.initial_device_display_name.as_deref(),
     )
-    .await?;
-    Ok(Json(json!({
-        "user_id": user_id,
-        "access_token": token,
-        "device_id": device_id,
-        "home_server": state.server_name(),
-    })))
+    .await
 }
 
 async fn create_account(
@@ -417,13 +411,7 @@ pub async fn admin_register(
     )
     .await?;
     tracing::info!(user_id = %user_id, admin = body.admin, "registered with the shared secret");
-    let (token, device_id) = issue_session(&state, &user_id, None, None).await?;
-    Ok(Json(json!({
-        "user_id": user_id,
-        "access_token": token,
-        "device_id": device_id,
-        "home_server": state.server_name(),
-    })))
+    session_response(&state, &user_id, None, None).await
 }
 
 // --- Synapse-compatible registration token admin API ---

@@ -75,6 +75,22 @@ pub async fn issue_session(
     Ok((token, device_id))
 }
 
+/// A new device and token for the user, as `/login` and `/register` answer.
+pub async fn session_response(
+    state: &AppState,
+    user_id: &UserId,
+    device_id: Option<String>,
+    display_name: Option<&str>,
+) -> MatrixResult<Json<Value>> {
+    let (token, device_id) = issue_session(state, user_id, device_id, display_name).await?;
+    Ok(Json(json!({
+        "user_id": user_id,
+        "access_token": token,
+        "device_id": device_id,
+        "home_server": state.server_name(),
+    })))
+}
+
 /// Resolve `@user:server` or a bare localpart to one of our user IDs.
 pub fn local_user_id(state: &AppState, user: &str) -> MatrixResult<OwnedUserId> {
     let full = if user.starts_with('@') {
@@ -172,20 +188,14 @@ pub async fn login(
             "This account has been deactivated",
         ));
     }
-    let (token, device_id) = issue_session(
+    metrics::counter!("tessera_logins_total").increment(1);
+    session_response(
         &state,
         &user_id,
         body.device_id,
         body.initial_device_display_name.as_deref(),
     )
-    .await?;
-    metrics::counter!("tessera_logins_total").increment(1);
-    Ok(Json(json!({
-        "user_id": user_id,
-        "access_token": token,
-        "device_id": device_id,
-        "home_server": state.server_name(),
-    })))
+    .await
 }
 
 pub async fn logout(State(state): State<AppState>, auth: Authed) -> MatrixResult<Json<Value>> {

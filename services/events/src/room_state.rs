@@ -27,6 +27,33 @@ pub enum CreateError {
     Forbidden(#[from] AuthError),
 }
 
+/// After this many deltas in a row, a state group is written as a full
+/// snapshot, so reading any group walks a bounded chain.
+pub const SNAPSHOT_EVERY: u32 = 100;
+
+/// A state group to store: the event that defines it, its parent (None for a
+/// full snapshot) and the slots that differ from the parent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupDelta {
+    pub id: String,
+    pub parent: Option<String>,
+    pub chain_length: u32,
+    /// (type, state_key, event ID; None when the slot is removed).
+    pub entries: Vec<(String, String, Option<String>)>,
+}
+
+/// What applying an event changed.
+#[derive(Debug, Clone)]
+pub struct Applied {
+    /// The state event this one replaced, if any.
+    pub replaced: Option<Arc<Pdu>>,
+    /// State groups before and after the event.
+    pub group_before: Option<String>,
+    pub group_after: String,
+    /// A group to store, when the event changed the state (or the room had none).
+    pub new_group: Option<GroupDelta>,
+}
+
 #[derive(Clone)]
 pub struct RoomState {
     room_id: OwnedRoomId,
@@ -36,6 +63,8 @@ pub struct RoomState {
     state: HashMap<StateKey, Arc<Pdu>>,
     extremities: Vec<OwnedEventId>,
     depth: u64,
+    /// The current state's group and how many deltas lead to it from a snapshot.
+    group: Option<(String, u32)>,
 }
 
 impl RoomState {
@@ -46,6 +75,7 @@ impl RoomState {
         state: impl IntoIterator<Item = Arc<Pdu>>,
         extremities: Vec<OwnedEventId>,
         depth: u64,
+        group: Option<(String, u32)>,
     ) -> Option<Self> {
         let rules = room_version::rules(&version).or_else(|| version.rules())?;
         let state = state
@@ -65,20 +95,40 @@ impl RoomState {
             state,
             extremities,
             depth,
+            group,
         })
     }
 
-    /// The state of a brand-new room: just its create event.
+    /// The state of a brand-new room: just its create event, in a snapshot
+    /// group named after it ([`RoomState::create_group`] is what to store).
     pub fn from_create(create: Arc<Pdu>, version: RoomVersionId) -> Option<Self> {
         let depth = create.depth();
         let extremities = vec![create.event_id().to_owned()];
+        let group = Some((create.event_id().to_string(), 0));
         Self::from_parts(
             create.room_id().to_owned(),
             version,
             [create],
             extremities,
             depth,
+            group,
         )
+    }
+
+    /// What a new room's create event did to the (empty) state.
+    pub fn create_group(create: &Pdu) -> Applied {
+        let id = create.event_id().to_string();
+        Applied {
+            replaced: None,
+            group_before: None,
+            group_after: id.clone(),
+            new_group: Some(GroupDelta {
+                id: id.clone(),
+                parent: None,
+                chain_length: 0,
+                entries: vec![("m.room.create".to_owned(), String::new(), Some(id))],
+            }),
+        }
     }
 
     pub fn room_id(&self) -> &RoomId {
@@ -210,14 +260,68 @@ impl RoomState {
         Ok(Arc::new(pdu))
     }
 
-    /// Make an accepted event the room's new head. Returns the state event it
-    /// replaced, if it is a state event.
-    pub fn apply(&mut self, pdu: Arc<Pdu>) -> Option<Arc<Pdu>> {
+    /// The current state group, if the room has one yet.
+    pub fn state_group(&self) -> Option<&str> {
+        self.group.as_ref().map(|(id, _)| id.as_str())
+    }
+
+    /// Make an accepted event the room's new head, and say which state group
+    /// it leaves the room in.
+    pub fn apply(&mut self, pdu: Arc<Pdu>) -> Applied {
         self.depth = self.depth.max(pdu.depth());
         self.extremities = vec![pdu.event_id().to_owned()];
-        let state_key = pdu.state_key()?.to_owned();
-        let key = (StateEventType::from(pdu.kind().to_string()), state_key);
-        self.state.insert(key, pdu)
+        let group_before = self.group.as_ref().map(|(id, _)| id.clone());
+        let replaced = pdu.state_key().map(|state_key| {
+            let key = (
+                StateEventType::from(pdu.kind().to_string()),
+                state_key.to_owned(),
+            );
+            (key.clone(), self.state.insert(key, Arc::clone(&pdu)))
+        });
+        let id = pdu.event_id().to_string();
+        let new_group = match (&self.group, &replaced) {
+            // A message in a room with a group: the state does not change.
+            (Some(_), None) => None,
+            // A state change: a delta on the current group, unless the chain is long.
+            (Some((parent, chain)), Some(((kind, key), _))) if *chain < SNAPSHOT_EVERY => {
+                Some(GroupDelta {
+                    id: id.clone(),
+                    parent: Some(parent.clone()),
+                    chain_length: chain + 1,
+                    entries: vec![(kind.to_string(), key.clone(), Some(id.clone()))],
+                })
+            }
+            // No group yet, or time for a snapshot.
+            _ => Some(GroupDelta {
+                id: id.clone(),
+                parent: None,
+                chain_length: 0,
+                entries: self
+                    .state
+                    .iter()
+                    .map(|((kind, key), pdu)| {
+                        (
+                            kind.to_string(),
+                            key.clone(),
+                            Some(pdu.event_id().to_string()),
+                        )
+                    })
+                    .collect(),
+            }),
+        };
+        if let Some(group) = &new_group {
+            self.group = Some((group.id.clone(), group.chain_length));
+        }
+        Applied {
+            replaced: replaced.and_then(|(_, old)| old),
+            group_before,
+            group_after: self
+                .group
+                .as_ref()
+                .map(|(id, _)| id.clone())
+                .expect("set above when missing"),
+            new_group,
+        }
     }
 }
 

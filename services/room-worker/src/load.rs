@@ -26,6 +26,8 @@ pub async fn load_room(store: &Store, room_id: &RoomId) -> Result<Option<RoomSta
         state,
         extremities,
         room.depth as u64,
+        room.state_group
+            .map(|(id, chain)| (id, chain.max(0) as u32)),
     )
     .map(Some)
     .ok_or_else(|| StoreError::Corrupt(format!("room {room_id} has unsupported version {version}")))

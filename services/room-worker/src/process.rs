@@ -13,12 +13,14 @@ use std::time::Instant;
 
 use tessera_events::Pdu;
 use tessera_events::build::{BuildError, EventTemplate, build_create_event, v12_room_id};
-use tessera_events::room_state::{CreateError, RoomState};
+use tessera_events::room_state::{Applied, CreateError, RoomState};
 use tessera_events::room_version;
 use tessera_events::ruma::{EventId, OwnedEventId, OwnedUserId, RoomId, RoomVersionId, UserId};
 use tessera_replication::EventEntry;
 use tessera_storage::StoreError;
-use tessera_storage::persist::{Batch, EventToPersist, NewRoom, StateChange, TxnKey};
+use tessera_storage::persist::{
+    Batch, EventToPersist, NewRoom, NewStateGroup, StateChange, TxnKey,
+};
 
 use crate::engine::{Engine, Job};
 use crate::load::load_room;
@@ -104,7 +106,7 @@ pub async fn run_turn(engine: &Engine, room_id: &RoomId, jobs: Vec<Job>) {
 /// One accepted event on its way to storage.
 struct Accepted {
     pdu: Arc<Pdu>,
-    replaced: Option<Arc<Pdu>>,
+    applied: Applied,
     txn: Option<TxnKey>,
     redacts: Option<String>,
 }
@@ -217,14 +219,14 @@ async fn build_turn(
                         }
                         None => None,
                     };
-                    let replaced = working.apply(Arc::clone(&pdu));
+                    let applied = working.apply(Arc::clone(&pdu));
                     if let Some(txn) = &request.txn {
                         known_txns.insert(txn.clone(), pdu.event_id().to_string());
                     }
                     job_outcomes.push(Ok(pdu.event_id().to_owned()));
                     accepted.push(Accepted {
                         pdu,
-                        replaced,
+                        applied,
                         txn: request.txn.clone(),
                         redacts,
                     });
@@ -298,7 +300,11 @@ async fn commit(
                 depth: pdu.depth() as i64,
                 membership: membership.clone(),
                 rejected: false,
-                prev_state_event_id: a.replaced.as_ref().map(|p| p.event_id().to_string()),
+                prev_state_event_id: a
+                    .applied
+                    .replaced
+                    .as_ref()
+                    .map(|p| p.event_id().to_string()),
                 json: pdu.canonical_string(),
                 state_changes: pdu
                     .state_key()
@@ -313,7 +319,21 @@ async fn commit(
                     .unwrap_or_default(),
                 redacts: a.redacts.clone(),
                 txn: a.txn.clone(),
+                state_group: Some(a.applied.group_after.clone()),
+                state_group_before: a.applied.group_before.clone(),
+                soft_failed: false,
+                origin: None,
             }
+        })
+        .collect();
+    let new_groups = accepted
+        .iter()
+        .filter_map(|a| a.applied.new_group.as_ref())
+        .map(|g| NewStateGroup {
+            id: g.id.clone(),
+            parent: g.parent.clone(),
+            chain_length: g.chain_length as i32,
+            entries: g.entries.clone(),
         })
         .collect();
     let batch = Batch {
@@ -326,6 +346,10 @@ async fn commit(
         depth: room.depth() as i64,
         extremities: room.extremities().iter().map(|e| e.to_string()).collect(),
         aliases,
+        new_groups,
+        state_group: room.state_group().map(str::to_owned),
+        staged_ids: vec![],
+        outliers: vec![],
     };
     let _order = engine.partition_lock(partition).lock().await;
     let positions = engine.store.persist(&batch).await?;
@@ -407,17 +431,17 @@ async fn create_room(engine: &Engine, room_id: &RoomId, request: CreateRoom, epo
     };
     let mut accepted = vec![Accepted {
         pdu: Arc::clone(&create),
-        replaced: None,
+        applied: RoomState::create_group(&create),
         txn: None,
         redacts: None,
     }];
     for template in &request.events {
         match state.create_event(template, &engine.key, &engine.server_name) {
             Ok(pdu) => {
-                let replaced = state.apply(Arc::clone(&pdu));
+                let applied = state.apply(Arc::clone(&pdu));
                 accepted.push(Accepted {
                     pdu,
-                    replaced,
+                    applied,
                     txn: None,
                     redacts: None,
                 });

@@ -155,7 +155,7 @@ impl Store {
         };
         let sql = format!(
             "SELECT {EVENT_COLUMNS} FROM events e {EVENT_JOINS}
-             WHERE e.room_id = $1 AND e.pos > $2 AND e.pos <= $3 AND NOT e.rejected
+             WHERE e.room_id = $1 AND e.pos > $2 AND e.pos <= $3 AND NOT e.rejected AND NOT e.soft_failed
              ORDER BY e.pos {order} LIMIT $4"
         );
         let rows = self.query(&sql, &[&room_id, &after, &upto, &limit]).await?;
@@ -173,7 +173,7 @@ impl Store {
     ) -> Result<Vec<PartitionEntry>> {
         let rows = self
             .query(
-                "SELECT pos, room_id, event_id, type, state_key, membership, rejected FROM events
+                "SELECT pos, room_id, event_id, type, state_key, membership, rejected OR soft_failed FROM events
                  WHERE partition = $1 AND pos > $2 AND pos <= $3 ORDER BY pos LIMIT $4",
                 &[&(partition as i32), &after, &upto, &limit],
             )

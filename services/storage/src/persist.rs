@@ -17,7 +17,7 @@ pub struct NewRoom {
 }
 
 /// A change to a room's resolved state caused by an event.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct StateChange {
     pub kind: String,
     pub state_key: String,
@@ -34,6 +34,7 @@ pub struct TxnKey {
     pub txn_id: String,
 }
 
+#[derive(Debug, Clone, Default)]
 pub struct EventToPersist {
     pub event_id: String,
     pub kind: String,
@@ -50,6 +51,32 @@ pub struct EventToPersist {
     /// The event this (valid) redaction redacts.
     pub redacts: Option<String>,
     pub txn: Option<TxnKey>,
+    /// State group of the state after the event, and before it.
+    pub state_group: Option<String>,
+    pub state_group_before: Option<String>,
+    /// Passed the auth rules against its own state but not the room's current
+    /// state: stored, never shown, never built on.
+    pub soft_failed: bool,
+    /// The server the event came from, for events received over federation.
+    pub origin: Option<String>,
+}
+
+/// A new state group: its parent (None for a full snapshot) and the slots
+/// that differ from it (`None` event: slot removed).
+#[derive(Debug, Clone)]
+pub struct NewStateGroup {
+    pub id: String,
+    pub parent: Option<String>,
+    pub chain_length: i32,
+    pub entries: Vec<(String, String, Option<String>)>,
+}
+
+/// An event stored outside the timeline (fetched to check others).
+#[derive(Debug, Clone)]
+pub struct Outlier {
+    pub event_id: String,
+    pub json: String,
+    pub rejected: bool,
 }
 
 pub struct Batch {
@@ -64,6 +91,36 @@ pub struct Batch {
     pub extremities: Vec<String>,
     /// Aliases to create for the room: (alias, creator).
     pub aliases: Vec<(String, String)>,
+    /// State groups the events refer to that do not exist yet.
+    pub new_groups: Vec<NewStateGroup>,
+    /// The room's current state group after the batch.
+    pub state_group: Option<String>,
+    /// Staged PDUs this batch processes: removed in the same transaction, so
+    /// each is processed exactly once.
+    pub staged_ids: Vec<i64>,
+    /// Events fetched to check these, stored outside the timeline.
+    pub outliers: Vec<Outlier>,
+}
+
+impl Batch {
+    /// An empty batch for a room, to be filled in.
+    pub fn new(partition: u32, worker_id: &str, epoch: i64, room_id: &str) -> Self {
+        Self {
+            partition,
+            worker_id: worker_id.to_owned(),
+            epoch,
+            room_id: room_id.to_owned(),
+            new_room: None,
+            events: vec![],
+            depth: 0,
+            extremities: vec![],
+            aliases: vec![],
+            new_groups: vec![],
+            state_group: None,
+            staged_ids: vec![],
+            outliers: vec![],
+        }
+    }
 }
 
 /// The whole batch in one statement, so one round trip: the fenced lease
@@ -77,19 +134,42 @@ WITH lease AS (
     WHERE partition = $1::int AND owner = $2::text AND epoch = $3::bigint AND expires_at > now()
     RETURNING next_pos - $4 AS first
 ), new_room AS (
-    INSERT INTO rooms (room_id, partition, room_version, creator, is_public, head_pos, depth, forward_extremities)
-    SELECT $5::text, $1::int, $6::text, $7::text, $8::bool, lease.first + $4 - 1, $9::bigint, $10::text[] FROM lease WHERE $6::text IS NOT NULL
+    INSERT INTO rooms (room_id, partition, room_version, creator, is_public, head_pos, depth, forward_extremities,
+                       state_group)
+    SELECT $5::text, $1::int, $6::text, $7::text, $8::bool, lease.first + $4 - 1, $9::bigint, $10::text[], $45::text
+    FROM lease WHERE $6::text IS NOT NULL
 ), room_head AS (
-    UPDATE rooms SET head_pos = lease.first + $4 - 1, depth = $9, forward_extremities = $10
-    FROM lease WHERE rooms.room_id = $5 AND $6::text IS NULL
+    UPDATE rooms SET head_pos = lease.first + $4 - 1, depth = $9, forward_extremities = $10,
+                     state_group = COALESCE($45::text, rooms.state_group)
+    FROM lease WHERE rooms.room_id = $5 AND $6::text IS NULL AND $4::bigint > 0
 ), new_events AS (
     INSERT INTO events (partition, pos, event_id, room_id, type, state_key, sender,
-                        origin_server_ts, depth, membership, rejected, prev_state_event_id, json)
+                        origin_server_ts, depth, membership, rejected, prev_state_event_id, json,
+                        state_group, state_group_before, soft_failed, origin)
     SELECT $1, lease.first + e.ord - 1, e.event_id, $5, e.type, e.state_key, e.sender, e.ts, e.depth,
-           e.membership, e.rejected, e.prev_state, e.json
+           e.membership, e.rejected, e.prev_state, e.json, e.grp, e.grp_before, e.soft_failed, e.origin
     FROM lease, unnest($11::text[], $12::text[], $13::text[], $14::text[], $15::bigint[], $16::bigint[],
-                       $17::text[], $18::bool[], $19::text[], $20::text[])
-         WITH ORDINALITY AS e(event_id, type, state_key, sender, ts, depth, membership, rejected, prev_state, json, ord)
+                       $17::text[], $18::bool[], $19::text[], $20::text[], $41::text[], $42::text[],
+                       $43::bool[], $44::text[])
+         WITH ORDINALITY AS e(event_id, type, state_key, sender, ts, depth, membership, rejected, prev_state,
+                              json, grp, grp_before, soft_failed, origin, ord)
+), groups AS (
+    INSERT INTO state_groups (id, room_id, parent, chain_length)
+    SELECT g.id, $5, g.parent, g.chain_length
+    FROM lease, unnest($34::text[], $35::text[], $36::int[]) AS g(id, parent, chain_length)
+), group_entries AS (
+    INSERT INTO state_group_entries (group_id, type, state_key, event_id)
+    SELECT g.group_id, g.type, g.state_key, g.event_id
+    FROM lease, unnest($37::text[], $38::text[], $39::text[], $40::text[]) AS g(group_id, type, state_key, event_id)
+), unstaged AS (
+    DELETE FROM staged_pdus USING lease WHERE staged_pdus.id = ANY($46::bigint[])
+), new_outliers AS (
+    INSERT INTO outliers (event_id, room_id, json, rejected)
+    SELECT o.event_id, $5, o.json, o.rejected
+    FROM lease, unnest($47::text[], $48::text[], $49::bool[]) AS o(event_id, json, rejected)
+    ON CONFLICT DO NOTHING
+), promoted AS (
+    DELETE FROM outliers USING lease WHERE outliers.event_id = ANY($11::text[])
 ), changes AS (
     SELECT lease.first + c.ord - 1 AS pos, c.type, c.state_key, c.event_id, c.membership
     FROM lease, unnest($21::bigint[], $22::text[], $23::text[], $24::text[], $25::text[])
@@ -127,9 +207,6 @@ impl Store {
     /// in order.
     pub async fn persist(&self, batch: &Batch) -> Result<Vec<i64>> {
         let n = batch.events.len() as i64;
-        if n == 0 {
-            return Ok(vec![]);
-        }
         let events = &batch.events;
         let strings = |f: fn(&EventToPersist) -> String| events.iter().map(f).collect::<Vec<_>>();
         let options =
@@ -184,6 +261,30 @@ impl Store {
         let creator = room.map(|r| r.creator.as_str());
         let is_public = room.map(|r| r.is_public).unwrap_or(false);
         let partition = batch.partition as i32;
+        let groups = options(|e| e.state_group.clone());
+        let groups_before = options(|e| e.state_group_before.clone());
+        let soft_failed: Vec<bool> = events.iter().map(|e| e.soft_failed).collect();
+        let origins = options(|e| e.origin.clone());
+        let group_ids: Vec<&str> = batch.new_groups.iter().map(|g| g.id.as_str()).collect();
+        let group_parents: Vec<Option<&str>> = batch
+            .new_groups
+            .iter()
+            .map(|g| g.parent.as_deref())
+            .collect();
+        let group_lengths: Vec<i32> = batch.new_groups.iter().map(|g| g.chain_length).collect();
+        let mut entry_group = Vec::new();
+        let (mut entry_type, mut entry_key, mut entry_event) = (Vec::new(), Vec::new(), Vec::new());
+        for group in &batch.new_groups {
+            for (kind, key, event) in &group.entries {
+                entry_group.push(group.id.as_str());
+                entry_type.push(kind.as_str());
+                entry_key.push(key.as_str());
+                entry_event.push(event.as_deref());
+            }
+        }
+        let outlier_ids: Vec<&str> = batch.outliers.iter().map(|o| o.event_id.as_str()).collect();
+        let outlier_jsons: Vec<&str> = batch.outliers.iter().map(|o| o.json.as_str()).collect();
+        let outlier_rejected: Vec<bool> = batch.outliers.iter().map(|o| o.rejected).collect();
 
         let client = self.client().await?;
         let statement = client.prepare_cached(PERSIST_SQL).await?;
@@ -224,6 +325,22 @@ impl Store {
                     &txn_events,
                     &aliases,
                     &alias_creators,
+                    &group_ids,
+                    &group_parents,
+                    &group_lengths,
+                    &entry_group,
+                    &entry_type,
+                    &entry_key,
+                    &entry_event,
+                    &groups,
+                    &groups_before,
+                    &soft_failed,
+                    &origins,
+                    &batch.state_group,
+                    &batch.staged_ids,
+                    &outlier_ids,
+                    &outlier_jsons,
+                    &outlier_rejected,
                 ],
             )
             .await

@@ -13,6 +13,8 @@ pub struct RoomRow {
     pub head_pos: i64,
     pub depth: i64,
     pub forward_extremities: Vec<String>,
+    /// The current state's group and its chain length from a snapshot.
+    pub state_group: Option<(String, i32)>,
 }
 
 /// A user's membership in a room as of some position.
@@ -27,8 +29,9 @@ pub struct MembershipRow {
 impl Store {
     pub async fn room(&self, room_id: &str) -> Result<Option<RoomRow>> {
         let row = self.query_opt(
-                "SELECT room_id, partition, room_version, creator, is_public, head_pos, depth, forward_extremities
-                 FROM rooms WHERE room_id = $1",
+                "SELECT r.room_id, r.partition, r.room_version, r.creator, r.is_public, r.head_pos, r.depth,
+                        r.forward_extremities, r.state_group, g.chain_length
+                 FROM rooms r LEFT JOIN state_groups g ON g.id = r.state_group WHERE r.room_id = $1",
                 &[&room_id],
             )
             .await?;
@@ -41,6 +44,9 @@ impl Store {
             head_pos: r.get(5),
             depth: r.get(6),
             forward_extremities: r.get(7),
+            state_group: r
+                .get::<_, Option<String>>(8)
+                .zip(r.get::<_, Option<i32>>(9)),
         }))
     }
 
@@ -317,5 +323,45 @@ impl Store {
             )
             .await?;
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+}
+
+impl Store {
+    /// The full state of a state group: its chain of deltas walked back to a
+    /// snapshot, the nearest entry per slot winning. (type, state_key) → event ID.
+    pub async fn state_group_map(&self, group_id: &str) -> Result<Vec<(String, String, String)>> {
+        let rows = self
+            .query(
+                "WITH RECURSIVE chain AS (
+                     SELECT id, parent, 0 AS distance FROM state_groups WHERE id = $1
+                     UNION ALL
+                     SELECT g.id, g.parent, c.distance + 1 FROM state_groups g JOIN chain c ON g.id = c.parent
+                 ), entries AS (
+                     SELECT DISTINCT ON (e.type, e.state_key) e.type, e.state_key, e.event_id
+                     FROM chain c JOIN state_group_entries e ON e.group_id = c.id
+                     ORDER BY e.type, e.state_key, c.distance
+                 )
+                 SELECT type, state_key, event_id FROM entries WHERE event_id IS NOT NULL",
+                &[&group_id],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect())
+    }
+
+    /// The state groups before and after an event in the timeline.
+    pub async fn event_state_groups(
+        &self,
+        event_id: &str,
+    ) -> Result<Option<(Option<String>, Option<String>)>> {
+        let row = self
+            .query_opt(
+                "SELECT state_group_before, state_group FROM events WHERE event_id = $1",
+                &[&event_id],
+            )
+            .await?;
+        Ok(row.map(|r| (r.get(0), r.get(1))))
     }
 }

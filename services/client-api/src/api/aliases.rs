@@ -90,7 +90,7 @@ async fn room_state(state: &AppState, room_id: &str) -> MatrixResult<RoomState> 
         events.push(stored.pdu()?);
     }
     let room_id = parse_room_id(room_id)?;
-    RoomState::from_parts(room_id, version, events, vec![], row.depth as u64)
+    RoomState::from_parts(room_id, version, events, vec![], row.depth as u64, None)
         .ok_or_else(|| MatrixError::internal("unsupported room version"))
 }
 

@@ -323,3 +323,75 @@ fn v12_room_ids_can_be_computed_before_signing() {
     let (room, _) = create_room(&s);
     assert_eq!(predicted, room.room_id());
 }
+
+#[test]
+fn state_groups_follow_state_changes() {
+    let (mut room, _) = create_room(&setup(RoomVersionId::V12, Preset::PrivateChat, &[]));
+    // The room's first applied event (the creator's join) made a snapshot; the
+    // others since were deltas on it.
+    let group = room.state_group().unwrap().to_owned();
+    let message = room
+        .create_event(
+            &template(
+                "alice",
+                "m.room.message",
+                None,
+                json!({"body": "x", "msgtype": "m.text"}),
+            ),
+            key(),
+            server(),
+        )
+        .unwrap();
+    let applied = room.apply(message);
+    assert_eq!(applied.new_group, None, "messages do not change the state");
+    assert_eq!(
+        (
+            applied.group_before.as_deref(),
+            applied.group_after.as_str()
+        ),
+        (Some(group.as_str()), group.as_str())
+    );
+
+    let topic = room
+        .create_event(
+            &template("alice", "m.room.topic", Some(""), json!({"topic": "t"})),
+            key(),
+            server(),
+        )
+        .unwrap();
+    let applied = room.apply(topic.clone());
+    let delta = applied.new_group.unwrap();
+    assert_eq!(delta.id, topic.event_id().as_str());
+    assert_eq!(delta.parent.as_deref(), Some(group.as_str()));
+    assert_eq!(
+        delta.entries,
+        vec![(
+            "m.room.topic".to_owned(),
+            String::new(),
+            Some(topic.event_id().to_string())
+        )]
+    );
+    assert_eq!(room.state_group(), Some(topic.event_id().as_str()));
+
+    // A long chain of deltas ends in a snapshot holding the whole state.
+    let mut seen_snapshot = false;
+    for _ in 0..crate::room_state::SNAPSHOT_EVERY + 1 {
+        let pdu = room
+            .create_event(
+                &template("alice", "m.room.name", Some(""), json!({"name": "n"})),
+                key(),
+                server(),
+            )
+            .unwrap();
+        let group = room.apply(pdu).new_group.unwrap();
+        if group.parent.is_none() {
+            assert_eq!(
+                group.entries.len(),
+                room.state_events().count(),
+                "a snapshot lists every slot"
+            );
+            seen_snapshot = true;
+        }
+    }
+    assert!(seen_snapshot);
+}

@@ -42,6 +42,7 @@ fn event(id: String) -> EventToPersist {
         state_changes: vec![],
         redacts: None,
         txn: None,
+        ..Default::default()
     }
 }
 
@@ -89,6 +90,10 @@ async fn gaps_in_redis_are_filled_from_postgres() {
             depth: 1,
             extremities: vec![],
             aliases: vec![],
+            new_groups: vec![],
+            state_group: None,
+            staged_ids: vec![],
+            outliers: vec![],
         };
         let positions = store.persist(&batch).await.unwrap();
         let entries: Vec<EventEntry> = positions

@@ -29,6 +29,7 @@ fn event(id: &str, kind: &str, state_key: Option<&str>) -> EventToPersist {
             .unwrap_or_default(),
         redacts: None,
         txn: None,
+        ..Default::default()
     }
 }
 
@@ -50,6 +51,10 @@ fn batch(epoch: i64, worker: &str, new_room: bool, events: Vec<EventToPersist>) 
             .unwrap_or_default(),
         events,
         aliases: vec![],
+        new_groups: vec![],
+        state_group: None,
+        staged_ids: vec![],
+        outliers: vec![],
     }
 }
 
@@ -205,4 +210,75 @@ async fn a_reused_transaction_id_is_a_conflict() {
         .unwrap_err();
     assert!(matches!(err, StoreError::Conflict(_)), "{err}");
     assert!(store.event("$2").await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn state_groups_are_walked_back_to_their_snapshot() {
+    use crate::persist::NewStateGroup;
+    let store = test_util::store().await;
+    store.init_cluster("example.org", 4).await.unwrap();
+    let epoch = store.claim_partition(2, "a", TTL).await.unwrap().unwrap();
+    let mut b = batch(
+        epoch,
+        "a",
+        true,
+        vec![
+            event("$c", "m.room.create", Some("")),
+            event("$t1", "m.room.topic", Some("")),
+        ],
+    );
+    b.new_groups = vec![
+        NewStateGroup {
+            id: "$c".into(),
+            parent: None,
+            chain_length: 0,
+            entries: vec![("m.room.create".into(), "".into(), Some("$c".into()))],
+        },
+        NewStateGroup {
+            id: "$t1".into(),
+            parent: Some("$c".into()),
+            chain_length: 1,
+            entries: vec![("m.room.topic".into(), "".into(), Some("$t1".into()))],
+        },
+    ];
+    b.state_group = Some("$t1".into());
+    store.persist(&b).await.unwrap();
+    let mut b = batch(
+        epoch,
+        "a",
+        false,
+        vec![event("$t2", "m.room.topic", Some(""))],
+    );
+    b.new_groups = vec![NewStateGroup {
+        id: "$t2".into(),
+        parent: Some("$t1".into()),
+        chain_length: 2,
+        entries: vec![
+            ("m.room.topic".into(), "".into(), None),
+            ("m.room.name".into(), "".into(), Some("$t2".into())),
+        ],
+    }];
+    b.state_group = Some("$t2".into());
+    store.persist(&b).await.unwrap();
+    let mut at_t1 = store.state_group_map("$t1").await.unwrap();
+    at_t1.sort();
+    assert_eq!(
+        at_t1,
+        vec![
+            ("m.room.create".into(), "".into(), "$c".into()),
+            ("m.room.topic".into(), "".into(), "$t1".into())
+        ]
+    );
+    let mut at_t2 = store.state_group_map("$t2").await.unwrap();
+    at_t2.sort();
+    assert_eq!(
+        at_t2,
+        vec![
+            ("m.room.create".into(), "".into(), "$c".into()),
+            ("m.room.name".into(), "".into(), "$t2".into())
+        ],
+        "a removal hides the parent's slot"
+    );
+    let room = store.room("!r:example.org").await.unwrap().unwrap();
+    assert_eq!(room.state_group, Some(("$t2".to_owned(), 2)));
 }

@@ -30,6 +30,8 @@ pub struct Config {
     pub client_api: ClientApiConfig,
     pub room_worker: RoomWorkerConfig,
     pub sync_worker: SyncWorkerConfig,
+    pub federation: FederationConfig,
+    pub federation_receiver: FederationReceiverConfig,
     pub gateway: GatewayConfig,
     pub admin: AdminConfig,
     pub log: LogConfig,
@@ -47,6 +49,8 @@ impl Default for Config {
             client_api: ClientApiConfig::default(),
             room_worker: RoomWorkerConfig::default(),
             sync_worker: SyncWorkerConfig::default(),
+            federation: FederationConfig::default(),
+            federation_receiver: FederationReceiverConfig::default(),
             gateway: GatewayConfig::default(),
             admin: AdminConfig::default(),
             log: LogConfig::default(),
@@ -231,6 +235,67 @@ impl Default for SyncWorkerConfig {
             listen: "127.0.0.1:8082".parse().expect("literal address"),
             checkpoint_interval_secs: 60,
             token_lifetime_days: 30,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FederationConfig {
+    /// Check remote servers' TLS certificates. Turn off only on test networks
+    /// (loopback benchmarks), as Synapse's `federation_verify_certificates`.
+    pub verify_certificates: bool,
+    /// Servers trusted to vouch for other servers' keys (notaries), asked when
+    /// a server's own key endpoint cannot be reached.
+    pub trusted_key_servers: Vec<String>,
+    /// How long our published key response says it is valid, in hours.
+    pub key_validity_hours: u64,
+    /// Staged PDUs a room may have before new transactions carrying PDUs for
+    /// it are answered 429 (only that room's origins are slowed).
+    pub max_staged_per_room: i64,
+    /// Sustained PDUs per second accepted from one origin (per receiver), and
+    /// the burst above it; beyond them the origin gets 429.
+    pub origin_pdus_per_second: u64,
+    pub origin_pdu_burst: u64,
+    /// How long a PDU whose prev_events are missing waits for them to arrive
+    /// in other transactions before they are fetched from the origin.
+    pub missing_prev_wait_ms: u64,
+    /// Staged PDUs a room-worker processes for one room in one turn.
+    pub staged_batch: i64,
+}
+
+impl Default for FederationConfig {
+    fn default() -> Self {
+        Self {
+            verify_certificates: true,
+            trusted_key_servers: vec![],
+            key_validity_hours: 24 * 7,
+            max_staged_per_room: 100_000,
+            origin_pdus_per_second: 5_000,
+            origin_pdu_burst: 20_000,
+            missing_prev_wait_ms: 1_000,
+            staged_batch: 200,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FederationReceiverConfig {
+    /// Where the server-server API listens (plain HTTP behind a TLS-terminating
+    /// proxy, or TLS itself when a certificate is configured).
+    pub listen: SocketAddr,
+    /// PEM certificate chain and private key: serve TLS directly (as on 8448).
+    pub tls_certificate: Option<String>,
+    pub tls_private_key: Option<String>,
+}
+
+impl Default for FederationReceiverConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8448".parse().expect("literal address"),
+            tls_certificate: None,
+            tls_private_key: None,
         }
     }
 }

@@ -7,6 +7,7 @@
 //!   leases with their epochs (the fencing tokens).
 //! - [`keys`]: the cluster's signing key.
 //! - [`persist`]: the fenced write of a batch of events for one room.
+//! - [`federation`]: remote keys, inbound transactions, staged PDUs, outliers, EDUs.
 //! - [`events`]: reading events back, with what clients see around them
 //!   (redactions, transaction IDs, replaced state).
 //! - [`rooms`]: room metadata, current and historical state, members, aliases.
@@ -18,6 +19,7 @@
 pub mod account;
 pub mod cluster;
 pub mod events;
+pub mod federation;
 pub mod keys;
 pub mod persist;
 pub mod rooms;

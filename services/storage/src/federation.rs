@@ -1,0 +1,237 @@
+//! Federation state: remote servers' keys, inbound transactions, the staging
+//! queue of PDUs waiting for their room's owner, outliers and received EDUs.
+
+use crate::{Result, Store, conflict};
+
+/// A PDU waiting in staging.
+#[derive(Debug, Clone)]
+pub struct StagedPdu {
+    pub id: i64,
+    pub room_id: String,
+    pub origin: String,
+    pub event_id: String,
+    pub json: String,
+}
+
+/// A PDU to stage.
+#[derive(Debug, Clone)]
+pub struct NewStagedPdu<'a> {
+    pub room_id: &'a str,
+    pub partition: u32,
+    pub origin: &'a str,
+    pub event_id: &'a str,
+    pub json: &'a str,
+}
+
+/// An event by ID from the timeline or the outliers.
+#[derive(Debug, Clone)]
+pub struct KnownEvent {
+    pub event_id: String,
+    pub room_id: String,
+    pub json: String,
+    pub rejected: bool,
+    pub outlier: bool,
+    pub soft_failed: bool,
+    pub state_group: Option<String>,
+}
+
+impl Store {
+    /// A remote key: (public key, valid until ms).
+    pub async fn remote_key(&self, server: &str, key_id: &str) -> Result<Option<(String, i64)>> {
+        let row = self
+            .query_opt(
+                "SELECT public_key, valid_until_ts FROM remote_server_keys WHERE server_name = $1 AND key_id = $2",
+                &[&server, &key_id],
+            )
+            .await?;
+        Ok(row.map(|r| (r.get(0), r.get(1))))
+    }
+
+    /// Store verified keys of a server: (key ID, public key, valid until ms).
+    pub async fn store_remote_keys(
+        &self,
+        server: &str,
+        keys: &[(String, String, i64)],
+    ) -> Result<()> {
+        let ids: Vec<&str> = keys.iter().map(|k| k.0.as_str()).collect();
+        let publics: Vec<&str> = keys.iter().map(|k| k.1.as_str()).collect();
+        let valid: Vec<i64> = keys.iter().map(|k| k.2).collect();
+        self.execute(
+            "INSERT INTO remote_server_keys (server_name, key_id, public_key, valid_until_ts, fetched_at)
+             SELECT $1, * , now() FROM unnest($2::text[], $3::text[], $4::bigint[])
+             ON CONFLICT (server_name, key_id) DO UPDATE
+             SET public_key = EXCLUDED.public_key,
+                 valid_until_ts = GREATEST(remote_server_keys.valid_until_ts, EXCLUDED.valid_until_ts),
+                 fetched_at = now()",
+            &[&server, &ids, &publics, &valid],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Our answer to a transaction we already processed.
+    pub async fn federation_txn(
+        &self,
+        origin: &str,
+        txn_id: &str,
+    ) -> Result<Option<serde_json::Value>> {
+        let row = self
+            .query_opt(
+                "SELECT response FROM federation_transactions WHERE origin = $1 AND txn_id = $2",
+                &[&origin, &txn_id],
+            )
+            .await?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    pub async fn store_federation_txn(
+        &self,
+        origin: &str,
+        txn_id: &str,
+        response: &serde_json::Value,
+    ) -> Result<()> {
+        self.execute(
+            "INSERT INTO federation_transactions (origin, txn_id, response) VALUES ($1, $2, $3)
+             ON CONFLICT DO NOTHING",
+            &[&origin, &txn_id, response],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Stage PDUs (already checked for format, hashes and signatures). A PDU
+    /// already staged or already known is skipped. Returns how many were new.
+    pub async fn stage_pdus(&self, pdus: &[NewStagedPdu<'_>]) -> Result<u64> {
+        let rooms: Vec<&str> = pdus.iter().map(|p| p.room_id).collect();
+        let partitions: Vec<i32> = pdus.iter().map(|p| p.partition as i32).collect();
+        let origins: Vec<&str> = pdus.iter().map(|p| p.origin).collect();
+        let ids: Vec<&str> = pdus.iter().map(|p| p.event_id).collect();
+        let jsons: Vec<&str> = pdus.iter().map(|p| p.json).collect();
+        self.execute(
+            "INSERT INTO staged_pdus (room_id, partition, origin, event_id, json)
+             SELECT s.room_id, s.partition, s.origin, s.event_id, s.json
+             FROM unnest($1::text[], $2::int[], $3::text[], $4::text[], $5::text[])
+                  WITH ORDINALITY AS s(room_id, partition, origin, event_id, json, ord)
+             WHERE NOT EXISTS (SELECT 1 FROM events e WHERE e.event_id = s.event_id)
+             ORDER BY s.ord
+             ON CONFLICT (room_id, event_id) DO NOTHING",
+            &[&rooms, &partitions, &origins, &ids, &jsons],
+        )
+        .await
+        .map_err(conflict)
+    }
+
+    /// How many PDUs a room has waiting.
+    pub async fn staged_count(&self, room_id: &str) -> Result<i64> {
+        Ok(self
+            .query_one(
+                "SELECT count(*) FROM staged_pdus WHERE room_id = $1",
+                &[&room_id],
+            )
+            .await?
+            .get(0))
+    }
+
+    /// Rooms of a partition with staged PDUs, oldest first.
+    pub async fn rooms_with_staged(&self, partition: u32) -> Result<Vec<String>> {
+        let rows = self
+            .query(
+                "SELECT room_id FROM staged_pdus WHERE partition = $1 GROUP BY room_id ORDER BY min(id)",
+                &[&(partition as i32)],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    /// The oldest staged PDUs of a room, in staging order.
+    pub async fn staged_for_room(&self, room_id: &str, limit: i64) -> Result<Vec<StagedPdu>> {
+        let rows = self
+            .query(
+                "SELECT id, room_id, origin, event_id, json FROM staged_pdus WHERE room_id = $1 ORDER BY id LIMIT $2",
+                &[&room_id, &limit],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| StagedPdu {
+                id: r.get(0),
+                room_id: r.get(1),
+                origin: r.get(2),
+                event_id: r.get(3),
+                json: r.get(4),
+            })
+            .collect())
+    }
+
+    /// Whether these events are staged for the room (on their way).
+    pub async fn staged_event_ids(
+        &self,
+        room_id: &str,
+        event_ids: &[String],
+    ) -> Result<Vec<String>> {
+        let rows = self
+            .query(
+                "SELECT event_id FROM staged_pdus WHERE room_id = $1 AND event_id = ANY($2)",
+                &[&room_id, &event_ids],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    /// Staged PDU counts and oldest ages (seconds) per partition, for metrics.
+    pub async fn staging_stats(&self) -> Result<Vec<(u32, i64, f64)>> {
+        let rows = self
+            .query(
+                "SELECT partition, count(*), EXTRACT(EPOCH FROM now() - min(staged_at))::float8
+                 FROM staged_pdus GROUP BY partition",
+                &[],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get::<_, i32>(0) as u32, r.get(1), r.get(2)))
+            .collect())
+    }
+
+    /// Events by ID, from the timeline or the outliers.
+    pub async fn known_events(&self, event_ids: &[String]) -> Result<Vec<KnownEvent>> {
+        let rows = self
+            .query(
+                "SELECT event_id, room_id, json, rejected, false, soft_failed, state_group FROM events WHERE event_id = ANY($1)
+                 UNION ALL
+                 SELECT event_id, room_id, json, rejected, true, false, NULL FROM outliers
+                 WHERE event_id = ANY($1) AND NOT EXISTS (SELECT 1 FROM events e WHERE e.event_id = outliers.event_id)",
+                &[&event_ids],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| KnownEvent {
+                event_id: r.get(0),
+                room_id: r.get(1),
+                json: r.get(2),
+                rejected: r.get(3),
+                outlier: r.get(4),
+                soft_failed: r.get(5),
+                state_group: r.get(6),
+            })
+            .collect())
+    }
+
+    /// Keep an EDU until the feature that consumes its type exists.
+    pub async fn store_edus(
+        &self,
+        origin: &str,
+        edus: &[(String, serde_json::Value)],
+    ) -> Result<()> {
+        let kinds: Vec<&str> = edus.iter().map(|e| e.0.as_str()).collect();
+        let contents: Vec<&serde_json::Value> = edus.iter().map(|e| &e.1).collect();
+        self.execute(
+            "INSERT INTO received_edus (origin, edu_type, content)
+             SELECT $1, * FROM unnest($2::text[], $3::jsonb[])",
+            &[&origin, &kinds, &contents],
+        )
+        .await?;
+        Ok(())
+    }
+}

@@ -68,6 +68,13 @@ pub struct TestCluster {
     pub http: reqwest::Client,
 }
 
+/// An HTTP client for tests and benchmarks. reqwest is built without a
+/// default TLS provider in this workspace, so one is installed first.
+pub fn http_client_builder() -> reqwest::ClientBuilder {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+}
+
 /// A free loopback port (bound and released; the tiny race is acceptable in tests).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -178,7 +185,7 @@ filter = "{log_filter}"
             processes: HashMap::new(),
             stopped: std::collections::HashSet::new(),
             next_worker: 0,
-            http: reqwest::Client::builder()
+            http: http_client_builder()
                 .timeout(Duration::from_secs(90))
                 .build()
                 .expect("http client"),

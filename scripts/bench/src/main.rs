@@ -113,7 +113,7 @@ async fn measure(args: &Args, room_workers: usize) -> anyhow::Result<Report> {
         api.join(&bob, &room).await;
         rooms.push(room);
     }
-    let http = reqwest::Client::builder()
+    let http = tessera_tests::http_client_builder()
         .pool_max_idle_per_host(256)
         .build()?;
     let base = cluster.client_api_url.clone();

@@ -260,6 +260,29 @@ impl RoomState {
         Ok(Arc::new(pdu))
     }
 
+    /// Replace the current state wholesale (after events from elsewhere moved
+    /// it: a state resolution, or a remote event with its own state).
+    pub fn set_current(
+        &mut self,
+        state: impl IntoIterator<Item = Arc<Pdu>>,
+        extremities: Vec<OwnedEventId>,
+        depth: u64,
+        group: (String, u32),
+    ) {
+        self.state = state
+            .into_iter()
+            .filter_map(|pdu| Some((crate::state_map::key_of(&pdu)?, pdu)))
+            .collect();
+        self.extremities = extremities;
+        self.depth = self.depth.max(depth);
+        self.group = Some(group);
+    }
+
+    /// The current state group and its chain length.
+    pub fn group(&self) -> Option<(&str, u32)> {
+        self.group.as_ref().map(|(id, chain)| (id.as_str(), *chain))
+    }
+
     /// The current state group, if the room has one yet.
     pub fn state_group(&self) -> Option<&str> {
         self.group.as_ref().map(|(id, _)| id.as_str())

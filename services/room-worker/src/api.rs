@@ -10,8 +10,10 @@ use tessera_events::ruma::{OwnedRoomId, RoomId, RoomVersionId, UserId};
 use tessera_proto::OWNER_METADATA;
 use tessera_proto::room_worker::room_worker_server::RoomWorker;
 use tessera_proto::room_worker::{
-    CreateRoomRequest, CreateRoomResponse, EventOutcome, Refusal as ProtoRefusal,
-    SubmitEventsRequest, SubmitEventsResponse, create_room_response, event_outcome,
+    CreateRoomRequest, CreateRoomResponse, EventOutcome, MembershipAccepted,
+    Refusal as ProtoRefusal, RemoteMembershipRequest, RemoteMembershipResponse, StagePdusRequest,
+    StagePdusResponse, SubmitEventsRequest, SubmitEventsResponse, create_room_response,
+    event_outcome, remote_membership_response,
 };
 use tessera_storage::Store;
 use tessera_storage::persist::TxnKey;
@@ -82,7 +84,14 @@ impl RoomWorkerApi {
         work: Work,
     ) -> Result<Answer, Status> {
         let (reply, answer) = oneshot::channel();
-        self.engine.submit(room_id, Job { work, reply, guard });
+        self.engine.submit(
+            room_id,
+            Job {
+                work,
+                reply: Some(reply),
+                guard,
+            },
+        );
         answer
             .await
             .map_err(|_| Status::unavailable("the room-worker dropped the job; retry"))
@@ -159,7 +168,7 @@ impl RoomWorker for RoomWorkerApi {
                     .collect(),
             })),
             Answer::Retry(message) => Err(Status::unavailable(message)),
-            Answer::Created(_) => Err(Status::internal("unexpected answer")),
+            _ => Err(Status::internal("unexpected answer")),
         }
     }
 
@@ -199,7 +208,110 @@ impl RoomWorker for RoomWorkerApi {
                 }),
             })),
             Answer::Retry(message) => Err(Status::unavailable(message)),
-            Answer::Events(_) => Err(Status::internal("unexpected answer")),
+            _ => Err(Status::internal("unexpected answer")),
         }
+    }
+
+    async fn stage_pdus(
+        &self,
+        request: Request<StagePdusRequest>,
+    ) -> Result<Response<StagePdusResponse>, Status> {
+        let request = request.into_inner();
+        let room_id = RoomId::parse(request.room_id.as_str())
+            .map_err(|e| Status::invalid_argument(format!("room_id: {e}")))?;
+        let guard = self.enter(&room_id).await?;
+        let Some(inbound) = self.engine.inbound() else {
+            return Err(Status::unavailable(
+                "federation is not configured on this worker",
+            ));
+        };
+        let backlog = self
+            .store
+            .staged_count(room_id.as_str())
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        if backlog >= inbound.max_staged_per_room {
+            metrics::counter!("tessera_federation_backpressure_total", "reason" => "room_backlog")
+                .increment(1);
+            let mut status =
+                Status::resource_exhausted(format!("room {room_id} has {backlog} PDUs waiting"));
+            status
+                .metadata_mut()
+                .insert("retry-after-ms", "2000".parse().expect("literal"));
+            return Err(status);
+        }
+        let partition = guard.partition();
+        let pdus: Vec<tessera_storage::federation::NewStagedPdu<'_>> = request
+            .pdus
+            .iter()
+            .map(|p| tessera_storage::federation::NewStagedPdu {
+                room_id: room_id.as_str(),
+                partition,
+                origin: &request.origin,
+                event_id: &p.event_id,
+                json: &p.json,
+            })
+            .collect();
+        let staged = self
+            .store
+            .stage_pdus(&pdus)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        metrics::counter!("tessera_federation_staged_pdus_total").increment(staged);
+        self.engine.schedule_staged(&room_id);
+        drop(guard);
+        Ok(Response::new(StagePdusResponse {
+            staged,
+            backlog: backlog + staged as i64,
+        }))
+    }
+
+    async fn submit_remote_membership(
+        &self,
+        request: Request<RemoteMembershipRequest>,
+    ) -> Result<Response<RemoteMembershipResponse>, Status> {
+        let request = request.into_inner();
+        let room_id = RoomId::parse(request.room_id.as_str())
+            .map_err(|e| Status::invalid_argument(format!("room_id: {e}")))?;
+        let origin = tessera_events::ruma::OwnedServerName::try_from(request.origin.clone())
+            .map_err(|e| Status::invalid_argument(format!("origin: {e}")))?;
+        let room = self
+            .store
+            .room(room_id.as_str())
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?
+            .ok_or_else(|| Status::not_found(format!("unknown room {room_id}")))?;
+        let rules = RoomVersionId::try_from(room.room_version.as_str())
+            .ok()
+            .and_then(|v| v.rules())
+            .ok_or_else(|| Status::internal("unsupported room version"))?;
+        let object: tessera_events::ruma::CanonicalJsonObject =
+            serde_json::from_str(&request.event_json)
+                .map_err(|e| Status::invalid_argument(format!("event_json: {e}")))?;
+        let pdu = tessera_events::Pdu::from_json(object, &rules, Some(&room_id))
+            .map_err(|e| Status::invalid_argument(format!("event_json: {e}")))?;
+        let guard = self.enter(&room_id).await?;
+        let work =
+            Work::RemoteMembership(Box::new(crate::process::RemoteMembership { origin, pdu }));
+        let outcome = match self.run(room_id, guard, work).await? {
+            Answer::Membership(Ok(result)) => {
+                remote_membership_response::Outcome::Accepted(MembershipAccepted {
+                    event_json: result.event_json,
+                    state: result.state,
+                    auth_chain: result.auth_chain,
+                })
+            }
+            Answer::Membership(Err(refusal)) => {
+                remote_membership_response::Outcome::Refusal(ProtoRefusal {
+                    errcode: refusal.errcode.to_owned(),
+                    message: refusal.message,
+                })
+            }
+            Answer::Retry(message) => return Err(Status::unavailable(message)),
+            _ => return Err(Status::internal("unexpected answer")),
+        };
+        Ok(Response::new(RemoteMembershipResponse {
+            outcome: Some(outcome),
+        }))
     }
 }

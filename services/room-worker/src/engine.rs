@@ -23,6 +23,7 @@ use crate::process;
 
 pub struct EngineConfig {
     pub worker_id: String,
+    pub ownership: Arc<tessera_cluster::Ownership>,
     pub store: Store,
     pub publisher: Publisher,
     pub key: Arc<SigningKey>,
@@ -35,7 +36,8 @@ pub struct EngineConfig {
 /// One piece of work for a room, answered through `reply` once committed.
 pub struct Job {
     pub work: process::Work,
-    pub reply: oneshot::Sender<process::Answer>,
+    /// Where the answer goes (none for background work such as staged PDUs).
+    pub reply: Option<oneshot::Sender<process::Answer>>,
     /// Held until the answer is sent, so a handoff waits for this job.
     pub guard: PartitionGuard,
 }
@@ -44,8 +46,20 @@ impl Job {
     fn weight(&self) -> usize {
         match &self.work {
             process::Work::Submit(templates) => templates.len().max(1),
-            process::Work::Create(_) => usize::MAX / 2,
+            _ => usize::MAX / 2,
         }
+    }
+
+    /// Send the answer, if anyone waits for one.
+    pub fn answer(self, answer: process::Answer) {
+        if let Some(reply) = self.reply {
+            let _ = reply.send(answer);
+        }
+    }
+
+    /// Work that runs in a turn of its own.
+    fn solo(&self) -> bool {
+        !matches!(self.work, process::Work::Submit(_))
     }
 }
 
@@ -57,7 +71,15 @@ struct RoomQueue {
 }
 
 pub struct Engine {
+    /// For tasks that outlive a turn (delayed retries).
+    me: std::sync::Weak<Engine>,
     pub(crate) worker_id: String,
+    ownership: Arc<tessera_cluster::Ownership>,
+    inbound: std::sync::OnceLock<Arc<crate::inbound::Inbound>>,
+    /// Rooms with a staged-PDU turn already queued.
+    staged_pending: Mutex<std::collections::HashSet<OwnedRoomId>>,
+    /// Recently used state groups (group ID → state), shared by turns.
+    groups: Mutex<HashMap<String, Arc<tessera_events::state_map::StateIds>>>,
     pub(crate) store: Store,
     pub(crate) publisher: Publisher,
     pub(crate) key: Arc<SigningKey>,
@@ -76,8 +98,13 @@ pub struct Engine {
 impl Engine {
     pub fn start(config: EngineConfig) -> Arc<Self> {
         let (ready, rx) = mpsc::unbounded_channel();
-        let engine = Arc::new(Self {
+        let engine = Arc::new_cyclic(|me| Self {
+            me: me.clone(),
             worker_id: config.worker_id,
+            ownership: config.ownership,
+            inbound: std::sync::OnceLock::new(),
+            staged_pending: Mutex::new(std::collections::HashSet::new()),
+            groups: Mutex::new(HashMap::new()),
             store: config.store,
             publisher: config.publisher,
             key: config.key,
@@ -109,6 +136,104 @@ impl Engine {
             queue.scheduled = true;
             let _ = self.ready.send(room_id);
         }
+    }
+
+    /// Turn on inbound federation processing.
+    pub fn set_inbound(&self, inbound: Arc<crate::inbound::Inbound>) {
+        let _ = self.inbound.set(inbound);
+    }
+
+    pub(crate) fn inbound(&self) -> Option<&crate::inbound::Inbound> {
+        self.inbound.get().map(|i| i.as_ref())
+    }
+
+    /// Queue a turn over the room's staged PDUs, unless one is queued already
+    /// or the partition is not ours (its owner will do it).
+    pub fn schedule_staged(&self, room_id: &RoomId) {
+        let partition = tessera_cluster::partition_of(room_id.as_str(), self.partitions);
+        let Ok(guard) = self.ownership.enter(partition) else {
+            return;
+        };
+        if !self
+            .staged_pending
+            .lock()
+            .expect("staged lock")
+            .insert(room_id.to_owned())
+        {
+            return;
+        }
+        self.submit(
+            room_id.to_owned(),
+            Job {
+                work: process::Work::Staged,
+                reply: None,
+                guard,
+            },
+        );
+    }
+
+    /// Decide the next turn after one over staged PDUs.
+    pub(crate) fn after_staged_turn(
+        &self,
+        room_id: &RoomId,
+        outcome: crate::inbound::StagedOutcome,
+    ) {
+        use crate::inbound::StagedOutcome;
+        self.staged_pending
+            .lock()
+            .expect("staged lock")
+            .remove(room_id);
+        let delay = match outcome {
+            StagedOutcome::Done => return,
+            StagedOutcome::More => None,
+            StagedOutcome::RetryAt(at) => {
+                Some(at.saturating_duration_since(std::time::Instant::now()))
+            }
+            StagedOutcome::Failed => Some(std::time::Duration::from_secs(1)),
+        };
+        match delay {
+            None => self.schedule_staged(room_id),
+            Some(delay) => {
+                let me = self.me.clone();
+                let room_id = room_id.to_owned();
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    if let Some(engine) = me.upgrade() {
+                        engine.schedule_staged(&room_id);
+                    }
+                });
+            }
+        }
+    }
+
+    /// Every room of a partition with staged PDUs gets a turn (after the
+    /// partition was acquired, possibly from a worker that died).
+    pub async fn resume_staged(&self, partition: u32) {
+        match self.store.rooms_with_staged(partition).await {
+            Ok(rooms) => {
+                for room in rooms {
+                    if let Ok(room_id) = OwnedRoomId::try_from(room) {
+                        self.schedule_staged(&room_id);
+                    }
+                }
+            }
+            Err(error) => tracing::warn!(partition, %error, "cannot list rooms with staged PDUs"),
+        }
+    }
+
+    pub(crate) fn cached_group(
+        &self,
+        id: &str,
+    ) -> Option<Arc<tessera_events::state_map::StateIds>> {
+        self.groups.lock().expect("groups lock").get(id).cloned()
+    }
+
+    pub(crate) fn cache_group(&self, id: &str, state: Arc<tessera_events::state_map::StateIds>) {
+        let mut groups = self.groups.lock().expect("groups lock");
+        if groups.len() >= 10_000 {
+            groups.clear();
+        }
+        groups.insert(id.to_owned(), state);
     }
 
     /// Drop in-memory state of a partition's rooms (the lease is gone).
@@ -171,14 +296,12 @@ impl Engine {
         let mut weight = 0;
         while let Some(job) = queue.jobs.front() {
             let w = job.weight();
-            if !jobs.is_empty()
-                && (weight + w > self.batch_size || matches!(job.work, process::Work::Create(_)))
-            {
+            if !jobs.is_empty() && (weight + w > self.batch_size || job.solo()) {
                 break;
             }
             weight += w;
             jobs.push(queue.jobs.pop_front().expect("front exists"));
-            if matches!(jobs.last().map(|j| &j.work), Some(process::Work::Create(_))) {
+            if jobs.last().is_some_and(Job::solo) {
                 break;
             }
         }

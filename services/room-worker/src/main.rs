@@ -5,10 +5,12 @@
 //! - [`api`]: the gRPC handlers: ownership check, then hand the work to the engine.
 //! - [`engine`]: per-room queues and the fair scheduler that runs them.
 //! - [`process`]: what a turn does for one room: build, authorise, persist, publish.
+//! - [`inbound`]: events from other servers: staged PDUs and remote joins.
 //! - [`load`]: loading a room's in-memory state from storage.
 
 mod api;
 mod engine;
+mod inbound;
 mod load;
 mod process;
 
@@ -20,6 +22,8 @@ use anyhow::Context;
 use tessera_cluster::Ownership;
 use tessera_cluster::leases::{LeaseConfig, LeaseEvent, LeaseManager};
 use tessera_events::keys::SigningKey;
+use tessera_events::ruma::OwnedServerName;
+use tessera_federation::{FederationClient, KeyRing};
 use tessera_proto::room_worker::room_worker_server::RoomWorkerServer;
 use tessera_replication::{Publisher, StreamKeys};
 use tessera_runtime::start::Started;
@@ -86,14 +90,35 @@ async fn run(started: Started) -> anyhow::Result<()> {
     let ownership = Ownership::new();
     let engine = engine::Engine::start(engine::EngineConfig {
         worker_id: worker_id.clone(),
+        ownership: Arc::clone(&ownership),
         store: store.clone(),
         publisher,
-        key,
+        key: Arc::clone(&key),
         server_name: config.server_name.clone(),
         partitions: config.cluster.partitions,
         concurrency: config.room_worker.concurrency,
         batch_size: config.room_worker.batch_size,
     });
+    let server_name =
+        OwnedServerName::try_from(config.server_name.clone()).context("server_name")?;
+    let client = Arc::new(FederationClient::new(
+        server_name,
+        Arc::clone(&key),
+        config.federation.verify_certificates,
+    ));
+    let notaries = config
+        .federation
+        .trusted_key_servers
+        .iter()
+        .filter_map(|s| OwnedServerName::try_from(s.clone()).ok())
+        .collect();
+    engine.set_inbound(Arc::new(inbound::Inbound {
+        keyring: Arc::new(KeyRing::new(store.clone(), client, notaries)),
+        missing_prev_wait: Duration::from_millis(config.federation.missing_prev_wait_ms),
+        staged_batch: config.federation.staged_batch.max(1),
+        max_staged_per_room: config.federation.max_staged_per_room,
+    }));
+    spawn_staging_metrics(store.clone(), Arc::clone(&ownership));
 
     let (leases, mut lease_events) = LeaseManager::new(
         store.clone(),
@@ -113,7 +138,12 @@ async fn run(started: Started) -> anyhow::Result<()> {
                     LeaseEvent::Lost { partition } | LeaseEvent::Released { partition } => {
                         engine.forget_partition(partition)
                     }
-                    LeaseEvent::Acquired { .. } => {}
+                    LeaseEvent::Acquired { partition, .. } => {
+                        // PDUs staged before a previous owner died (or handed
+                        // over) are this worker's now.
+                        let engine = Arc::clone(&engine);
+                        tokio::spawn(async move { engine.resume_staged(partition).await });
+                    }
                 }
             }
         });
@@ -156,6 +186,29 @@ async fn run(started: Started) -> anyhow::Result<()> {
     server_stop.trigger();
     server.await?.context("gRPC server")?;
     Ok(())
+}
+
+/// Staged PDU counts and oldest ages for the partitions this worker owns.
+fn spawn_staging_metrics(store: Store, ownership: Arc<Ownership>) {
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            ticker.tick().await;
+            let owned: std::collections::HashSet<u32> =
+                ownership.held().into_iter().map(|(p, _)| p).collect();
+            if let Ok(stats) = store.staging_stats().await {
+                let mut total = 0;
+                for (partition, count, oldest) in stats {
+                    if owned.contains(&partition) {
+                        total += count;
+                        metrics::gauge!("tessera_federation_staged_pdus", "partition" => partition.to_string()).set(count as f64);
+                        metrics::gauge!("tessera_federation_staged_oldest_age_seconds", "partition" => partition.to_string()).set(oldest);
+                    }
+                }
+                metrics::gauge!("tessera_federation_staged_pdus_total").set(total as f64);
+            }
+        }
+    });
 }
 
 fn default_worker_id() -> String {

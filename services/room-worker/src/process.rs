@@ -43,6 +43,15 @@ pub struct CreateRoom {
 pub enum Work {
     Submit(Vec<Request>),
     Create(Box<CreateRoom>),
+    /// Process the room's staged PDUs (one turn's worth).
+    Staged,
+    /// A membership event a remote server built (send_join and friends).
+    RemoteMembership(Box<RemoteMembership>),
+}
+
+pub struct RemoteMembership {
+    pub origin: tessera_events::ruma::OwnedServerName,
+    pub pdu: Pdu,
 }
 
 /// A Matrix error for the client: errcode and message.
@@ -66,6 +75,7 @@ pub type Outcome = Result<OwnedEventId, Refusal>;
 pub enum Answer {
     Events(Vec<Outcome>),
     Created(Result<tessera_events::ruma::OwnedRoomId, Refusal>),
+    Membership(Result<crate::inbound::MembershipResult, crate::inbound::MembershipRefusal>),
     /// Nothing was written; the caller should retry (possibly elsewhere).
     Retry(String),
 }
@@ -85,19 +95,42 @@ fn refusal_for(error: &CreateError) -> Refusal {
     }
 }
 
-pub async fn run_turn(engine: &Engine, room_id: &RoomId, jobs: Vec<Job>) {
+pub async fn run_turn(engine: &Engine, room_id: &RoomId, mut jobs: Vec<Job>) {
     let started = Instant::now();
-    let mut jobs = jobs;
-    if matches!(jobs.first().map(|j| &j.work), Some(Work::Create(_))) {
-        let job = jobs.remove(0);
-        let Work::Create(create) = job.work else {
-            unreachable!("checked above")
+    if jobs.len() == 1 && !matches!(jobs[0].work, Work::Submit(_)) {
+        let Job { work, reply, guard } = jobs.remove(0);
+        let epoch = guard.epoch();
+        let answer = match work {
+            Work::Create(create) => Some(create_room(engine, room_id, *create, epoch).await),
+            Work::RemoteMembership(membership) => Some(match engine.inbound() {
+                Some(inbound) => Answer::Membership(
+                    crate::inbound::process_membership(
+                        engine,
+                        inbound,
+                        room_id,
+                        &membership.origin,
+                        membership.pdu,
+                        epoch,
+                    )
+                    .await,
+                ),
+                None => Answer::Retry("federation is not configured on this worker".to_owned()),
+            }),
+            Work::Staged => {
+                if let Some(inbound) = engine.inbound() {
+                    let outcome =
+                        crate::inbound::process_staged(engine, inbound, room_id, epoch).await;
+                    drop(guard);
+                    engine.after_staged_turn(room_id, outcome);
+                }
+                None
+            }
+            Work::Submit(_) => unreachable!("checked above"),
         };
-        let answer = create_room(engine, room_id, *create, job.guard.epoch()).await;
-        let _ = job.reply.send(answer);
-        drop(job.guard);
-    }
-    if !jobs.is_empty() {
+        if let (Some(answer), Some(reply)) = (answer, reply) {
+            let _ = reply.send(answer);
+        }
+    } else {
         submit(engine, room_id, jobs).await;
     }
     metrics::histogram!("tessera_room_worker_turn_seconds").record(started.elapsed().as_secs_f64());
@@ -125,9 +158,9 @@ async fn submit(engine: &Engine, room_id: &RoomId, jobs: Vec<Job>) {
         for job in jobs {
             let n = match &job.work {
                 Work::Submit(requests) => requests.len(),
-                Work::Create(_) => 1,
+                _ => 1,
             };
-            let _ = job.reply.send(Answer::Events(vec![
+            job.answer(Answer::Events(vec![
                 Err(Refusal::new(
                     "M_NOT_FOUND",
                     format!("unknown room {room_id}")
@@ -158,7 +191,7 @@ async fn submit(engine: &Engine, room_id: &RoomId, jobs: Vec<Job>) {
                             Work::Submit(requests) => {
                                 requests.iter().filter_map(|r| r.txn.clone()).collect()
                             }
-                            Work::Create(_) => vec![],
+                            _ => vec![],
                         })
                         .collect();
                     match engine.store.txn_events(&keys).await {
@@ -175,7 +208,7 @@ async fn submit(engine: &Engine, room_id: &RoomId, jobs: Vec<Job>) {
         }
         engine.cache_state(working);
         for (job, outcome) in jobs.into_iter().zip(outcomes) {
-            let _ = job.reply.send(Answer::Events(outcome));
+            job.answer(Answer::Events(outcome));
         }
         return;
     }
@@ -268,11 +301,15 @@ async fn redaction_target(
 fn answer_all(jobs: Vec<Job>, answer: Answer) {
     for job in jobs {
         let copy = match &answer {
-            Answer::Retry(m) => Answer::Retry(m.clone()),
             Answer::Events(o) => Answer::Events(o.clone()),
             Answer::Created(c) => Answer::Created(c.clone()),
+            Answer::Retry(m)
+            | Answer::Membership(Err(crate::inbound::MembershipRefusal { message: m, .. })) => {
+                Answer::Retry(m.clone())
+            }
+            Answer::Membership(Ok(_)) => Answer::Retry("unexpected answer".to_owned()),
         };
-        let _ = job.reply.send(copy);
+        job.answer(copy);
     }
 }
 

@@ -11,6 +11,8 @@ pub struct StagedPdu {
     pub origin: String,
     pub event_id: String,
     pub json: String,
+    /// When it was staged, in ms since the epoch.
+    pub staged_at_ms: i64,
 }
 
 /// A PDU to stage.
@@ -147,7 +149,8 @@ impl Store {
     pub async fn staged_for_room(&self, room_id: &str, limit: i64) -> Result<Vec<StagedPdu>> {
         let rows = self
             .query(
-                "SELECT id, room_id, origin, event_id, json FROM staged_pdus WHERE room_id = $1 ORDER BY id LIMIT $2",
+                "SELECT id, room_id, origin, event_id, json, (EXTRACT(EPOCH FROM staged_at) * 1000)::bigint
+                 FROM staged_pdus WHERE room_id = $1 ORDER BY id LIMIT $2",
                 &[&room_id, &limit],
             )
             .await?;
@@ -159,6 +162,7 @@ impl Store {
                 origin: r.get(2),
                 event_id: r.get(3),
                 json: r.get(4),
+                staged_at_ms: r.get(5),
             })
             .collect())
     }

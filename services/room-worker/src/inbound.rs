@@ -1,0 +1,1120 @@
+//! Events from other servers: the owner's side of inbound federation.
+//!
+//! The federation-receiver has already checked each PDU's format, hashes and
+//! signatures and staged it in Postgres. Here the room's owner processes a
+//! room's staged PDUs in order, one turn of at most `staged_batch` at a time
+//! (the fair scheduler gives other rooms their turns in between), following
+//! the spec's checks on receipt of a PDU:
+//!
+//! 1. its auth events must be known (fetched with `/event_auth` when not) and
+//!    pass the state-independent rules;
+//! 2. its prev events must be known. When they are not, and are not already
+//!    staged behind it, the PDU waits `missing_prev_wait` for them to arrive in
+//!    other transactions, then they are fetched with `/get_missing_events`;
+//!    if a gap remains, the state before the PDU comes from `/state_ids`;
+//! 3. it must pass the auth rules against the state before it (else it is
+//!    stored as rejected) and against the current state (else it is stored as
+//!    soft-failed: never shown, never built on);
+//! 4. the room's forward extremities and current state move on, through state
+//!    resolution (ruma) when branches merge.
+//!
+//! A turn's events, their state groups, the fetched outliers and the removal
+//! of the processed staged rows are committed in one fenced statement, so a
+//! staged PDU is processed exactly once even if the worker dies mid-turn.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ruma::canonical_json::CanonicalJsonObject;
+use ruma::events::StateEventType;
+use ruma::room_version_rules::RoomVersionRules;
+use ruma::{EventId, OwnedEventId, OwnedServerName, RoomId, ServerName};
+use serde_json::{Value, json};
+use tessera_events::Pdu;
+use tessera_events::auth;
+use tessera_events::resolve;
+use tessera_events::room_state::{RoomState, SNAPSHOT_EVERY};
+use tessera_events::state_map::{self, StateIds, StateKey};
+use tessera_federation::KeyRing;
+use tessera_replication::EventEntry;
+use tessera_storage::StoreError;
+use tessera_storage::federation::StagedPdu;
+use tessera_storage::persist::{Batch, EventToPersist, NewStateGroup, Outlier, StateChange};
+
+use crate::engine::Engine;
+use crate::load::load_room;
+
+/// Federation settings of the room-worker.
+pub struct Inbound {
+    pub keyring: Arc<KeyRing>,
+    pub missing_prev_wait: Duration,
+    pub staged_batch: i64,
+    pub max_staged_per_room: i64,
+}
+
+/// What a turn over a room's staged PDUs left behind.
+#[derive(Debug, PartialEq, Eq)]
+pub enum StagedOutcome {
+    /// Nothing left.
+    Done,
+    /// More staged PDUs are ready: schedule another turn.
+    More,
+    /// The next staged PDU waits for missing prev events until then.
+    RetryAt(Instant),
+    /// The turn failed (storage, fencing); try again later.
+    Failed,
+}
+
+/// The result of a remote membership event (send_join and friends).
+pub struct MembershipResult {
+    pub event_json: String,
+    pub state: Vec<String>,
+    pub auth_chain: Vec<String>,
+}
+
+/// Why a remote membership event was refused.
+#[derive(Debug)]
+pub struct MembershipRefusal {
+    pub errcode: &'static str,
+    pub message: String,
+}
+
+/// Everything known during one turn, and what it will write.
+struct Turn<'e> {
+    engine: &'e Engine,
+    inbound: &'e Inbound,
+    rules: RoomVersionRules,
+    room: RoomState,
+    /// The current state as IDs, mirroring `room`.
+    current: StateIds,
+    pdus: HashMap<OwnedEventId, Arc<Pdu>>,
+    rejected: HashSet<OwnedEventId>,
+    /// Events in the timeline (stored before or in this turn), with their
+    /// state group after.
+    timeline: HashMap<OwnedEventId, Option<String>>,
+    groups: HashMap<String, Arc<StateIds>>,
+    events: Vec<(EventToPersist, bool)>,
+    new_groups: Vec<NewStateGroup>,
+    outliers: Vec<Outlier>,
+    outlier_ids: HashSet<OwnedEventId>,
+}
+
+fn canonical(pdu: &Pdu) -> String {
+    pdu.canonical_string()
+}
+
+fn parse(event_id: &str, room_id: &RoomId, json: &str, rejected: bool) -> Option<Pdu> {
+    let object: CanonicalJsonObject = serde_json::from_str(json).ok()?;
+    let event_id = EventId::parse(event_id).ok()?;
+    let mut pdu = Pdu::from_parts(event_id, room_id, object, rejected).ok()?;
+    pdu.set_rejected(rejected);
+    Some(pdu)
+}
+
+impl<'e> Turn<'e> {
+    async fn start(
+        engine: &'e Engine,
+        inbound: &'e Inbound,
+        room_id: &RoomId,
+    ) -> Result<Option<Turn<'e>>, StoreError> {
+        let room = match engine.cached_state(room_id) {
+            Some(room) => room,
+            None => match load_room(&engine.store, room_id).await? {
+                Some(room) => room,
+                None => return Ok(None),
+            },
+        };
+        let rules = room.rules().clone();
+        let current: StateIds = room.state_map();
+        let mut pdus = HashMap::new();
+        for pdu in room.state_events() {
+            pdus.insert(pdu.event_id().to_owned(), Arc::clone(pdu));
+        }
+        let mut timeline = HashMap::new();
+        for extremity in room.extremities() {
+            timeline.insert(extremity.clone(), room.state_group().map(str::to_owned));
+        }
+        let mut groups = HashMap::new();
+        if let Some(group) = room.state_group() {
+            groups.insert(group.to_owned(), Arc::new(current.clone()));
+        }
+        Ok(Some(Turn {
+            engine,
+            inbound,
+            rules,
+            room,
+            current,
+            pdus,
+            rejected: HashSet::new(),
+            timeline,
+            groups,
+            events: Vec::new(),
+            new_groups: Vec::new(),
+            outliers: Vec::new(),
+            outlier_ids: HashSet::new(),
+        }))
+    }
+
+    /// Load events we have stored (timeline or outliers) that this turn has not seen.
+    async fn load(
+        &mut self,
+        ids: impl IntoIterator<Item = OwnedEventId>,
+    ) -> Result<(), StoreError> {
+        let wanted: Vec<String> = ids
+            .into_iter()
+            .filter(|id| !self.pdus.contains_key(id) || !self.timeline.contains_key(id))
+            .map(|id| id.to_string())
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        for known in self.engine.store.known_events(&wanted).await? {
+            let room_id = self.room.room_id().to_owned();
+            let Some(pdu) = parse(&known.event_id, &room_id, &known.json, known.rejected) else {
+                continue;
+            };
+            let id = pdu.event_id().to_owned();
+            if known.rejected {
+                self.rejected.insert(id.clone());
+            }
+            // Soft-failed events count too: never built on by us, but their
+            // state is defined for events that cite them.
+            if !known.outlier {
+                self.timeline.insert(id.clone(), known.state_group.clone());
+            }
+            self.pdus.insert(id, Arc::new(pdu));
+        }
+        Ok(())
+    }
+
+    async fn group(&mut self, id: &str) -> Result<Arc<StateIds>, StoreError> {
+        if let Some(map) = self.groups.get(id) {
+            return Ok(Arc::clone(map));
+        }
+        if let Some(map) = self.engine.cached_group(id) {
+            self.groups.insert(id.to_owned(), Arc::clone(&map));
+            return Ok(map);
+        }
+        let mut map = StateIds::new();
+        for (kind, key, event) in self.engine.store.state_group_map(id).await? {
+            if let Ok(event) = EventId::parse(event.as_str()) {
+                map.insert((StateEventType::from(kind), key), event);
+            }
+        }
+        let map = Arc::new(map);
+        self.engine.cache_group(id, Arc::clone(&map));
+        self.groups.insert(id.to_owned(), Arc::clone(&map));
+        Ok(map)
+    }
+
+    /// Load every event of some states and their auth chains, so state
+    /// resolution (which looks events up synchronously) finds them.
+    async fn load_auth_closure(&mut self, roots: Vec<OwnedEventId>) -> Result<(), StoreError> {
+        let mut frontier = roots;
+        let mut seen: HashSet<OwnedEventId> = HashSet::new();
+        while !frontier.is_empty() {
+            self.load(frontier.iter().cloned()).await?;
+            let mut next = Vec::new();
+            for id in frontier {
+                if !seen.insert(id.clone()) {
+                    continue;
+                }
+                if let Some(pdu) = self.pdus.get(&id) {
+                    next.extend(
+                        pdu.auth_events()
+                            .iter()
+                            .filter(|a| !seen.contains(*a))
+                            .cloned(),
+                    );
+                }
+            }
+            frontier = next;
+        }
+        Ok(())
+    }
+
+    fn fetch(&self) -> impl Fn(&EventId) -> Option<Arc<Pdu>> + '_ {
+        |id| self.pdus.get(id).cloned()
+    }
+
+    /// The state before an event whose prev events are all in the timeline.
+    async fn state_before(&mut self, pdu: &Pdu) -> Result<(Option<String>, Arc<StateIds>), String> {
+        // The common case: built on exactly our forward extremities.
+        if pdu.prev_events() == self.room.extremities()
+            && let Some(group) = self.room.state_group()
+        {
+            return Ok((Some(group.to_owned()), Arc::new(self.current.clone())));
+        }
+        let mut groups: Vec<String> = Vec::new();
+        for prev in pdu.prev_events() {
+            let group = self
+                .timeline
+                .get(prev)
+                .cloned()
+                .flatten()
+                .ok_or_else(|| format!("prev event {prev} has no state"))?;
+            if !groups.contains(&group) {
+                groups.push(group);
+            }
+        }
+        if groups.len() == 1 {
+            let map = self.group(&groups[0]).await.map_err(|e| e.to_string())?;
+            return Ok((Some(groups.remove(0)), map));
+        }
+        let mut maps = Vec::new();
+        for group in &groups {
+            maps.push(self.group(group).await.map_err(|e| e.to_string())?);
+        }
+        self.resolve(maps).await.map(|map| (None, Arc::new(map)))
+    }
+
+    async fn resolve(&mut self, maps: Vec<Arc<StateIds>>) -> Result<StateIds, String> {
+        let first = &maps[0];
+        if maps.iter().all(|m| m == first) {
+            return Ok(first.as_ref().clone());
+        }
+        let roots: Vec<OwnedEventId> = maps.iter().flat_map(|m| m.values().cloned()).collect();
+        self.load_auth_closure(roots)
+            .await
+            .map_err(|e| e.to_string())?;
+        let forks: Vec<StateIds> = maps.iter().map(|m| m.as_ref().clone()).collect();
+        metrics::counter!("tessera_room_worker_state_resolutions_total").increment(1);
+        resolve::resolve(&self.rules, &forks, self.fetch()).map_err(|e| e.to_string())
+    }
+
+    /// Check an event against a state given as IDs (loading what the rules read).
+    async fn allowed_by(&mut self, pdu: &Pdu, state: &StateIds) -> Result<(), String> {
+        let mut needed: Vec<OwnedEventId> = Vec::new();
+        let content = pdu.content();
+        let types = ruma::state_res::auth_types_for_event(
+            pdu.kind(),
+            pdu.sender(),
+            pdu.state_key(),
+            content,
+            &self.rules.authorization,
+        )?;
+        for key in types
+            .into_iter()
+            .chain([(StateEventType::RoomCreate, String::new())])
+        {
+            if let Some(id) = state.get(&key) {
+                needed.push(id.clone());
+            }
+        }
+        self.load(needed).await.map_err(|e| e.to_string())?;
+        auth::check_against_state(pdu, &self.rules.authorization, |kind, key| {
+            state
+                .get(&(kind.clone(), key.to_owned()))
+                .and_then(|id| self.pdus.get(id).cloned())
+        })
+        .map_err(|e| e.0)
+    }
+
+    /// Check fetched events (auth chains, missing events) for signatures and
+    /// keep the good ones as outliers for now.
+    async fn take_remote(&mut self, values: Vec<Value>) -> Vec<Arc<Pdu>> {
+        let mut taken = Vec::new();
+        for value in values {
+            let Ok(object) = serde_json::from_value::<CanonicalJsonObject>(value) else {
+                continue;
+            };
+            match tessera_federation::pdu::check(
+                &self.inbound.keyring,
+                object,
+                &self.rules,
+                Some(self.room.room_id()),
+            )
+            .await
+            {
+                Ok(checked) => {
+                    if checked.pdu.room_id() != self.room.room_id() {
+                        continue;
+                    }
+                    let pdu = Arc::new(checked.pdu);
+                    taken.push(Arc::clone(&pdu));
+                    self.pdus.entry(pdu.event_id().to_owned()).or_insert(pdu);
+                }
+                Err(error) => tracing::info!(%error, "dropped a fetched event"),
+            }
+        }
+        taken
+    }
+
+    /// Make sure the auth events of `pdu` are known: fetch its auth chain from
+    /// `origin` when not, checking each fetched event's own auth rules.
+    async fn ensure_auth_events(&mut self, pdu: &Pdu, origin: &ServerName) -> Result<(), String> {
+        self.load(pdu.auth_events().to_vec())
+            .await
+            .map_err(|e| e.to_string())?;
+        if pdu.auth_events().iter().all(|a| self.pdus.contains_key(a)) {
+            return Ok(());
+        }
+        metrics::counter!("tessera_room_worker_fetches_total", "kind" => "event_auth").increment(1);
+        let path = format!(
+            "/_matrix/federation/v1/event_auth/{}/{}",
+            encode(self.room.room_id().as_str()),
+            encode(pdu.event_id().as_str())
+        );
+        let response = self
+            .inbound
+            .keyring
+            .client()
+            .get(origin, &path)
+            .await
+            .map_err(|e| e.to_string())?;
+        let chain = response
+            .get("auth_chain")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        let mut fetched = self.take_remote(chain).await;
+        fetched.sort_by_key(|p| p.depth());
+        for event in fetched {
+            self.accept_outlier(&event).await;
+        }
+        if pdu.auth_events().iter().all(|a| self.pdus.contains_key(a)) {
+            Ok(())
+        } else {
+            Err("its auth events could not be fetched".to_owned())
+        }
+    }
+
+    /// Keep a fetched event outside the timeline, rejected if its own auth
+    /// events do not allow it.
+    async fn accept_outlier(&mut self, event: &Arc<Pdu>) {
+        let id = event.event_id().to_owned();
+        if self.timeline.contains_key(&id) || self.outlier_ids.contains(&id) {
+            return;
+        }
+        let rejected = self.auth_by_auth_events(event).is_err();
+        if rejected {
+            self.rejected.insert(id.clone());
+        }
+        self.outlier_ids.insert(id.clone());
+        self.outliers.push(Outlier {
+            event_id: id.to_string(),
+            json: canonical(event),
+            rejected,
+        });
+    }
+
+    /// The state-independent rules, then the state-dependent ones against the
+    /// event's own auth events.
+    fn auth_by_auth_events(&self, pdu: &Pdu) -> Result<(), String> {
+        let fetch = self.fetch();
+        ruma::state_res::check_state_independent_auth_rules(
+            &self.rules.authorization,
+            pdu,
+            &fetch,
+        )?;
+        if pdu.auth_events().iter().any(|a| self.rejected.contains(a)) {
+            return Err("an auth event was rejected".to_owned());
+        }
+        let by_key: HashMap<StateKey, Arc<Pdu>> = pdu
+            .auth_events()
+            .iter()
+            .filter_map(|a| self.pdus.get(a))
+            .filter_map(|p| Some((state_map::key_of(p)?, Arc::clone(p))))
+            .collect();
+        let create = self.room.get(&StateEventType::RoomCreate, "").cloned();
+        auth::check_against_state(pdu, &self.rules.authorization, |kind, key| {
+            by_key
+                .get(&(kind.clone(), key.to_owned()))
+                .cloned()
+                .or_else(|| {
+                    (*kind == StateEventType::RoomCreate && key.is_empty())
+                        .then(|| create.clone())
+                        .flatten()
+                })
+        })
+        .map_err(|e| e.0)
+    }
+
+    /// Ask `origin` for the events between our extremities and `pdu`.
+    async fn fetch_missing(
+        &mut self,
+        pdu: &Pdu,
+        origin: &ServerName,
+    ) -> Result<Vec<Arc<Pdu>>, String> {
+        metrics::counter!("tessera_room_worker_fetches_total", "kind" => "get_missing_events")
+            .increment(1);
+        let body = json!({
+            "earliest_events": self.room.extremities(),
+            "latest_events": [pdu.event_id()],
+            "limit": 50,
+            "min_depth": 0,
+        });
+        let path = format!(
+            "/_matrix/federation/v1/get_missing_events/{}",
+            encode(self.room.room_id().as_str())
+        );
+        let response = self
+            .inbound
+            .keyring
+            .client()
+            .post(origin, &path, &body)
+            .await
+            .map_err(|e| e.to_string())?;
+        let events = response
+            .get("events")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        let mut fetched = self.take_remote(events).await;
+        fetched.sort_by_key(|p| p.depth());
+        Ok(fetched)
+    }
+
+    /// The state before `pdu` as `origin` tells it (`/state_ids`), with the
+    /// events we lack fetched as outliers.
+    async fn remote_state_before(
+        &mut self,
+        pdu: &Pdu,
+        origin: &ServerName,
+    ) -> Result<StateIds, String> {
+        metrics::counter!("tessera_room_worker_fetches_total", "kind" => "state_ids").increment(1);
+        let path = format!(
+            "/_matrix/federation/v1/state_ids/{}?event_id={}",
+            encode(self.room.room_id().as_str()),
+            encode(pdu.event_id().as_str())
+        );
+        let response = self
+            .inbound
+            .keyring
+            .client()
+            .get(origin, &path)
+            .await
+            .map_err(|e| e.to_string())?;
+        let ids: Vec<OwnedEventId> = ids_of(&response, "pdu_ids");
+        let auth_ids: Vec<OwnedEventId> = ids_of(&response, "auth_chain_ids");
+        let all: Vec<OwnedEventId> = ids.iter().chain(&auth_ids).cloned().collect();
+        self.load(all.clone()).await.map_err(|e| e.to_string())?;
+        let missing: Vec<OwnedEventId> = all
+            .iter()
+            .filter(|id| !self.pdus.contains_key(*id))
+            .cloned()
+            .collect();
+        let mut fetched = Vec::new();
+        for id in missing.iter().take(500) {
+            let path = format!("/_matrix/federation/v1/event/{}", encode(id.as_str()));
+            if let Ok(response) = self.inbound.keyring.client().get(origin, &path).await {
+                let pdus = response
+                    .get("pdus")
+                    .and_then(Value::as_array)
+                    .cloned()
+                    .unwrap_or_default();
+                fetched.extend(self.take_remote(pdus).await);
+            }
+        }
+        fetched.sort_by_key(|p| p.depth());
+        for event in &fetched {
+            self.accept_outlier(event).await;
+        }
+        let mut state = StateIds::new();
+        for id in ids {
+            let Some(event) = self.pdus.get(&id) else {
+                return Err(format!("state event {id} could not be fetched"));
+            };
+            if let Some(key) = state_map::key_of(event) {
+                state.insert(key, id);
+            }
+        }
+        Ok(state)
+    }
+
+    /// Process one event whose prev events are in the timeline (or whose
+    /// state before is given). Records what to write.
+    async fn process(
+        &mut self,
+        pdu: Arc<Pdu>,
+        origin: &ServerName,
+        given_state: Option<StateIds>,
+    ) -> Result<Outcome, String> {
+        let id = pdu.event_id().to_owned();
+        let (group_before, before) = match given_state {
+            Some(state) => (None, Arc::new(state)),
+            None => self.state_before(&pdu).await?,
+        };
+        let independent = {
+            let fetch = self.fetch();
+            ruma::state_res::check_state_independent_auth_rules(
+                &self.rules.authorization,
+                &*pdu,
+                &fetch,
+            )
+            .and_then(|()| {
+                if pdu.auth_events().iter().any(|a| self.rejected.contains(a)) {
+                    Err("an auth event was rejected".to_owned())
+                } else {
+                    Ok(())
+                }
+            })
+        };
+        let rejection = match independent {
+            Err(error) => Some(error),
+            Ok(()) => self.allowed_by(&pdu, &before).await.err(),
+        };
+        let rejected = rejection.is_some();
+        let soft_failed = !rejected && {
+            let current = self.current.clone();
+            self.allowed_by(&pdu, &current).await.is_err()
+        };
+        if rejected {
+            self.rejected.insert(id.clone());
+        }
+
+        // State groups: the state before (stored if it came from a resolution
+        // or from the origin), then the state after.
+        let group_before = match group_before {
+            Some(group) => group,
+            None => {
+                let group_id = format!("{id}~before");
+                self.new_groups.push(NewStateGroup {
+                    id: group_id.clone(),
+                    parent: None,
+                    chain_length: 0,
+                    entries: before
+                        .iter()
+                        .map(|((k, s), e)| (k.to_string(), s.clone(), Some(e.to_string())))
+                        .collect(),
+                });
+                self.groups.insert(group_id.clone(), Arc::clone(&before));
+                group_id
+            }
+        };
+        let after: Arc<StateIds> = match (rejected, state_map::key_of(&pdu)) {
+            (false, Some(key)) => {
+                let after = Arc::new(state_map::with_event(&before, &pdu));
+                let chain = self
+                    .new_groups
+                    .iter()
+                    .find(|g| g.id == group_before)
+                    .map(|g| g.chain_length)
+                    .unwrap_or(0);
+                let (parent, chain_length, entries) = if (chain as u32) < SNAPSHOT_EVERY {
+                    (
+                        Some(group_before.clone()),
+                        chain + 1,
+                        vec![(key.0.to_string(), key.1.clone(), Some(id.to_string()))],
+                    )
+                } else {
+                    (
+                        None,
+                        0,
+                        after
+                            .iter()
+                            .map(|((k, s), e)| (k.to_string(), s.clone(), Some(e.to_string())))
+                            .collect(),
+                    )
+                };
+                self.new_groups.push(NewStateGroup {
+                    id: id.to_string(),
+                    parent,
+                    chain_length,
+                    entries,
+                });
+                self.groups.insert(id.to_string(), Arc::clone(&after));
+                after
+            }
+            _ => Arc::clone(&before),
+        };
+        let group_after = if Arc::ptr_eq(&after, &before) {
+            group_before.clone()
+        } else {
+            id.to_string()
+        };
+        self.pdus.insert(id.clone(), Arc::clone(&pdu));
+        self.timeline.insert(id.clone(), Some(group_after.clone()));
+
+        // The room moves on only with accepted, not soft-failed events.
+        let mut state_changes = Vec::new();
+        if !rejected && !soft_failed {
+            let mut extremities: Vec<OwnedEventId> = self
+                .room
+                .extremities()
+                .iter()
+                .filter(|e| !pdu.prev_events().contains(e))
+                .cloned()
+                .collect();
+            extremities.push(id.clone());
+            let (new_current, current_group) = if extremities.len() == 1 {
+                (after.as_ref().clone(), group_after.clone())
+            } else {
+                let mut maps = Vec::new();
+                for extremity in &extremities {
+                    let group = self.timeline.get(extremity).cloned().flatten();
+                    match group {
+                        Some(group) => {
+                            maps.push(self.group(&group).await.map_err(|e| e.to_string())?)
+                        }
+                        None => maps.push(Arc::clone(&after)),
+                    }
+                }
+                let resolved = self.resolve(maps).await?;
+                if resolved == *after {
+                    (resolved, group_after.clone())
+                } else {
+                    let group_id = format!("{id}~current");
+                    self.new_groups.push(NewStateGroup {
+                        id: group_id.clone(),
+                        parent: None,
+                        chain_length: 0,
+                        entries: resolved
+                            .iter()
+                            .map(|((k, s), e)| (k.to_string(), s.clone(), Some(e.to_string())))
+                            .collect(),
+                    });
+                    self.groups
+                        .insert(group_id.clone(), Arc::new(resolved.clone()));
+                    (resolved, group_id)
+                }
+            };
+            for ((kind, key), event) in state_map::diff(&self.current, &new_current) {
+                let membership = event
+                    .as_ref()
+                    .and_then(|e| self.pdus.get(e))
+                    .and_then(|p| p.membership());
+                state_changes.push(StateChange {
+                    kind: kind.to_string(),
+                    state_key: key,
+                    event_id: event.map(|e| e.to_string()),
+                    membership,
+                });
+            }
+            self.load(new_current.values().cloned())
+                .await
+                .map_err(|e| e.to_string())?;
+            let state_pdus: Vec<Arc<Pdu>> = new_current
+                .values()
+                .filter_map(|e| self.pdus.get(e).cloned())
+                .collect();
+            let chain = self
+                .new_groups
+                .iter()
+                .find(|g| g.id == current_group)
+                .map(|g| g.chain_length as u32)
+                .or_else(|| {
+                    self.room
+                        .group()
+                        .filter(|(g, _)| *g == current_group)
+                        .map(|(_, c)| c)
+                })
+                .unwrap_or(0);
+            self.room
+                .set_current(state_pdus, extremities, pdu.depth(), (current_group, chain));
+            self.current = new_current;
+        }
+        let prev_state = state_map::key_of(&pdu).and_then(|k| before.get(&k).cloned());
+        self.events.push((
+            EventToPersist {
+                event_id: id.to_string(),
+                kind: pdu.kind().to_string(),
+                state_key: pdu.state_key().map(str::to_owned),
+                sender: pdu.sender().to_string(),
+                origin_server_ts: pdu.origin_server_ts() as i64,
+                depth: pdu.depth() as i64,
+                membership: pdu.membership(),
+                rejected,
+                prev_state_event_id: prev_state.map(|e| e.to_string()),
+                json: canonical(&pdu),
+                state_changes,
+                redacts: None,
+                txn: None,
+                state_group: Some(group_after),
+                state_group_before: Some(group_before),
+                soft_failed,
+                origin: Some(origin.to_string()),
+            },
+            rejected || soft_failed,
+        ));
+        let outcome = match (&rejection, soft_failed) {
+            (Some(reason), _) => {
+                metrics::counter!("tessera_room_worker_inbound_pdus_total", "result" => "rejected")
+                    .increment(1);
+                tracing::info!(event_id = %id, %reason, "rejected a PDU");
+                Outcome::Rejected(reason.clone())
+            }
+            (None, true) => {
+                metrics::counter!("tessera_room_worker_inbound_pdus_total", "result" => "soft_failed").increment(1);
+                Outcome::SoftFailed
+            }
+            (None, false) => {
+                metrics::counter!("tessera_room_worker_inbound_pdus_total", "result" => "accepted")
+                    .increment(1);
+                Outcome::Accepted
+            }
+        };
+        Ok(outcome)
+    }
+
+    /// Commit everything this turn decided, fenced by `epoch`.
+    async fn commit(mut self, epoch: i64, staged_ids: Vec<i64>) -> Result<RoomState, StoreError> {
+        let partition =
+            tessera_cluster::partition_of(self.room.room_id().as_str(), self.engine.partitions);
+        // Outliers that made it into the timeline in this turn are not outliers.
+        let in_timeline: HashSet<String> = self
+            .events
+            .iter()
+            .map(|(e, _)| e.event_id.clone())
+            .collect();
+        self.outliers.retain(|o| !in_timeline.contains(&o.event_id));
+        let mut batch = Batch::new(
+            partition,
+            &self.engine.worker_id,
+            epoch,
+            self.room.room_id().as_str(),
+        );
+        batch.depth = self.room.depth() as i64;
+        batch.extremities = self
+            .room
+            .extremities()
+            .iter()
+            .map(|e| e.to_string())
+            .collect();
+        batch.state_group = self.room.state_group().map(str::to_owned);
+        batch.new_groups = self.new_groups;
+        batch.staged_ids = staged_ids;
+        batch.outliers = self.outliers;
+        let hidden: Vec<bool> = self.events.iter().map(|(_, hidden)| *hidden).collect();
+        batch.events = self.events.into_iter().map(|(e, _)| e).collect();
+        let _order = self.engine.partition_lock(partition).lock().await;
+        let positions = self.engine.store.persist(&batch).await?;
+        let entries: Vec<EventEntry> = batch
+            .events
+            .iter()
+            .zip(&positions)
+            .zip(hidden)
+            .map(|((e, pos), hidden)| EventEntry {
+                pos: *pos,
+                room_id: batch.room_id.clone(),
+                event_id: e.event_id.clone(),
+                kind: e.kind.clone(),
+                state_key: e.state_key.clone(),
+                membership: e.membership.clone(),
+                rejected: hidden,
+            })
+            .collect();
+        metrics::counter!("tessera_room_worker_persisted_events_total")
+            .increment(entries.len() as u64);
+        self.engine.publisher.publish(partition, &entries).await;
+        Ok(self.room)
+    }
+}
+
+enum Outcome {
+    Accepted,
+    SoftFailed,
+    Rejected(String),
+}
+
+fn ids_of(value: &Value, field: &str) -> Vec<OwnedEventId> {
+    value
+        .get(field)
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str())
+                .filter_map(|s| EventId::parse(s).ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Percent-encode a path segment.
+pub fn encode(segment: &str) -> String {
+    let mut out = String::with_capacity(segment.len());
+    for b in segment.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                out.push(b as char)
+            }
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+/// One turn over a room's staged PDUs.
+pub async fn process_staged(
+    engine: &Engine,
+    inbound: &Inbound,
+    room_id: &RoomId,
+    epoch: i64,
+) -> StagedOutcome {
+    match staged_turn(engine, inbound, room_id, epoch).await {
+        Ok(outcome) => outcome,
+        Err(error) => {
+            tracing::warn!(room = %room_id, %error, "a turn over staged PDUs failed; will retry");
+            engine.drop_state(room_id);
+            StagedOutcome::Failed
+        }
+    }
+}
+
+async fn staged_turn(
+    engine: &Engine,
+    inbound: &Inbound,
+    room_id: &RoomId,
+    epoch: i64,
+) -> Result<StagedOutcome, StoreError> {
+    let staged = engine
+        .store
+        .staged_for_room(room_id.as_str(), inbound.staged_batch)
+        .await?;
+    if staged.is_empty() {
+        return Ok(StagedOutcome::Done);
+    }
+    let full_batch = staged.len() as i64 == inbound.staged_batch;
+    let Some(mut turn) = Turn::start(engine, inbound, room_id).await? else {
+        // The room is not (or no longer) ours to process: drop its staged PDUs.
+        let mut batch = Batch::new(
+            tessera_cluster::partition_of(room_id.as_str(), engine.partitions),
+            &engine.worker_id,
+            epoch,
+            room_id.as_str(),
+        );
+        batch.staged_ids = staged.iter().map(|s| s.id).collect();
+        engine.store.persist(&batch).await?;
+        return Ok(StagedOutcome::Done);
+    };
+
+    // Parse, drop duplicates of what we already have, order by depth.
+    let mut done: Vec<i64> = Vec::new();
+    let mut parsed: Vec<(StagedPdu, Arc<Pdu>)> = Vec::new();
+    for row in staged {
+        match parse(&row.event_id, room_id, &row.json, false) {
+            Some(pdu) => parsed.push((row, Arc::new(pdu))),
+            None => {
+                tracing::warn!(event_id = %row.event_id, "dropping an unparsable staged PDU");
+                done.push(row.id);
+            }
+        }
+    }
+    let wanted: Vec<OwnedEventId> = parsed
+        .iter()
+        .flat_map(|(_, p)| {
+            p.prev_events()
+                .iter()
+                .chain(p.auth_events())
+                .cloned()
+                .chain([p.event_id().to_owned()])
+        })
+        .collect();
+    turn.load(wanted).await?;
+    parsed.sort_by_key(|(row, pdu)| (pdu.depth(), row.id));
+    let in_batch: HashSet<OwnedEventId> = parsed
+        .iter()
+        .map(|(_, p)| p.event_id().to_owned())
+        .collect();
+
+    let mut outcome = if full_batch {
+        StagedOutcome::More
+    } else {
+        StagedOutcome::Done
+    };
+    for (row, pdu) in parsed {
+        let id = pdu.event_id().to_owned();
+        if turn.timeline.contains_key(&id) {
+            done.push(row.id);
+            continue;
+        }
+        let origin = match OwnedServerName::try_from(row.origin.clone()) {
+            Ok(origin) => origin,
+            Err(_) => {
+                done.push(row.id);
+                continue;
+            }
+        };
+        if let Err(reason) = turn.ensure_auth_events(&pdu, &origin).await {
+            tracing::info!(event_id = %id, %reason, "rejecting a PDU whose auth events are unknown");
+            turn.rejected.insert(id.clone());
+            turn.outliers.push(Outlier {
+                event_id: id.to_string(),
+                json: canonical(&pdu),
+                rejected: true,
+            });
+            done.push(row.id);
+            continue;
+        }
+        let mut missing: Vec<OwnedEventId> = pdu
+            .prev_events()
+            .iter()
+            .filter(|p| !turn.timeline.contains_key(*p))
+            .cloned()
+            .collect();
+        let mut given_state = None;
+        if !missing.is_empty() {
+            // Already on its way behind us in staging: wait for it.
+            let staged_elsewhere = engine
+                .store
+                .staged_event_ids(
+                    room_id.as_str(),
+                    &missing.iter().map(|m| m.to_string()).collect::<Vec<_>>(),
+                )
+                .await?;
+            let waited = row_age(&row) >= inbound.missing_prev_wait;
+            if !staged_elsewhere.is_empty()
+                && missing
+                    .iter()
+                    .all(|m| in_batch.contains(m) || staged_elsewhere.contains(&m.to_string()))
+            {
+                outcome = StagedOutcome::More;
+                break;
+            }
+            if !waited {
+                outcome = StagedOutcome::RetryAt(
+                    Instant::now() + inbound.missing_prev_wait.saturating_sub(row_age(&row)),
+                );
+                break;
+            }
+            // Ask the origin for the gap, then process what it sends first.
+            match turn.fetch_missing(&pdu, &origin).await {
+                Ok(fetched) => {
+                    for event in fetched {
+                        let eid = event.event_id().to_owned();
+                        if turn.timeline.contains_key(&eid) || eid == id {
+                            continue;
+                        }
+                        if turn.ensure_auth_events(&event, &origin).await.is_err() {
+                            continue;
+                        }
+                        if event
+                            .prev_events()
+                            .iter()
+                            .all(|p| turn.timeline.contains_key(p))
+                            && let Err(error) =
+                                turn.process(Arc::clone(&event), &origin, None).await
+                        {
+                            tracing::info!(event_id = %eid, %error, "could not process a fetched event");
+                        }
+                    }
+                }
+                Err(error) => tracing::info!(event_id = %id, %error, "get_missing_events failed"),
+            }
+            missing.retain(|p| !turn.timeline.contains_key(p));
+            if !missing.is_empty() {
+                match turn.remote_state_before(&pdu, &origin).await {
+                    Ok(state) => given_state = Some(state),
+                    Err(error) => {
+                        tracing::info!(event_id = %id, %error, "cannot learn the state before a PDU; dropping it");
+                        done.push(row.id);
+                        continue;
+                    }
+                }
+            }
+        }
+        match turn.process(Arc::clone(&pdu), &origin, given_state).await {
+            Ok(_) => {}
+            Err(error) => {
+                tracing::warn!(event_id = %id, %error, "could not process a PDU; dropping it")
+            }
+        }
+        done.push(row.id);
+    }
+    let room = turn.commit(epoch, done).await?;
+    engine.cache_state(room);
+    Ok(outcome)
+}
+
+fn row_age(row: &StagedPdu) -> Duration {
+    Duration::from_millis(
+        tessera_federation::now_ms().saturating_sub(row.staged_at_ms.max(0) as u64),
+    )
+}
+
+/// A membership event a remote server built through make_join (or leave,
+/// knock): check it, persist it now, and answer with the state before it and
+/// the auth chain.
+pub async fn process_membership(
+    engine: &Engine,
+    inbound: &Inbound,
+    room_id: &RoomId,
+    origin: &ServerName,
+    pdu: Pdu,
+    epoch: i64,
+) -> Result<MembershipResult, MembershipRefusal> {
+    let refuse = |errcode, message: String| MembershipRefusal { errcode, message };
+    let unavailable = |e: StoreError| refuse("M_UNKNOWN", format!("storage: {e}"));
+    let Some(mut turn) = Turn::start(engine, inbound, room_id)
+        .await
+        .map_err(unavailable)?
+    else {
+        return Err(refuse("M_NOT_FOUND", format!("unknown room {room_id}")));
+    };
+    let pdu = Arc::new(pdu);
+    turn.load(
+        pdu.prev_events()
+            .iter()
+            .chain(pdu.auth_events())
+            .cloned()
+            .chain([pdu.event_id().to_owned()]),
+    )
+    .await
+    .map_err(unavailable)?;
+    if turn.timeline.contains_key(pdu.event_id()) {
+        return Err(refuse(
+            "M_FORBIDDEN",
+            "this event is already in the room".to_owned(),
+        ));
+    }
+    if !pdu
+        .prev_events()
+        .iter()
+        .all(|p| turn.timeline.contains_key(p))
+    {
+        return Err(refuse(
+            "M_BAD_JSON",
+            "the event's prev_events are not known here; call make_join again".to_owned(),
+        ));
+    }
+    turn.ensure_auth_events(&pdu, origin)
+        .await
+        .map_err(|e| refuse("M_FORBIDDEN", e))?;
+    let (_, before) = turn
+        .state_before(&pdu)
+        .await
+        .map_err(|e| refuse("M_UNKNOWN", e))?;
+    match turn.process(Arc::clone(&pdu), origin, None).await {
+        Ok(Outcome::Accepted) => {}
+        Ok(Outcome::SoftFailed) => {
+            return Err(refuse(
+                "M_FORBIDDEN",
+                "the room's current state does not allow this".to_owned(),
+            ));
+        }
+        Ok(Outcome::Rejected(reason)) => return Err(refuse("M_FORBIDDEN", reason)),
+        Err(error) => return Err(refuse("M_UNKNOWN", error)),
+    }
+    // The state before the event and the auth chain of it and of the event.
+    let roots: Vec<OwnedEventId> = before
+        .values()
+        .cloned()
+        .chain(pdu.auth_events().iter().cloned())
+        .collect();
+    turn.load_auth_closure(roots).await.map_err(unavailable)?;
+    let state: Vec<String> = before
+        .values()
+        .filter_map(|id| turn.pdus.get(id))
+        .map(|p| canonical(p))
+        .collect();
+    let chain = resolve::auth_chain(
+        before.values().cloned().chain([pdu.event_id().to_owned()]),
+        turn.fetch(),
+    );
+    let auth_chain: Vec<String> = chain
+        .iter()
+        .filter_map(|id| turn.pdus.get(id))
+        .map(|p| canonical(p))
+        .collect();
+    let event_json = canonical(&pdu);
+    let room = turn.commit(epoch, vec![]).await.map_err(unavailable)?;
+    engine.cache_state(room);
+    Ok(MembershipResult {
+        event_json,
+        state,
+        auth_chain,
+    })
+}

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use tessera_proto::OWNER_METADATA;
 use tessera_proto::room_worker::room_worker_client::RoomWorkerClient;
 use tessera_proto::room_worker::{
-    CreateRoomRequest, CreateRoomResponse, SubmitEventsRequest, SubmitEventsResponse,
+    CreateRoomRequest, CreateRoomResponse, RemoteMembershipRequest, RemoteMembershipResponse,
+    StagePdusRequest, StagePdusResponse, SubmitEventsRequest, SubmitEventsResponse,
 };
 use tessera_storage::Store;
 use tonic::transport::{Channel, Endpoint};
@@ -69,6 +70,30 @@ impl RoomRouter {
         self.call(room_id, |mut client| {
             let request = request.clone();
             async move { client.create_room(request).await }
+        })
+        .await
+    }
+
+    pub async fn stage_pdus(
+        &self,
+        room_id: &str,
+        request: StagePdusRequest,
+    ) -> Result<StagePdusResponse, RouteError> {
+        self.call(room_id, |mut client| {
+            let request = request.clone();
+            async move { client.stage_pdus(request).await }
+        })
+        .await
+    }
+
+    pub async fn submit_remote_membership(
+        &self,
+        room_id: &str,
+        request: RemoteMembershipRequest,
+    ) -> Result<RemoteMembershipResponse, RouteError> {
+        self.call(room_id, |mut client| {
+            let request = request.clone();
+            async move { client.submit_remote_membership(request).await }
         })
         .await
     }

@@ -15,6 +15,7 @@
 //! - [`resolve`]: state resolution, through ruma, plus the conflicted state
 //!   subgraph room version 12 needs.
 //! - [`room_state`]: the in-memory state a room's owner builds new events on.
+//! - [`server_acl`]: which servers a room's `m.room.server_acl` admits.
 //! - [`state_map`]: room states as slot → event ID maps, and their differences.
 //! - [`room_setup`]: the events `createRoom` produces for each preset.
 //! - [`content`]: checks of well-known state event contents from clients.
@@ -33,6 +34,7 @@ pub mod resolve;
 pub mod room_setup;
 pub mod room_state;
 pub mod room_version;
+pub mod server_acl;
 pub mod state_map;
 pub mod visibility;
 

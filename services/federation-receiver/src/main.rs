@@ -1,1 +1,111 @@
-fn main() {}
+//! `tessera-federation-receiver`: the server-server API.
+//!
+//! Stateless: any number of replicas. Every request's `X-Matrix`
+//! authentication is checked first. Transactions' PDUs are checked (format,
+//! signatures, content hashes, server ACLs), grouped by room and handed to
+//! each room's owner, which stages them durably; the transaction is answered
+//! once every group is staged, and processing continues per room. Reads are
+//! served from Postgres; membership writes go through the room's owner.
+//!
+//! # Layout (the same shape in every service crate)
+//! - `main.rs`: wiring and start-up, plain HTTP or TLS.
+//! - [`state`]: what every handler can reach, and the per-origin rate limit.
+//! - [`request`]: the authenticated-request extractor.
+//! - [`dag`]: walking the event graph in storage (auth chains, backfill, gaps).
+//! - [`api`]: the routes: keys, transactions, membership, reads, queries.
+//! - [`tls`]: the optional TLS listener (for serving port 8448 directly).
+
+mod api;
+mod dag;
+mod request;
+mod state;
+mod tls;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tessera_cluster::router::RoomRouter;
+use tessera_events::keys::SigningKey;
+use tessera_events::ruma::OwnedServerName;
+use tessera_federation::{FederationClient, KeyRing};
+use tessera_runtime::start::Started;
+use tessera_storage::{OpenOptions, Store};
+
+fn main() -> ExitCode {
+    tessera_runtime::start::run("federation-receiver", run)
+}
+
+async fn run(started: Started) -> anyhow::Result<()> {
+    let config = started.config.clone();
+    tessera_federation::install_tls_provider();
+    let store = Store::open(OpenOptions {
+        url: &config.database.url,
+        pool_size: config.database.pool_size,
+        connect_timeout: Duration::from_secs(config.database.connect_timeout_secs),
+        migrate: config.database.migrate_on_start,
+        server_name: &config.server_name,
+        partitions: config.cluster.partitions,
+    })
+    .await?;
+    let stored = store
+        .signing_key(|| {
+            let (document, version) = SigningKey::generate();
+            let public = SigningKey::from_document(&document, &version)
+                .expect("fresh key parses")
+                .public_key_base64();
+            (document, version, public)
+        })
+        .await?;
+    let key = Arc::new(
+        SigningKey::from_document(&stored.pkcs8, stored.key_id.trim_start_matches("ed25519:"))
+            .context("stored signing key")?,
+    );
+    let server_name =
+        OwnedServerName::try_from(config.server_name.clone()).context("server_name")?;
+    let client = Arc::new(FederationClient::new(
+        server_name.clone(),
+        Arc::clone(&key),
+        config.federation.verify_certificates,
+    ));
+    let notaries = config
+        .federation
+        .trusted_key_servers
+        .iter()
+        .filter_map(|s| OwnedServerName::try_from(s.clone()).ok())
+        .collect();
+    let keyring = Arc::new(KeyRing::new(store.clone(), client, notaries));
+    let router = RoomRouter::new(store.clone(), config.cluster.partitions);
+    let app = state::AppState::new(store, keyring, router, key, server_name, config.clone());
+
+    let listener = tokio::net::TcpListener::bind(config.federation_receiver.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot bind the federation listener on {}",
+                config.federation_receiver.listen
+            )
+        })?;
+    let routes = api::router(app, started.health.clone(), started.metrics.clone());
+    started.health.set_ready(true);
+    let shutdown = started.shutdown.clone();
+    match (
+        &config.federation_receiver.tls_certificate,
+        &config.federation_receiver.tls_private_key,
+    ) {
+        (Some(cert), Some(key)) => {
+            let acceptor = tls::acceptor(cert, key)?;
+            tracing::info!(listen = %listener.local_addr()?, "federation API listening (TLS)");
+            tls::serve(listener, acceptor, routes, shutdown).await;
+        }
+        (None, None) => {
+            tracing::info!(listen = %listener.local_addr()?, "federation API listening (plain HTTP: terminate TLS in front)");
+            axum::serve(tessera_runtime::nodelay(listener), routes)
+                .with_graceful_shutdown(async move { shutdown.cancelled().await })
+                .await?;
+        }
+        _ => anyhow::bail!("federation_receiver.tls_certificate and tls_private_key go together"),
+    }
+    Ok(())
+}

@@ -209,13 +209,27 @@ impl KeyRing {
     }
 
     async fn fetch_direct(&self, server: &ServerName) -> Result<(), String> {
+        self.fetch_document(server).await.map(drop)
+    }
+
+    /// A server's current key document, fetched from it and verified (our own
+    /// is built here). Notary queries answer with these.
+    pub async fn fetch_document(&self, server: &ServerName) -> Result<Value, String> {
+        if server == self.own_server {
+            return Ok(server_keys_document(
+                server,
+                self.client.key(),
+                now_ms() + MAX_KEY_VALIDITY_MS,
+            ));
+        }
         let document = self
             .client
             .get_unsigned(server, "/_matrix/key/v2/server")
             .await
             .map_err(|e| e.to_string())?;
         let keys = verify_key_document(&document, server, None)?;
-        self.remember(server, keys).await
+        self.remember(server, keys).await?;
+        Ok(document)
     }
 
     async fn fetch_via_notary(

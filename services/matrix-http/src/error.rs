@@ -54,6 +54,10 @@ impl MatrixError {
     pub fn too_large(message: impl Into<String>) -> Self {
         Self::new(StatusCode::PAYLOAD_TOO_LARGE, "M_TOO_LARGE", message)
     }
+    /// Federation requests whose `X-Matrix` authentication fails.
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "M_UNAUTHORIZED", message)
+    }
     pub fn missing_token() -> Self {
         Self::new(
             StatusCode::UNAUTHORIZED,

@@ -239,3 +239,29 @@ impl Store {
         Ok(())
     }
 }
+
+impl Store {
+    /// Whether a server has a joined member in a room.
+    pub async fn server_in_room(&self, room_id: &str, server: &str) -> Result<bool> {
+        let row = self
+            .query_opt(
+                "SELECT 1 FROM room_state WHERE room_id = $1 AND type = 'm.room.member' AND membership = 'join'
+                 AND substring(state_key FROM position(':' IN state_key) + 1) = $2 LIMIT 1",
+                &[&room_id, &server],
+            )
+            .await?;
+        Ok(row.is_some())
+    }
+
+    /// The servers with joined members in a room.
+    pub async fn servers_in_room(&self, room_id: &str) -> Result<Vec<String>> {
+        let rows = self
+            .query(
+                "SELECT DISTINCT substring(state_key FROM position(':' IN state_key) + 1) FROM room_state
+                 WHERE room_id = $1 AND type = 'm.room.member' AND membership = 'join'",
+                &[&room_id],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+}

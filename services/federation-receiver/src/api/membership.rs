@@ -1,0 +1,325 @@
+//! Joining, leaving and knocking from other servers: `make_*` builds an event
+//! template from the room's current state (read from Postgres); `send_*`
+//! hands the signed event to the room's owner, which checks and persists it
+//! at once and answers with the state before it and its auth chain.
+
+use axum::Json;
+use axum::extract::{Path, RawQuery, State};
+use serde_json::{Value, json};
+use tessera_events::ruma::events::StateEventType;
+use tessera_events::ruma::{CanonicalJsonObject, RoomId, RoomVersionId, UserId};
+use tessera_matrix_http::MatrixError;
+use tessera_proto::room_worker::{RemoteMembershipRequest, remote_membership_response};
+
+use super::room_for;
+use crate::request::Signed;
+use crate::state::AppState;
+
+/// The `ver` parameters of a make_join query (repeated).
+fn versions(query: Option<&str>) -> Vec<String> {
+    let versions: Vec<String> = query
+        .unwrap_or_default()
+        .split('&')
+        .filter_map(|pair| pair.strip_prefix("ver="))
+        .map(str::to_owned)
+        .collect();
+    if versions.is_empty() {
+        vec!["1".to_owned()]
+    } else {
+        versions
+    }
+}
+
+async fn make(
+    state: &AppState,
+    room: &str,
+    user: &str,
+    origin: &str,
+    membership: &str,
+    query: Option<&str>,
+) -> Result<Json<Value>, MatrixError> {
+    let version = room_for(state, room, origin).await?;
+    let user_id = UserId::parse(user)
+        .map_err(|e| MatrixError::invalid_param(format!("invalid user ID: {e}")))?;
+    if user_id.server_name() != origin {
+        return Err(MatrixError::forbidden(
+            "the user is not on the requesting server",
+        ));
+    }
+    if membership == "join" && !versions(query).iter().any(|v| v == version.as_str()) {
+        return Err(MatrixError::new(
+            axum::http::StatusCode::BAD_REQUEST,
+            "M_INCOMPATIBLE_ROOM_VERSION",
+            format!("the room is version {version}, which the requesting server does not support"),
+        )
+        .with("room_version", json!(version.as_str())));
+    }
+    let room_id = RoomId::parse(room).map_err(|e| MatrixError::invalid_param(e.to_string()))?;
+    let row = state
+        .store
+        .room(room_id.as_str())
+        .await?
+        .ok_or_else(|| MatrixError::not_found("unknown room"))?;
+    let mut current = Vec::new();
+    for stored in state.store.current_state(room_id.as_str()).await? {
+        current.push(stored.pdu()?);
+    }
+    let rules = version
+        .rules()
+        .ok_or_else(|| MatrixError::internal("unsupported room version"))?;
+    let membership_now = current
+        .iter()
+        .find(|p| {
+            p.kind().to_string() == "m.room.member" && p.state_key() == Some(user_id.as_str())
+        })
+        .and_then(|p| p.membership());
+    let join_rule = current
+        .iter()
+        .find(|p| p.kind().to_string() == "m.room.join_rules")
+        .and_then(|p| p.content_field("join_rule"))
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_else(|| "invite".to_owned());
+    let allowed = match membership {
+        "join" => {
+            membership_now.as_deref() != Some("ban")
+                && (join_rule == "public"
+                    || matches!(membership_now.as_deref(), Some("invite" | "join")))
+        }
+        "knock" => {
+            matches!(join_rule.as_str(), "knock" | "knock_restricted")
+                && !matches!(membership_now.as_deref(), Some("join" | "ban" | "invite"))
+        }
+        _ => matches!(membership_now.as_deref(), Some("join" | "invite" | "knock")),
+    };
+    if !allowed {
+        return Err(MatrixError::forbidden(format!(
+            "{user_id} may not {membership} this room"
+        )));
+    }
+    let content = json!({ "membership": membership });
+    let raw = serde_json::value::to_raw_value(&content).expect("JSON serializes");
+    let types = tessera_events::ruma::state_res::auth_types_for_event(
+        &tessera_events::ruma::events::TimelineEventType::RoomMember,
+        &user_id,
+        Some(user_id.as_str()),
+        &raw,
+        &rules.authorization,
+    )
+    .map_err(MatrixError::internal)?;
+    let auth_events: Vec<String> = types
+        .iter()
+        .filter_map(|(kind, key)| {
+            current
+                .iter()
+                .find(|p| {
+                    StateEventType::from(p.kind().to_string()) == *kind
+                        && p.state_key() == Some(key.as_str())
+                })
+                .map(|p| p.event_id().to_string())
+        })
+        .collect();
+    let template = json!({
+        "type": "m.room.member",
+        "state_key": user_id,
+        "sender": user_id,
+        "content": content,
+        "room_id": room_id,
+        "origin": origin,
+        "origin_server_ts": tessera_federation::now_ms(),
+        "depth": row.depth + 1,
+        "prev_events": row.forward_extremities,
+        "auth_events": auth_events,
+    });
+    Ok(Json(
+        json!({ "room_version": version.as_str(), "event": template }),
+    ))
+}
+
+pub async fn make_join(
+    State(state): State<AppState>,
+    Path((room, user)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
+    signed: Signed,
+) -> Result<Json<Value>, MatrixError> {
+    make(
+        &state,
+        &room,
+        &user,
+        signed.origin.as_str(),
+        "join",
+        query.as_deref(),
+    )
+    .await
+}
+
+pub async fn make_leave(
+    State(state): State<AppState>,
+    Path((room, user)): Path<(String, String)>,
+    signed: Signed,
+) -> Result<Json<Value>, MatrixError> {
+    make(&state, &room, &user, signed.origin.as_str(), "leave", None).await
+}
+
+pub async fn make_knock(
+    State(state): State<AppState>,
+    Path((room, user)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
+    signed: Signed,
+) -> Result<Json<Value>, MatrixError> {
+    make(
+        &state,
+        &room,
+        &user,
+        signed.origin.as_str(),
+        "knock",
+        query.as_deref(),
+    )
+    .await
+}
+
+/// Check a signed membership event and hand it to the room's owner.
+async fn submit(
+    state: &AppState,
+    room: &str,
+    event: &str,
+    signed: &Signed,
+    membership: &str,
+) -> Result<
+    (
+        RoomVersionId,
+        tessera_proto::room_worker::MembershipAccepted,
+    ),
+    MatrixError,
+> {
+    let origin = signed.origin.as_str();
+    let version = room_for(state, room, origin).await?;
+    let rules = version
+        .rules()
+        .ok_or_else(|| MatrixError::internal("unsupported room version"))?;
+    let object: CanonicalJsonObject = serde_json::from_slice(&signed.body)
+        .map_err(|e| tessera_matrix_http::extract::json_error(&e))?;
+    let room_id = RoomId::parse(room).map_err(|e| MatrixError::invalid_param(e.to_string()))?;
+    let checked = tessera_federation::pdu::check(&state.keyring, object, &rules, Some(&room_id))
+        .await
+        .map_err(|e| MatrixError::forbidden(e.to_string()))?;
+    let pdu = checked.pdu;
+    if pdu.event_id().as_str() != event {
+        return Err(MatrixError::bad_json(format!(
+            "the event's ID is {}, not {event}",
+            pdu.event_id()
+        )));
+    }
+    if pdu.kind().to_string() != "m.room.member"
+        || pdu.state_key() != Some(pdu.sender().as_str())
+        || pdu.membership().as_deref() != Some(membership)
+    {
+        return Err(MatrixError::bad_json(format!(
+            "expected the sender's own {membership} membership event"
+        )));
+    }
+    if pdu.sender().server_name() != origin || pdu.room_id() != &*room_id {
+        return Err(MatrixError::forbidden(
+            "the event is not from the requesting server, or not for this room",
+        ));
+    }
+    let response = state
+        .router
+        .submit_remote_membership(
+            room_id.as_str(),
+            RemoteMembershipRequest {
+                room_id: room_id.to_string(),
+                origin: origin.to_owned(),
+                event_json: pdu.canonical_string(),
+            },
+        )
+        .await
+        .map_err(|e| {
+            tracing::warn!(error = %e, "cannot submit a remote membership event");
+            MatrixError::unavailable("the room's owner is unavailable; try again")
+        })?;
+    match response.outcome {
+        Some(remote_membership_response::Outcome::Accepted(accepted)) => Ok((version, accepted)),
+        Some(remote_membership_response::Outcome::Refusal(r)) => {
+            Err(MatrixError::from_errcode(&r.errcode, r.message))
+        }
+        None => Err(MatrixError::internal("no outcome from the room's owner")),
+    }
+}
+
+fn parse_all(jsons: &[String]) -> Vec<Value> {
+    jsons
+        .iter()
+        .filter_map(|j| serde_json::from_str(j).ok())
+        .collect()
+}
+
+pub async fn send_join(
+    State(state): State<AppState>,
+    Path((room, event)): Path<(String, String)>,
+    signed: Signed,
+) -> Result<Json<Value>, MatrixError> {
+    let (_, accepted) = submit(&state, &room, &event, &signed, "join").await?;
+    let servers = state.store.servers_in_room(&room).await?;
+    Ok(Json(json!({
+        "origin": state.server_name,
+        "event": serde_json::from_str::<Value>(&accepted.event_json).unwrap_or(Value::Null),
+        "state": parse_all(&accepted.state),
+        "auth_chain": parse_all(&accepted.auth_chain),
+        "members_omitted": false,
+        "servers_in_room": servers,
+    })))
+}
+
+pub async fn send_join_v1(
+    State(state): State<AppState>,
+    Path((room, event)): Path<(String, String)>,
+    signed: Signed,
+) -> Result<Json<Value>, MatrixError> {
+    let (_, accepted) = submit(&state, &room, &event, &signed, "join").await?;
+    Ok(Json(json!([200, {
+        "origin": state.server_name,
+        "state": parse_all(&accepted.state),
+        "auth_chain": parse_all(&accepted.auth_chain),
+    }])))
+}
+
+pub async fn send_leave(
+    State(state): State<AppState>,
+    Path((room, event)): Path<(String, String)>,
+    signed: Signed,
+) -> Result<Json<Value>, MatrixError> {
+    submit(&state, &room, &event, &signed, "leave").await?;
+    Ok(Json(json!({})))
+}
+
+pub async fn send_leave_v1(
+    State(state): State<AppState>,
+    Path((room, event)): Path<(String, String)>,
+    signed: Signed,
+) -> Result<Json<Value>, MatrixError> {
+    submit(&state, &room, &event, &signed, "leave").await?;
+    Ok(Json(json!([200, {}])))
+}
+
+pub async fn send_knock(
+    State(state): State<AppState>,
+    Path((room, event)): Path<(String, String)>,
+    signed: Signed,
+) -> Result<Json<Value>, MatrixError> {
+    let (_, accepted) = submit(&state, &room, &event, &signed, "knock").await?;
+    const STRIPPED: [&str; 7] = [
+        "m.room.create",
+        "m.room.join_rules",
+        "m.room.name",
+        "m.room.avatar",
+        "m.room.canonical_alias",
+        "m.room.topic",
+        "m.room.encryption",
+    ];
+    let stripped: Vec<Value> = parse_all(&accepted.state)
+        .into_iter()
+        .filter(|e| e.get("type").and_then(Value::as_str).is_some_and(|t| STRIPPED.contains(&t)))
+        .map(|e| json!({ "type": e["type"], "state_key": e["state_key"], "sender": e["sender"], "content": e["content"] }))
+        .collect();
+    Ok(Json(json!({ "knock_room_state": stripped })))
+}

@@ -1,0 +1,210 @@
+//! `PUT /_matrix/federation/v1/send/{txnId}`: the spec's limits, per-origin
+//! rate limit, then each PDU's checks (room known, server ACL, format,
+//! signatures, content hash), grouped by room and staged at each room's
+//! owner. Answered when every group is staged; processing goes on per room.
+//! The same transaction ID from the same origin gets the same answer.
+
+use std::collections::BTreeMap;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use serde_json::{Map, Value, json};
+use tessera_cluster::router::RouteError;
+use tessera_events::ruma::CanonicalJsonObject;
+use tessera_matrix_http::MatrixError;
+use tessera_proto::room_worker::{StagePdusRequest, StagedPdu};
+
+use crate::request::Signed;
+use crate::state::AppState;
+
+const MAX_PDUS: usize = 50;
+const MAX_EDUS: usize = 100;
+
+pub async fn send(
+    State(state): State<AppState>,
+    Path(txn): Path<String>,
+    signed: Signed,
+) -> Result<Json<Value>, MatrixError> {
+    let origin = signed.origin.clone();
+    let body = signed.json()?;
+    if txn.is_empty() || txn.len() > 255 {
+        return Err(MatrixError::invalid_param("invalid transaction ID"));
+    }
+    if let Some(body_origin) = body.get("origin").and_then(Value::as_str)
+        && body_origin != origin.as_str()
+    {
+        return Err(MatrixError::forbidden(
+            "the transaction's origin is not the authenticated server",
+        ));
+    }
+    let pdus = match body.get("pdus") {
+        Some(Value::Array(pdus)) => pdus.clone(),
+        None => vec![],
+        Some(_) => return Err(MatrixError::bad_json("pdus must be an array")),
+    };
+    let edus = match body.get("edus") {
+        Some(Value::Array(edus)) => edus.clone(),
+        None | Some(Value::Null) => vec![],
+        Some(_) => return Err(MatrixError::bad_json("edus must be an array")),
+    };
+    if pdus.len() > MAX_PDUS || edus.len() > MAX_EDUS {
+        return Err(MatrixError::bad_json(format!(
+            "a transaction holds at most {MAX_PDUS} PDUs and {MAX_EDUS} EDUs (got {} and {})",
+            pdus.len(),
+            edus.len()
+        )));
+    }
+    if let Some(response) = state.store.federation_txn(origin.as_str(), &txn).await? {
+        metrics::counter!("tessera_federation_server_transactions_total", "result" => "repeat")
+            .increment(1);
+        return Ok(Json(response));
+    }
+    if let Err(retry_after_ms) = state.take_tokens(origin.as_str(), pdus.len().max(1) as u64) {
+        metrics::counter!("tessera_federation_backpressure_total", "reason" => "origin_rate")
+            .increment(1);
+        return Err(MatrixError::limit_exceeded(retry_after_ms));
+    }
+
+    // Check each PDU; group the good ones by room.
+    let mut results: Map<String, Value> = Map::new();
+    let mut groups: BTreeMap<String, Vec<StagedPdu>> = BTreeMap::new();
+    for (index, pdu) in pdus.into_iter().enumerate() {
+        match check_pdu(&state, origin.as_str(), pdu).await {
+            Ok((room_id, event_id, json)) => {
+                groups.entry(room_id).or_default().push(StagedPdu {
+                    event_id: event_id.clone(),
+                    json,
+                });
+                results.insert(event_id, json!({}));
+            }
+            Err((event_id, error)) => {
+                metrics::counter!("tessera_federation_server_pdus_dropped_total").increment(1);
+                let key = event_id.unwrap_or_else(|| format!("(pdu {index})"));
+                tracing::info!(%origin, pdu = %key, %error, "dropped a PDU");
+                results.insert(key, json!({ "error": error }));
+            }
+        }
+    }
+    metrics::counter!("tessera_federation_server_received_pdus_total")
+        .increment(results.len() as u64);
+
+    // Stage every room's group at its owner, concurrently.
+    let staging = groups.into_iter().map(|(room_id, pdus)| {
+        let state = state.clone();
+        let origin = origin.to_string();
+        async move {
+            let request = StagePdusRequest {
+                room_id: room_id.clone(),
+                origin,
+                pdus,
+            };
+            (
+                room_id,
+                state
+                    .router
+                    .stage_pdus(&request.room_id.clone(), request)
+                    .await,
+            )
+        }
+    });
+    for (room_id, result) in futures::future::join_all(staging).await {
+        match result {
+            Ok(_) => {}
+            Err(RouteError::Rejected(status))
+                if status.code() == tonic::Code::ResourceExhausted =>
+            {
+                metrics::counter!("tessera_federation_server_transactions_total", "result" => "backpressure").increment(1);
+                let retry = status
+                    .metadata()
+                    .get("retry-after-ms")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(2000);
+                tracing::info!(%origin, room = %room_id, "room backlog over the limit: 429");
+                return Err(MatrixError::limit_exceeded(retry));
+            }
+            Err(error) => {
+                tracing::warn!(%origin, room = %room_id, %error, "cannot stage PDUs; the origin will retry");
+                return Err(MatrixError::unavailable(
+                    "the room's owner is unavailable; retry the transaction",
+                ));
+            }
+        }
+    }
+
+    // EDUs take their own path: kept until the features that consume them exist.
+    let edus: Vec<(String, Value)> = edus
+        .into_iter()
+        .filter_map(|e| {
+            Some((
+                e.get("edu_type")?.as_str()?.to_owned(),
+                e.get("content")?.clone(),
+            ))
+        })
+        .collect();
+    if !edus.is_empty() {
+        for (kind, _) in &edus {
+            metrics::counter!("tessera_federation_server_received_edus_total", "type" => kind.clone()).increment(1);
+        }
+        state.store.store_edus(origin.as_str(), &edus).await?;
+    }
+
+    let response = json!({ "pdus": results });
+    state
+        .store
+        .store_federation_txn(origin.as_str(), &txn, &response)
+        .await?;
+    metrics::counter!("tessera_federation_server_transactions_total", "result" => "ok")
+        .increment(1);
+    Ok(Json(response))
+}
+
+/// (room ID, event ID, canonical JSON) of a PDU that passed, or the reason it
+/// was dropped (with its event ID when it could be computed).
+async fn check_pdu(
+    state: &AppState,
+    origin: &str,
+    pdu: Value,
+) -> Result<(String, String, String), (Option<String>, String)> {
+    let object: CanonicalJsonObject = serde_json::from_value(pdu)
+        .map_err(|e| (None, format!("not a canonical JSON object: {e}")))?;
+    let room = match object.get("room_id") {
+        Some(tessera_events::ruma::CanonicalJsonValue::String(room)) => room.clone(),
+        _ => return Err((None, "room_id is missing".to_owned())),
+    };
+    let version = match state.room_version(&room).await {
+        Ok(Some(version)) => version,
+        Ok(None) => return Err((None, format!("room {room} is not known here"))),
+        Err(error) => return Err((None, format!("cannot look the room up: {error}"))),
+    };
+    let rules = version
+        .rules()
+        .ok_or((None, format!("unsupported room version {version}")))?;
+    let event_id = tessera_events::pdu::event_id_of(&object, &rules)
+        .map(|e| e.to_string())
+        .ok();
+    match state.acl_allows(&room, origin).await {
+        Ok(true) => {}
+        Ok(false) => return Err((event_id, format!("the room's server ACL denies {origin}"))),
+        Err(error) => return Err((event_id, format!("cannot check the server ACL: {error}"))),
+    }
+    let room_id = tessera_events::ruma::RoomId::parse(room.as_str())
+        .map_err(|e| (event_id.clone(), e.to_string()))?;
+    let checked = tessera_federation::pdu::check(&state.keyring, object, &rules, Some(&room_id))
+        .await
+        .map_err(|e| (event_id.clone(), e.to_string()))?;
+    if checked.pdu.sender().server_name() != origin
+        && !state
+            .store
+            .server_in_room(&room, origin)
+            .await
+            .unwrap_or(false)
+    {
+        return Err((
+            event_id,
+            format!("{origin} is not in the room and did not send this event"),
+        ));
+    }
+    let event_id = checked.pdu.event_id().to_string();
+    Ok((room, event_id, checked.pdu.canonical_string()))
+}

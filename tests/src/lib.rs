@@ -6,6 +6,7 @@
 //! `cargo build --workspace --bins`, which `scripts/test` does).
 
 pub mod client;
+pub mod fake_remote;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -28,6 +29,39 @@ pub struct Spec {
     pub heartbeat_ms: u64,
     pub pool_size: usize,
     pub log_filter: String,
+    /// Start a federation-receiver (TLS, self-signed); the server name is then
+    /// `127.0.0.1:<its port>` so other servers can find it.
+    pub federation: Option<FederationSpec>,
+}
+
+/// Federation settings for a test cluster.
+#[derive(Debug, Clone)]
+pub struct FederationSpec {
+    pub missing_prev_wait_ms: u64,
+    pub max_staged_per_room: i64,
+    pub staged_batch: i64,
+    pub origin_pdus_per_second: u64,
+    pub origin_pdu_burst: u64,
+}
+
+impl Default for FederationSpec {
+    fn default() -> Self {
+        Self {
+            missing_prev_wait_ms: 300,
+            max_staged_per_room: 100_000,
+            staged_batch: 200,
+            origin_pdus_per_second: 100_000,
+            origin_pdu_burst: 100_000,
+        }
+    }
+}
+
+/// A self-signed certificate for 127.0.0.1 and localhost: (cert PEM, key PEM).
+pub fn self_signed() -> (String, String) {
+    let cert =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+            .expect("self-signed certificate");
+    (cert.cert.pem(), cert.signing_key.serialize_pem())
 }
 
 impl Default for Spec {
@@ -41,6 +75,7 @@ impl Default for Spec {
             heartbeat_ms: 300,
             pool_size: 6,
             log_filter: "info,ruma_state_res=warn".to_owned(),
+            federation: None,
         }
     }
 }
@@ -60,6 +95,8 @@ pub struct TestCluster {
     pub client_api_url: String,
     pub sync_urls: Vec<String>,
     pub gateway_url: Option<String>,
+    /// The Matrix server name (`127.0.0.1:<federation port>` with federation).
+    pub server_name: String,
     spec: Spec,
     config: PathBuf,
     processes: HashMap<String, Process>,
@@ -123,6 +160,44 @@ impl TestCluster {
         let sync_ports: Vec<u16> = (0..spec.sync_workers).map(|_| free_port()).collect();
         let gateway_port = free_port();
         let config = dir.path().join("tessera.toml");
+        let federation_port = free_port();
+        let server_name = match spec.federation {
+            Some(_) => format!("127.0.0.1:{federation_port}"),
+            None => "test.local".to_owned(),
+        };
+        let federation_section = match &spec.federation {
+            Some(f) => {
+                let (cert, key) = self_signed();
+                let cert_path = dir.path().join("tls.crt");
+                let key_path = dir.path().join("tls.key");
+                std::fs::write(&cert_path, cert).expect("write cert");
+                std::fs::write(&key_path, key).expect("write key");
+                format!(
+                    r#"
+[federation]
+verify_certificates = false
+missing_prev_wait_ms = {}
+max_staged_per_room = {}
+staged_batch = {}
+origin_pdus_per_second = {}
+origin_pdu_burst = {}
+
+[federation_receiver]
+listen = "127.0.0.1:{federation_port}"
+tls_certificate = "{}"
+tls_private_key = "{}"
+"#,
+                    f.missing_prev_wait_ms,
+                    f.max_staged_per_room,
+                    f.staged_batch,
+                    f.origin_pdus_per_second,
+                    f.origin_pdu_burst,
+                    cert_path.display(),
+                    key_path.display()
+                )
+            }
+            None => String::new(),
+        };
         let sync_urls: Vec<String> = sync_ports
             .iter()
             .map(|p| format!("http://127.0.0.1:{p}"))
@@ -130,7 +205,7 @@ impl TestCluster {
         std::fs::write(
             &config,
             format!(
-                r#"server_name = "test.local"
+                r#"server_name = "{server_name}"
 
 [database]
 url = "{db_url}"
@@ -158,7 +233,7 @@ sync_workers = {sync_list:?}
 
 [log]
 filter = "{log_filter}"
-"#,
+{federation_section}"#,
                 redis = redis_url(),
                 partitions = spec.partitions,
                 ttl = spec.lease_ttl_ms,
@@ -180,6 +255,7 @@ filter = "{log_filter}"
             gateway_url: spec
                 .gateway
                 .then(|| format!("http://127.0.0.1:{gateway_port}")),
+            server_name,
             spec: spec.clone(),
             config,
             processes: HashMap::new(),
@@ -205,6 +281,9 @@ filter = "{log_filter}"
         }
         if spec.gateway {
             cluster.spawn("gateway", "tessera-gateway", &[]);
+        }
+        if spec.federation.is_some() {
+            cluster.spawn("federation-receiver", "tessera-federation-receiver", &[]);
         }
         let names: Vec<String> = cluster.processes.keys().cloned().collect();
         for name in names {

@@ -13,13 +13,11 @@
 //! - [`request`]: the authenticated-request extractor.
 //! - [`dag`]: walking the event graph in storage (auth chains, backfill, gaps).
 //! - [`api`]: the routes: keys, transactions, membership, reads, queries.
-//! - [`tls`]: the optional TLS listener (for serving port 8448 directly).
 
 mod api;
 mod dag;
 mod request;
 mod state;
-mod tls;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -95,9 +93,13 @@ async fn run(started: Started) -> anyhow::Result<()> {
         &config.federation_receiver.tls_private_key,
     ) {
         (Some(cert), Some(key)) => {
-            let acceptor = tls::acceptor(cert, key)?;
+            let acceptor =
+                tessera_federation::tls::acceptor(cert, key).map_err(anyhow::Error::msg)?;
             tracing::info!(listen = %listener.local_addr()?, "federation API listening (TLS)");
-            tls::serve(listener, acceptor, routes, shutdown).await;
+            tessera_federation::tls::serve(listener, acceptor, routes, async move {
+                shutdown.cancelled().await
+            })
+            .await;
         }
         (None, None) => {
             tracing::info!(listen = %listener.local_addr()?, "federation API listening (plain HTTP: terminate TLS in front)");

@@ -10,12 +10,14 @@
 //! - [`auth`]: authenticating an inbound request's `X-Matrix` header.
 //! - [`pdu`]: the checks on receipt of a PDU that need no room state: format,
 //!   signatures (drop) and content hash (redact).
+//! - [`tls`]: serving HTTPS from PEM certificates.
 
 pub mod auth;
 pub mod client;
 pub mod discovery;
 pub mod keys;
 pub mod pdu;
+pub mod tls;
 
 pub use client::{FederationClient, FederationError};
 pub use keys::KeyRing;

@@ -1,44 +1,50 @@
-//! The optional TLS listener: Synapse deployments often expose 8448 directly,
-//! so the receiver can terminate TLS itself from PEM files.
+//! Serving HTTPS: Synapse deployments often expose 8448 directly, so the
+//! federation-receiver can terminate TLS itself from PEM files (tests' fake
+//! remote servers use the same code with a self-signed certificate).
 
 use std::sync::Arc;
 
-use anyhow::Context;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::service::TowerToHyperService;
-use tessera_runtime::Shutdown;
 use tokio_rustls::TlsAcceptor;
 
-pub fn acceptor(cert_path: &str, key_path: &str) -> anyhow::Result<TlsAcceptor> {
-    let certs: Vec<_> = rustls_pemfile::certs(&mut std::io::BufReader::new(
-        std::fs::File::open(cert_path)
-            .with_context(|| format!("cannot read TLS certificate {cert_path}"))?,
-    ))
-    .collect::<Result<_, _>>()
-    .with_context(|| format!("invalid PEM in {cert_path}"))?;
-    let key = rustls_pemfile::private_key(&mut std::io::BufReader::new(
-        std::fs::File::open(key_path).with_context(|| format!("cannot read TLS key {key_path}"))?,
-    ))
-    .with_context(|| format!("invalid PEM in {key_path}"))?
-    .with_context(|| format!("no private key in {key_path}"))?;
+/// A TLS acceptor from PEM files; the error says which file is wrong.
+pub fn acceptor(cert_path: &str, key_path: &str) -> Result<TlsAcceptor, String> {
+    let cert_pem = std::fs::read(cert_path)
+        .map_err(|e| format!("cannot read TLS certificate {cert_path}: {e}"))?;
+    let key_pem =
+        std::fs::read(key_path).map_err(|e| format!("cannot read TLS key {key_path}: {e}"))?;
+    acceptor_from_pem(&cert_pem, &key_pem)
+}
+
+pub fn acceptor_from_pem(cert_pem: &[u8], key_pem: &[u8]) -> Result<TlsAcceptor, String> {
+    crate::install_tls_provider();
+    let certs: Vec<_> = rustls_pemfile::certs(&mut &cert_pem[..])
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("invalid certificate PEM: {e}"))?;
+    let key = rustls_pemfile::private_key(&mut &key_pem[..])
+        .map_err(|e| format!("invalid key PEM: {e}"))?
+        .ok_or("no private key in the key PEM")?;
     let mut config = rustls::ServerConfig::builder()
         .with_no_client_auth()
         .with_single_cert(certs, key)
-        .context("the TLS certificate and key do not fit")?;
+        .map_err(|e| format!("the TLS certificate and key do not fit: {e}"))?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
+/// Serve `routes` over TLS until `shutdown` resolves.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     acceptor: TlsAcceptor,
     routes: axum::Router,
-    shutdown: Shutdown,
+    shutdown: impl std::future::Future<Output = ()>,
 ) {
+    tokio::pin!(shutdown);
     loop {
         let (tcp, peer) = tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = &mut shutdown => return,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {

@@ -55,19 +55,12 @@ async fn require_room(state: &AppState, room_id: &RoomId) -> MatrixResult<()> {
     Ok(())
 }
 
-fn target(state: &AppState, body: &TargetBody) -> MatrixResult<OwnedUserId> {
+fn target(body: &TargetBody) -> MatrixResult<OwnedUserId> {
     let user = body
         .user_id
         .as_deref()
         .ok_or_else(|| MatrixError::bad_json("user_id is required"))?;
-    let user_id = UserId::parse(user)
-        .map_err(|e| MatrixError::invalid_param(format!("Invalid user ID: {e}")))?;
-    if !state.is_local(&user_id) {
-        return Err(MatrixError::forbidden(format!(
-            "{user_id} is on another server: that needs federation, which this server does not do yet"
-        )));
-    }
-    Ok(user_id)
+    UserId::parse(user).map_err(|e| MatrixError::invalid_param(format!("Invalid user ID: {e}")))
 }
 
 fn member_content(membership: &str, reason: Option<&str>) -> Value {
@@ -193,7 +186,7 @@ pub async fn leave(
 
 /// What an action on another member needs before its membership event is sent.
 enum Precondition {
-    /// The target must have an account here.
+    /// The target must have an account here (invites).
     KnownUser,
     /// The target's current membership must be one of these.
     Membership(&'static [&'static str], &'static str),
@@ -210,10 +203,17 @@ async fn act_on_member(
     precondition: Precondition,
 ) -> MatrixResult<Json<Value>> {
     let room_id = parse_room_id(&room)?;
-    let target = target(&state, &body)?;
+    let target = target(&body)?;
     require_room(&state, &room_id).await?;
     match precondition {
         Precondition::KnownUser => {
+            // Inviting someone elsewhere means sending them the invite: that
+            // needs the outbound federation sender, which does not exist yet.
+            if !state.is_local(&target) {
+                return Err(MatrixError::forbidden(format!(
+                    "{target} is on another server: inviting there needs outbound federation, which this server does not do yet"
+                )));
+            }
             if state.store.user(target.as_str()).await?.is_none() {
                 return Err(MatrixError::not_found(format!("Unknown user {target}")));
             }

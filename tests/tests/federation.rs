@@ -393,3 +393,685 @@ async fn events_the_current_state_forbids_are_soft_failed() {
     assert!(!bodies(&timeline(&sync, &room)).contains(&"after the ban".to_owned()));
     let _ = since;
 }
+
+/// A request to our federation API with a hand-made Authorization header.
+async fn raw(
+    cluster: &TestCluster,
+    method: reqwest::Method,
+    path: &str,
+    auth: Option<String>,
+    body: Option<Vec<u8>>,
+) -> (u16, Value) {
+    let http = tessera_tests::http_client_builder()
+        .danger_accept_invalid_certs(true)
+        .build()
+        .unwrap();
+    let mut request = http.request(method, format!("https://{}{path}", cluster.server_name));
+    if let Some(auth) = auth {
+        request = request.header("authorization", auth);
+    }
+    if let Some(body) = body {
+        request = request
+            .header("content-type", "application/json")
+            .body(body);
+    }
+    let response = request.send().await.expect("request");
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap_or_default();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+/// An X-Matrix header signed by `key` as `origin`, for `destination`.
+fn x_matrix(
+    origin: &str,
+    destination: &str,
+    key: &tessera_events::keys::SigningKey,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+) -> String {
+    use tessera_events::ruma::api::federation::authentication::{XMatrix, XMatrixSigningInput};
+    let request = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .body(body.unwrap_or_default())
+        .unwrap();
+    let header = XMatrix::sign_http_request(
+        &request,
+        XMatrixSigningInput::new(
+            origin.try_into().unwrap(),
+            destination.try_into().unwrap(),
+            key.pair(),
+        ),
+    )
+    .unwrap();
+    http::HeaderValue::from(&header)
+        .to_str()
+        .unwrap()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_federation_requests_get_matrix_errors() {
+    use reqwest::Method;
+    let cluster = TestCluster::start(federated(1)).await;
+    let api = cluster.api();
+    let alice = cluster.register("alice").await;
+    let room = api
+        .create_room(
+            &alice,
+            json!({ "preset": "public_chat", "room_alias_name": "fed" }),
+        )
+        .await;
+    let remote = FakeRemote::start(&cluster.server_name).await;
+    let bob = remote.user("bob");
+    remote.join(&room, &bob).await.expect("join");
+    let stranger = FakeRemote::start(&cluster.server_name).await;
+    let r = tessera_tests::client::enc(&room);
+    let ours = cluster.server_name.clone();
+
+    let mut failures = Vec::new();
+    let mut expect = |what: &str, (status, body): (u16, Value), want: Option<&str>| {
+        let errcode = body
+            .get("errcode")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        let ok = (400..500).contains(&status)
+            && errcode.as_deref().is_some_and(|c| c.starts_with("M_"))
+            && want.is_none_or(|w| errcode.as_deref() == Some(w));
+        if !ok {
+            failures.push(format!("{what} -> {status} {body}"));
+        }
+    };
+
+    // Authentication comes first, everywhere.
+    for (method, path) in [
+        (Method::PUT, "/_matrix/federation/v1/send/t".to_owned()),
+        (
+            Method::GET,
+            format!(
+                "/_matrix/federation/v1/make_join/{r}/{}",
+                tessera_tests::client::enc(bob.as_str())
+            ),
+        ),
+        (Method::GET, "/_matrix/federation/v1/event/%24x".to_owned()),
+        (
+            Method::GET,
+            format!("/_matrix/federation/v1/state_ids/{r}?event_id=%24x"),
+        ),
+        (
+            Method::POST,
+            format!("/_matrix/federation/v1/get_missing_events/{r}"),
+        ),
+        (
+            Method::GET,
+            "/_matrix/federation/v1/query/profile?user_id=%40alice%3Ax".to_owned(),
+        ),
+    ] {
+        let body = (method != Method::GET).then(|| b"{}".to_vec());
+        expect(
+            &format!("unsigned {method} {path}"),
+            raw(&cluster, method.clone(), &path, None, body.clone()).await,
+            Some("M_UNAUTHORIZED"),
+        );
+        expect(
+            &format!("garbage auth {method} {path}"),
+            raw(
+                &cluster,
+                method.clone(),
+                &path,
+                Some("X-Matrix nonsense".into()),
+                body,
+            )
+            .await,
+            Some("M_UNAUTHORIZED"),
+        );
+    }
+    let path = "/_matrix/federation/v1/send/wrong-destination";
+    let body = br#"{"pdus":[]}"#.to_vec();
+    let header = x_matrix(
+        remote.server_name.as_str(),
+        "elsewhere.example",
+        &remote.key,
+        "PUT",
+        path,
+        Some(&body),
+    );
+    expect(
+        "wrong destination",
+        raw(
+            &cluster,
+            Method::PUT,
+            path,
+            Some(header),
+            Some(body.clone()),
+        )
+        .await,
+        Some("M_UNAUTHORIZED"),
+    );
+    let (document, version) = tessera_events::keys::SigningKey::generate();
+    let unknown_key = tessera_events::keys::SigningKey::from_document(&document, &version).unwrap();
+    let header = x_matrix(
+        remote.server_name.as_str(),
+        &ours,
+        &unknown_key,
+        "PUT",
+        path,
+        Some(&body),
+    );
+    expect(
+        "unknown key",
+        raw(
+            &cluster,
+            Method::PUT,
+            path,
+            Some(header),
+            Some(body.clone()),
+        )
+        .await,
+        Some("M_UNAUTHORIZED"),
+    );
+    let header = x_matrix(
+        remote.server_name.as_str(),
+        &ours,
+        &remote.key,
+        "PUT",
+        path,
+        Some(b"{\"pdus\":[1]}"),
+    );
+    expect(
+        "signature over another body",
+        raw(&cluster, Method::PUT, path, Some(header), Some(body)).await,
+        Some("M_UNAUTHORIZED"),
+    );
+    let header = x_matrix(
+        remote.server_name.as_str(),
+        &ours,
+        &remote.key,
+        "PUT",
+        path,
+        None,
+    );
+    expect(
+        "not JSON",
+        raw(
+            &cluster,
+            Method::PUT,
+            path,
+            Some(header),
+            Some(b"{not json".to_vec()),
+        )
+        .await,
+        None,
+    );
+    expect(
+        "huge body",
+        raw(
+            &cluster,
+            Method::PUT,
+            path,
+            Some("X-Matrix origin=a,key=\"ed25519:x\",sig=\"x\"".into()),
+            Some(vec![b' '; 9 * 1024 * 1024]),
+        )
+        .await,
+        Some("M_TOO_LARGE"),
+    );
+
+    // Signed requests with bad contents.
+    let signed = |method: &str, path: &str, body: Option<Value>| {
+        let remote = &remote;
+        let method = method.to_owned();
+        let path = path.to_owned();
+        async move {
+            match remote.request(&method, &path, body).await {
+                Ok(value) => (200, value),
+                Err(tessera_federation::FederationError::Status { status, body, .. }) => (
+                    status,
+                    serde_json::from_str(&body).unwrap_or(Value::String(body)),
+                ),
+                Err(other) => panic!("{other}"),
+            }
+        }
+    };
+    let too_many: Vec<Value> = (0..51).map(|_| json!({})).collect();
+    expect(
+        "51 PDUs",
+        signed(
+            "PUT",
+            "/_matrix/federation/v1/send/many",
+            Some(json!({ "pdus": too_many })),
+        )
+        .await,
+        Some("M_BAD_JSON"),
+    );
+    let too_many_edus: Vec<Value> = (0..101).map(|_| json!({})).collect();
+    expect(
+        "101 EDUs",
+        signed(
+            "PUT",
+            "/_matrix/federation/v1/send/edus",
+            Some(json!({ "pdus": [], "edus": too_many_edus })),
+        )
+        .await,
+        Some("M_BAD_JSON"),
+    );
+    expect(
+        "pdus not a list",
+        signed(
+            "PUT",
+            "/_matrix/federation/v1/send/shape",
+            Some(json!({ "pdus": "x" })),
+        )
+        .await,
+        Some("M_BAD_JSON"),
+    );
+    expect(
+        "origin mismatch",
+        signed(
+            "PUT",
+            "/_matrix/federation/v1/send/origin",
+            Some(json!({ "origin": "someone.else", "pdus": [] })),
+        )
+        .await,
+        Some("M_FORBIDDEN"),
+    );
+    expect(
+        "make_join unknown room",
+        signed(
+            "GET",
+            &format!(
+                "/_matrix/federation/v1/make_join/%21nope%3A{ours}/{}",
+                tessera_tests::client::enc(bob.as_str())
+            ),
+            None,
+        )
+        .await,
+        Some("M_NOT_FOUND"),
+    );
+    expect(
+        "make_join bad room ID",
+        signed(
+            "GET",
+            &format!(
+                "/_matrix/federation/v1/make_join/not-a-room/{}",
+                tessera_tests::client::enc(bob.as_str())
+            ),
+            None,
+        )
+        .await,
+        Some("M_INVALID_PARAM"),
+    );
+    expect(
+        "make_join for another server's user",
+        signed(
+            "GET",
+            &format!("/_matrix/federation/v1/make_join/{r}/%40eve%3Aother.example"),
+            None,
+        )
+        .await,
+        Some("M_FORBIDDEN"),
+    );
+    expect(
+        "make_join with unsupported versions",
+        signed(
+            "GET",
+            &format!(
+                "/_matrix/federation/v1/make_join/{r}/{}?ver=1",
+                tessera_tests::client::enc(bob.as_str())
+            ),
+            None,
+        )
+        .await,
+        Some("M_INCOMPATIBLE_ROOM_VERSION"),
+    );
+    expect(
+        "send_join garbage",
+        signed(
+            "PUT",
+            &format!("/_matrix/federation/v2/send_join/{r}/%24x"),
+            Some(json!({})),
+        )
+        .await,
+        None,
+    );
+    expect(
+        "unknown event",
+        signed("GET", "/_matrix/federation/v1/event/%24nothing", None).await,
+        Some("M_NOT_FOUND"),
+    );
+    expect(
+        "state_ids without event",
+        signed(
+            "GET",
+            &format!("/_matrix/federation/v1/state_ids/{r}"),
+            None,
+        )
+        .await,
+        Some("M_MISSING_PARAM"),
+    );
+    expect(
+        "backfill without v",
+        signed(
+            "GET",
+            &format!("/_matrix/federation/v1/backfill/{r}?limit=5"),
+            None,
+        )
+        .await,
+        Some("M_MISSING_PARAM"),
+    );
+    expect(
+        "get_missing_events bad body",
+        signed(
+            "POST",
+            &format!("/_matrix/federation/v1/get_missing_events/{r}"),
+            Some(json!({ "latest_events": 5 })),
+        )
+        .await,
+        Some("M_BAD_JSON"),
+    );
+    expect(
+        "profile without user",
+        signed("GET", "/_matrix/federation/v1/query/profile", None).await,
+        Some("M_MISSING_PARAM"),
+    );
+    expect(
+        "profile of nobody",
+        signed(
+            "GET",
+            &format!("/_matrix/federation/v1/query/profile?user_id=%40nobody%3A{ours}"),
+            None,
+        )
+        .await,
+        Some("M_NOT_FOUND"),
+    );
+    expect(
+        "directory unknown alias",
+        signed(
+            "GET",
+            &format!("/_matrix/federation/v1/query/directory?room_alias=%23none%3A{ours}"),
+            None,
+        )
+        .await,
+        Some("M_NOT_FOUND"),
+    );
+    expect(
+        "unknown endpoint",
+        signed("GET", "/_matrix/federation/v1/nonsense", None).await,
+        Some("M_UNRECOGNIZED"),
+    );
+    expect(
+        "key query malformed",
+        raw(
+            &cluster,
+            Method::POST,
+            "/_matrix/key/v2/query",
+            None,
+            Some(br#"{"server_keys": 5}"#.to_vec()),
+        )
+        .await,
+        Some("M_BAD_JSON"),
+    );
+    // A server that is not in the room may not read it.
+    let stranger_read = match stranger
+        .request(
+            "GET",
+            &format!("/_matrix/federation/v1/state_ids/{r}?event_id=%24x"),
+            None,
+        )
+        .await
+    {
+        Err(tessera_federation::FederationError::Status { status, body, .. }) => {
+            (status, serde_json::from_str(&body).unwrap_or(Value::Null))
+        }
+        other => panic!("{other:?}"),
+    };
+    expect("outsider reads state", stranger_read, Some("M_FORBIDDEN"));
+    assert!(
+        failures.is_empty(),
+        "{} bad federation requests were mishandled:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+
+    // Still serving: keys, version and a good transaction.
+    let (status, keys) = raw(&cluster, Method::GET, "/_matrix/key/v2/server", None, None).await;
+    assert_eq!(status, 200);
+    assert_eq!(keys["server_name"], ours);
+    let message = remote.build(
+        &room,
+        &bob,
+        "m.room.message",
+        None,
+        json!({ "msgtype": "m.text", "body": "still fine" }),
+    );
+    let (status, answer) = remote.send("after-bad", &[json_of(&message)], &[]).await;
+    assert_eq!(
+        (status, &answer["pdus"][message.event_id().as_str()]),
+        (200, &json!({}))
+    );
+}
+
+async fn db(cluster: &TestCluster) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(&cluster.db_url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client
+}
+
+/// Put PDUs straight into the staging table, as the receiver would have.
+async fn stage_directly(
+    cluster: &TestCluster,
+    room: &str,
+    origin: &str,
+    pdus: &[std::sync::Arc<tessera_events::Pdu>],
+) {
+    let client = db(cluster).await;
+    let partition = tessera_cluster::partition_of(room, cluster.spec().partitions) as i32;
+    let ids: Vec<String> = pdus.iter().map(|p| p.event_id().to_string()).collect();
+    let jsons: Vec<String> = pdus.iter().map(|p| p.canonical_string()).collect();
+    client
+        .execute(
+            "INSERT INTO staged_pdus (room_id, partition, origin, event_id, json)
+             SELECT $1, $2, $3, e.id, e.json FROM unnest($4::text[], $5::text[]) WITH ORDINALITY AS e(id, json, ord) ORDER BY e.ord",
+            &[&room, &partition, &origin, &ids, &jsons],
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flooded_room_does_not_hold_back_a_quiet_one() {
+    const FLOOD: usize = 3000;
+    let cluster = TestCluster::start(federated(1)).await;
+    let api = cluster.api();
+    let alice = cluster.register("alice").await;
+    let busy = api
+        .create_room(&alice, json!({ "preset": "public_chat" }))
+        .await;
+    let quiet = api
+        .create_room(&alice, json!({ "preset": "public_chat" }))
+        .await;
+    let flooder = FakeRemote::start(&cluster.server_name).await;
+    let talker = FakeRemote::start(&cluster.server_name).await;
+    let spammer = flooder.user("spam");
+    let friend = talker.user("friend");
+    flooder.join(&busy, &spammer).await.unwrap();
+    talker.join(&quiet, &friend).await.unwrap();
+
+    let pdus: Vec<_> = (0..FLOOD)
+        .map(|i| {
+            flooder.build(
+                &busy,
+                &spammer,
+                "m.room.message",
+                None,
+                json!({ "msgtype": "m.text", "body": format!("spam {i}") }),
+            )
+        })
+        .collect();
+    // A backlog: all but the last staged at once, as if many transactions had
+    // just landed; the last one through the federation API sets it moving.
+    stage_directly(
+        &cluster,
+        &busy,
+        flooder.server_name.as_str(),
+        &pdus[..FLOOD - 1],
+    )
+    .await;
+    assert_eq!(
+        flooder
+            .send("last", &[json_of(&pdus[FLOOD - 1])], &[])
+            .await
+            .0,
+        200
+    );
+    // Now one message in the quiet room.
+    let hello = talker.build(
+        &quiet,
+        &friend,
+        "m.room.message",
+        None,
+        json!({ "msgtype": "m.text", "body": "hi" }),
+    );
+    assert_eq!(talker.send("hello", &[json_of(&hello)], &[]).await.0, 200);
+    let client = db(&cluster).await;
+    let mut busy_done_when_quiet_done = None;
+    for _ in 0..3000 {
+        let quiet_done = client
+            .query_opt(
+                "SELECT 1 FROM events WHERE event_id = $1",
+                &[&hello.event_id().as_str()],
+            )
+            .await
+            .unwrap()
+            .is_some();
+        if quiet_done {
+            let n: i64 = client
+                .query_one(
+                    "SELECT count(*) FROM events WHERE room_id = $1 AND type = 'm.room.message'",
+                    &[&busy],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            busy_done_when_quiet_done = Some(n);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let busy_done = busy_done_when_quiet_done.expect("the quiet room's message was processed");
+    println!("flood events processed when the quiet message was: {busy_done} of {FLOOD}");
+    assert!(
+        busy_done < FLOOD as i64 - 500,
+        "the quiet room waited for the flood: {busy_done} of {FLOOD} first"
+    );
+    // And the whole flood gets in, none lost.
+    for _ in 0..600 {
+        let n: i64 = client
+            .query_one("SELECT count(*) FROM events WHERE room_id = $1 AND type = 'm.room.message' AND NOT rejected", &[&busy])
+            .await
+            .unwrap()
+            .get(0);
+        if n == FLOOD as i64 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the flood never finished");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn staged_pdus_survive_a_killed_room_worker_exactly_once() {
+    const FLOOD: usize = 2000;
+    let mut cluster = TestCluster::start(Spec {
+        room_workers: 2,
+        partitions: 4,
+        lease_ttl_ms: 2000,
+        heartbeat_ms: 200,
+        federation: Some(FederationSpec::default()),
+        ..Spec::default()
+    })
+    .await;
+    let api = cluster.api();
+    let alice = cluster.register("alice").await;
+    let room = api
+        .create_room(&alice, json!({ "preset": "public_chat" }))
+        .await;
+    let remote = FakeRemote::start(&cluster.server_name).await;
+    let bob = remote.user("bob");
+    remote.join(&room, &bob).await.unwrap();
+    let pdus: Vec<_> = (0..FLOOD)
+        .map(|i| {
+            remote.build(
+                &room,
+                &bob,
+                "m.room.message",
+                None,
+                json!({ "msgtype": "m.text", "body": format!("n{i}") }),
+            )
+        })
+        .collect();
+    let ids: Vec<String> = pdus.iter().map(|p| p.event_id().to_string()).collect();
+    stage_directly(
+        &cluster,
+        &room,
+        remote.server_name.as_str(),
+        &pdus[..FLOOD - 1],
+    )
+    .await;
+    assert_eq!(
+        remote
+            .send("last", &[json_of(&pdus[FLOOD - 1])], &[])
+            .await
+            .0,
+        200
+    );
+    // All staged and being processed: kill the room's owner outright.
+    let store = cluster.store().await;
+    let owner = store
+        .partition_owner(tessera_cluster::partition_of(&room, 4))
+        .await
+        .unwrap()
+        .unwrap()
+        .worker_id;
+    cluster.kill(&owner).await;
+    let client = db(&cluster).await;
+    for _ in 0..600 {
+        let staged: i64 = client
+            .query_one(
+                "SELECT count(*) FROM staged_pdus WHERE room_id = $1",
+                &[&room],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if staged == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stored: i64 = client
+        .query_one(
+            "SELECT count(*) FROM events WHERE event_id = ANY($1)",
+            &[&ids],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let accepted: i64 = client
+        .query_one("SELECT count(*) FROM events WHERE event_id = ANY($1) AND NOT rejected AND NOT soft_failed", &[&ids])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        (stored, accepted),
+        (FLOOD as i64, FLOOD as i64),
+        "every staged PDU processed once, by the new owner"
+    );
+    let owners = cluster.owners().await;
+    assert!(!owners.contains_key(&owner), "{owners:?}");
+}

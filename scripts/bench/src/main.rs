@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use serde_json::{Value, json};
+use tessera_bench::percentile;
 use tessera_tests::client::enc;
 use tessera_tests::{Spec, TestCluster, TestUser};
 use tokio::sync::Mutex;
@@ -44,14 +45,6 @@ struct Args {
     /// Seconds of the throughput phase.
     #[arg(long, default_value_t = 15)]
     throughput_seconds: u64,
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((p / 100.0) * (sorted.len() as f64 - 1.0)).round() as usize;
-    sorted[rank.min(sorted.len() - 1)]
 }
 
 struct Report {

@@ -1,0 +1,401 @@
+//! `tessera-federation-bench`: inbound federation under a flood, against
+//! Tessera or Synapse, with fake remote homeservers on loopback.
+//!
+//! Two fake remote servers (built on `tessera_tests::fake_remote`: their own
+//! keys, TLS, answering what the target asks) join rooms a local user
+//! created: one floods a busy room with N PDUs (50 a transaction, four in
+//! flight, retrying on 429); the other writes one message every 200 ms
+//! round-robin into 10 quiet rooms, first alone (idle), then during the flood.
+//! The local user follows `/sync`. Measured:
+//!
+//! - quiet-room latency (the remote's `PUT /send` start to the local user's
+//!   `/sync` response containing it), idle and during the flood;
+//! - the busy room's end-to-end ingest rate (flood events visible per second
+//!   in `/sync`, overall and per quarter of the flood);
+//! - how many flood events became visible (counted with `/messages` at the end);
+//! - the target's resident memory before and during the flood.
+//!
+//! Run through `scripts/bench/federation`, which starts both targets.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use serde_json::{Value, json};
+use tessera_bench::{percentile, rss_mib};
+use tessera_events::ruma::OwnedUserId;
+use tessera_tests::client::enc;
+use tessera_tests::fake_remote::{FakeRemote, json_of};
+use tessera_tests::{FederationSpec, Spec, TestCluster, TestUser};
+
+#[derive(Parser, Debug, Clone)]
+struct Args {
+    /// `tessera` starts a cluster of release binaries; `synapse` uses a running Synapse.
+    #[arg(long, default_value = "tessera")]
+    target: String,
+    /// Flood size.
+    #[arg(long, default_value_t = 20_000)]
+    flood: usize,
+    /// Seconds of quiet traffic before the flood.
+    #[arg(long, default_value_t = 20)]
+    idle_seconds: u64,
+    /// Room-workers of the Tessera cluster.
+    #[arg(long, default_value_t = 2)]
+    room_workers: usize,
+    /// For a running target: its client API base URL, server name, shared secret and pid.
+    #[arg(long)]
+    client_url: Option<String>,
+    #[arg(long)]
+    server_name: Option<String>,
+    #[arg(long)]
+    shared_secret: Option<String>,
+    #[arg(long)]
+    pid: Vec<u32>,
+    /// Give up waiting for the flood to become visible after this long without progress.
+    #[arg(long, default_value_t = 60)]
+    stall_seconds: u64,
+}
+
+/// Where events showed up in the local user's /sync.
+#[derive(Default)]
+struct Seen {
+    /// Quiet message body → arrival.
+    quiet: HashMap<String, Instant>,
+    /// Highest flood index visible, with when it was first seen.
+    flood_progress: Vec<(usize, Instant)>,
+}
+
+struct Target {
+    client_url: String,
+    sync_url: String,
+    server_name: String,
+    alice: TestUser,
+    pids: Vec<u32>,
+    _cluster: Option<TestCluster>,
+}
+
+async fn target(args: &Args) -> anyhow::Result<Target> {
+    let http = tessera_tests::http_client_builder().build()?;
+    if args.target == "tessera" {
+        let cluster = TestCluster::start(Spec {
+            room_workers: args.room_workers,
+            partitions: 256,
+            pool_size: 16,
+            log_filter: "warn".to_owned(),
+            federation: Some(FederationSpec {
+                max_staged_per_room: 100_000,
+                origin_pdus_per_second: 100_000,
+                origin_pdu_burst: 100_000,
+                ..FederationSpec::default()
+            }),
+            ..Spec::default()
+        })
+        .await;
+        let alice = cluster.register("alice").await;
+        let mut pids = vec![cluster.pid("federation-receiver")];
+        pids.extend(cluster.live_room_workers().iter().map(|w| cluster.pid(w)));
+        return Ok(Target {
+            client_url: cluster.client_api_url.clone(),
+            sync_url: cluster.sync_urls[0].clone(),
+            server_name: cluster.server_name.clone(),
+            alice,
+            pids,
+            _cluster: Some(cluster),
+        });
+    }
+    let client_url = args.client_url.clone().ok_or_else(|| anyhow::anyhow!("--client-url is needed"))?;
+    let alice = tessera_tests::client::register(
+        &http,
+        &client_url,
+        args.shared_secret.as_deref().ok_or_else(|| anyhow::anyhow!("--shared-secret is needed"))?,
+        "alice",
+        false,
+    )
+    .await;
+    Ok(Target {
+        sync_url: client_url.clone(),
+        client_url,
+        server_name: args.server_name.clone().ok_or_else(|| anyhow::anyhow!("--server-name is needed"))?,
+        alice,
+        pids: args.pid.clone(),
+        _cluster: None,
+    })
+}
+
+async fn create_room(http: &reqwest::Client, base: &str, user: &TestUser) -> anyhow::Result<String> {
+    let response = http
+        .post(format!("{base}/_matrix/client/v3/createRoom"))
+        .bearer_auth(&user.token)
+        .json(&json!({ "preset": "public_chat" }))
+        .send()
+        .await?;
+    let body: Value = response.json().await?;
+    body["room_id"].as_str().map(str::to_owned).ok_or_else(|| anyhow::anyhow!("createRoom: {body}"))
+}
+
+/// Send one transaction, retrying on 429 and 5xx; returns attempts made.
+async fn send_with_retry(remote: &FakeRemote, txn: &str, pdus: &[Value]) -> usize {
+    for attempt in 1..=200 {
+        let (status, body) = remote.send(txn, pdus, &[]).await;
+        match status {
+            200 => return attempt,
+            429 => tokio::time::sleep(Duration::from_millis(body["retry_after_ms"].as_u64().unwrap_or(500).clamp(50, 10_000))).await,
+            _ => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
+    200
+}
+
+fn sync_loop(http: reqwest::Client, url: String, user: TestUser, busy: String, seen: Arc<Mutex<Seen>>, stop: Arc<std::sync::atomic::AtomicBool>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        // The default timeline limit, as clients use it: a busy room's sync is
+        // `limited`, and flood progress is read from its newest events.
+        let mut since: Option<String> = None;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let mut request = format!("{url}/_matrix/client/v3/sync?timeout=1000");
+            if let Some(since) = &since {
+                request.push_str(&format!("&since={since}"));
+            }
+            let Ok(response) = http.get(&request).bearer_auth(&user.token).send().await else {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
+            let arrived = Instant::now();
+            let Ok(body) = response.json::<Value>().await else { continue };
+            if let Some(next) = body["next_batch"].as_str() {
+                since = Some(next.to_owned());
+            }
+            let mut seen = seen.lock().unwrap();
+            for (room, data) in body["rooms"]["join"].as_object().into_iter().flatten() {
+                for event in data["timeline"]["events"].as_array().into_iter().flatten() {
+                    let Some(text) = event["content"]["body"].as_str() else { continue };
+                    if room == &busy {
+                        if let Some(n) = text.strip_prefix("flood ").and_then(|n| n.parse::<usize>().ok())
+                            && seen.flood_progress.last().is_none_or(|(max, _)| n > *max)
+                        {
+                            seen.flood_progress.push((n, arrived));
+                        }
+                    } else if text.starts_with("quiet ") {
+                        seen.quiet.entry(text.to_owned()).or_insert(arrived);
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// Flood events visible in the busy room, counted through /messages.
+async fn count_visible(http: &reqwest::Client, base: &str, user: &TestUser, room: &str) -> usize {
+    let mut from: Option<String> = None;
+    let mut count = 0;
+    for _ in 0..200 {
+        let mut url = format!("{base}/_matrix/client/v3/rooms/{}/messages?dir=b&limit=1000", enc(room));
+        if let Some(from) = &from {
+            url.push_str(&format!("&from={}", enc(from)));
+        }
+        let Ok(response) = http.get(&url).bearer_auth(&user.token).send().await else { break };
+        let Ok(body) = response.json::<Value>().await else { break };
+        let chunk = body["chunk"].as_array().cloned().unwrap_or_default();
+        count += chunk.iter().filter(|e| e["content"]["body"].as_str().is_some_and(|b| b.starts_with("flood "))).count();
+        match body["end"].as_str() {
+            Some(end) if !chunk.is_empty() => from = Some(end.to_owned()),
+            _ => break,
+        }
+    }
+    count
+}
+
+fn rss(pids: &[u32]) -> f64 {
+    pids.iter().filter_map(|p| rss_mib(*p)).sum()
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let http = tessera_tests::http_client_builder().timeout(Duration::from_secs(120)).build()?;
+    let target = target(&args).await?;
+    eprintln!("== target {} ({})", args.target, target.server_name);
+    let busy = create_room(&http, &target.client_url, &target.alice).await?;
+    let mut quiet_rooms = Vec::new();
+    for _ in 0..10 {
+        quiet_rooms.push(create_room(&http, &target.client_url, &target.alice).await?);
+    }
+    let flooder = FakeRemote::start(&target.server_name).await;
+    let talker = FakeRemote::start(&target.server_name).await;
+    let spammer: OwnedUserId = flooder.user("spammer");
+    let friend: OwnedUserId = talker.user("friend");
+    flooder.join(&busy, &spammer).await.map_err(|e| anyhow::anyhow!("flooder join: {e}"))?;
+    for room in &quiet_rooms {
+        talker.join(room, &friend).await.map_err(|e| anyhow::anyhow!("talker join: {e}"))?;
+    }
+    eprintln!("   rooms joined; building {} flood events", args.flood);
+    let flood: Vec<Value> = (0..args.flood)
+        .map(|i| json_of(&flooder.build(&busy, &spammer, "m.room.message", None, json!({ "msgtype": "m.text", "body": format!("flood {i}") }))))
+        .collect();
+
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let syncer = sync_loop(http.clone(), target.sync_url.clone(), target.alice.clone(), busy.clone(), Arc::clone(&seen), Arc::clone(&stop));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // Quiet traffic for the whole run: one message every 200 ms.
+    let flood_started: Arc<Mutex<Option<Instant>>> = Arc::default();
+    let quiet_sent: Arc<Mutex<Vec<(String, Instant, bool)>>> = Arc::default();
+    let quiet_acked: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let quiet_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let quiet = {
+        let (talker, friend, rooms, sent, stop, flood_started, acked) = (
+            Arc::clone(&talker),
+            friend.clone(),
+            quiet_rooms.clone(),
+            Arc::clone(&quiet_sent),
+            Arc::clone(&quiet_stop),
+            Arc::clone(&flood_started),
+            Arc::clone(&quiet_acked),
+        );
+        tokio::spawn(async move {
+            let mut i = 0usize;
+            let mut ticker = tokio::time::interval(Duration::from_millis(200));
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                ticker.tick().await;
+                let room = &rooms[i % rooms.len()];
+                let body = format!("quiet {i}");
+                let pdu = talker.build(room, &friend, "m.room.message", None, json!({ "msgtype": "m.text", "body": body }));
+                let during_flood = flood_started.lock().unwrap().is_some();
+                let started = Instant::now();
+                sent.lock().unwrap().push((body.clone(), started, during_flood));
+                let (talker, txn, acked) = (Arc::clone(&talker), format!("quiet-{i}"), Arc::clone(&acked));
+                tokio::spawn(async move {
+                    send_with_retry(&talker, &txn, &[json_of(&pdu)]).await;
+                    acked.lock().unwrap().insert(body, Instant::now());
+                });
+                i += 1;
+            }
+        })
+    };
+    eprintln!("   idle phase: {} s of quiet traffic", args.idle_seconds);
+    tokio::time::sleep(Duration::from_secs(args.idle_seconds)).await;
+    let rss_before = rss(&target.pids);
+
+    eprintln!("   flood phase: {} PDUs, 50 a transaction, 4 in flight", args.flood);
+    *flood_started.lock().unwrap() = Some(Instant::now());
+    let flood_start = Instant::now();
+    let rss_samples: Arc<Mutex<Vec<f64>>> = Arc::default();
+    let sampler = {
+        let (pids, samples, stop) = (target.pids.clone(), Arc::clone(&rss_samples), Arc::clone(&quiet_stop));
+        tokio::spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                samples.lock().unwrap().push(rss(&pids));
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        })
+    };
+    use futures::StreamExt;
+    let retries: usize = futures::stream::iter(flood.chunks(50).enumerate().map(|(i, chunk)| {
+        let flooder = Arc::clone(&flooder);
+        let chunk = chunk.to_vec();
+        async move { send_with_retry(&flooder, &format!("flood-{i}"), &chunk).await - 1 }
+    }))
+    .buffer_unordered(4)
+    .collect::<Vec<_>>()
+    .await
+    .into_iter()
+    .sum();
+    let flood_sent = flood_start.elapsed();
+    eprintln!("   flood sent in {:.1} s ({retries} retries); waiting for it to show up", flood_sent.as_secs_f64());
+
+    // Wait until the last flood event is visible, or progress stalls.
+    let mut last_progress = (0usize, Instant::now());
+    loop {
+        let max = seen.lock().unwrap().flood_progress.last().map(|(n, _)| *n).unwrap_or(0);
+        if max + 1 >= args.flood {
+            break;
+        }
+        if max > last_progress.0 {
+            last_progress = (max, Instant::now());
+        } else if last_progress.1.elapsed() > Duration::from_secs(args.stall_seconds) {
+            eprintln!("   no progress for {} s; stopping the wait", args.stall_seconds);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    quiet_stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = quiet.await;
+    let _ = sampler.await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = syncer.await;
+    let visible = count_visible(&http, &target.client_url, &target.alice, &busy).await;
+
+    // Figures.
+    let seen = seen.lock().unwrap();
+    let sent = quiet_sent.lock().unwrap();
+    let latencies = |during: bool| -> (Vec<f64>, usize) {
+        let mut values: Vec<f64> = sent
+            .iter()
+            .filter(|(_, _, d)| *d == during)
+            .filter_map(|(body, at, _)| seen.quiet.get(body).map(|arrived| arrived.duration_since(*at).as_secs_f64() * 1000.0))
+            .collect();
+        values.sort_by(f64::total_cmp);
+        let missing = sent.iter().filter(|(b, _, d)| *d == during && !seen.quiet.contains_key(b)).count();
+        (values, missing)
+    };
+    let (idle, idle_missing) = latencies(false);
+    let (during, during_missing) = latencies(true);
+    let acked = quiet_acked.lock().unwrap();
+    let ack_latencies = |during: bool| -> Vec<f64> {
+        let mut values: Vec<f64> = sent
+            .iter()
+            .filter(|(_, _, d)| *d == during)
+            .filter_map(|(body, at, _)| acked.get(body).map(|a| a.duration_since(*at).as_secs_f64() * 1000.0))
+            .collect();
+        values.sort_by(f64::total_cmp);
+        values
+    };
+    let (idle_ack, during_ack) = (ack_latencies(false), ack_latencies(true));
+    eprintln!(
+        "   quiet transaction answered: idle p50 {:.1} p99 {:.1} ms, during the flood p50 {:.1} p99 {:.1} ms",
+        percentile(&idle_ack, 50.0),
+        percentile(&idle_ack, 99.0),
+        percentile(&during_ack, 50.0),
+        percentile(&during_ack, 99.0)
+    );
+    let last_visible = seen.flood_progress.last().map(|(_, at)| at.duration_since(flood_start).as_secs_f64()).unwrap_or(f64::NAN);
+    let quarter_rates: Vec<String> = (1..=4)
+        .map(|q| {
+            let (lo, hi) = ((q - 1) * args.flood / 4, q * args.flood / 4 - 1);
+            let at = |n: usize| seen.flood_progress.iter().find(|(m, _)| *m >= n).map(|(_, t)| *t);
+            match (at(lo), at(hi)) {
+                (Some(a), Some(b)) if b > a => format!("{:.0}", (hi - lo) as f64 / b.duration_since(a).as_secs_f64()),
+                _ => "-".to_owned(),
+            }
+        })
+        .collect();
+    let rss_during = rss_samples.lock().unwrap().iter().cloned().fold(0.0, f64::max);
+    println!(
+        "| {} | {:.1} / {:.1} ms | {:.1} / {:.1} ms | {} of {} | {:.0} events/s ({} per quarter) | {:.0} → {:.0} MiB | {} / {} |",
+        args.target,
+        percentile(&idle, 50.0),
+        percentile(&idle, 99.0),
+        percentile(&during, 50.0),
+        percentile(&during, 99.0),
+        visible,
+        args.flood,
+        visible as f64 / last_visible,
+        quarter_rates.join(" / "),
+        rss_before,
+        rss_during,
+        idle_missing,
+        during_missing,
+    );
+    eprintln!(
+        "   flood sent in {:.1} s, last flood event visible after {:.1} s; quiet messages: {} idle, {} during",
+        flood_sent.as_secs_f64(),
+        last_visible,
+        idle.len(),
+        during.len()
+    );
+    Ok(())
+}

@@ -89,6 +89,8 @@ impl FakeRemote {
                 post(missing),
             )
             .route("/_matrix/federation/v1/state_ids/{room}", get(state_ids))
+            .route("/_matrix/federation/v1/state/{room}", get(state))
+            .route("/_matrix/federation/v1/backfill/{room}", get(backfill))
             .route(
                 "/_matrix/federation/v1/send/{txn}",
                 put(|| async { Json(json!({ "pdus": {} })) }),
@@ -332,7 +334,9 @@ impl FakeRemote {
                 status,
                 serde_json::from_str(&body).unwrap_or(Value::String(body)),
             ),
-            Err(other) => panic!("transaction failed: {other}"),
+            // No answer at all (connection refused, timeout): status 0, so
+            // that callers can retry as a real sender would.
+            Err(other) => (0, json!({ "error": other.to_string() })),
         }
     }
 
@@ -475,32 +479,87 @@ struct AtEvent {
     event_id: String,
 }
 
-async fn state_ids(
-    State(remote): State<Arc<FakeRemote>>,
-    Query(at): Query<AtEvent>,
-) -> Result<Json<Value>, axum::http::StatusCode> {
-    let id =
-        EventId::parse(at.event_id.as_str()).map_err(|_| axum::http::StatusCode::BAD_REQUEST)?;
-    let state = remote
-        .shared
-        .lock()
-        .expect("shared")
-        .state_before
-        .get(&id)
-        .cloned()
-        .ok_or(axum::http::StatusCode::NOT_FOUND)?;
+/// The state before an event and that state's auth chain.
+struct StateAt {
+    state: Vec<Arc<Pdu>>,
+    auth_chain: Vec<Arc<Pdu>>,
+}
+
+fn state_at(remote: &FakeRemote, event_id: &str) -> Option<StateAt> {
+    let id = EventId::parse(event_id).ok()?;
     let events: Vec<Arc<Pdu>> = {
         let shared = remote.shared.lock().expect("shared");
+        let state = shared.state_before.get(&id)?;
         state
             .values()
             .filter_map(|e| shared.events.get(e).cloned())
             .collect()
     };
-    let chain: Vec<String> = auth_chain_of(&remote, &events)
-        .iter()
-        .map(|p| p.event_id().to_string())
-        .collect();
+    let auth_chain = auth_chain_of(remote, &events);
+    Some(StateAt {
+        state: events,
+        auth_chain,
+    })
+}
+
+async fn state_ids(
+    State(remote): State<Arc<FakeRemote>>,
+    Query(at): Query<AtEvent>,
+) -> Result<Json<Value>, axum::http::StatusCode> {
+    let at = state_at(&remote, &at.event_id).ok_or(axum::http::StatusCode::NOT_FOUND)?;
+    let ids = |events: &[Arc<Pdu>]| -> Vec<String> {
+        events.iter().map(|p| p.event_id().to_string()).collect()
+    };
     Ok(Json(
-        json!({ "pdu_ids": state.values().map(|e| e.to_string()).collect::<Vec<_>>(), "auth_chain_ids": chain }),
+        json!({ "pdu_ids": ids(&at.state), "auth_chain_ids": ids(&at.auth_chain) }),
     ))
+}
+
+async fn state(
+    State(remote): State<Arc<FakeRemote>>,
+    Query(at): Query<AtEvent>,
+) -> Result<Json<Value>, axum::http::StatusCode> {
+    let at = state_at(&remote, &at.event_id).ok_or(axum::http::StatusCode::NOT_FOUND)?;
+    let values =
+        |events: &[Arc<Pdu>]| -> Vec<Value> { events.iter().map(|p| pdu_value(p)).collect() };
+    Ok(Json(
+        json!({ "pdus": values(&at.state), "auth_chain": values(&at.auth_chain) }),
+    ))
+}
+
+/// Events before the given ones, newest first, following prev_events.
+async fn backfill(
+    State(remote): State<Arc<FakeRemote>>,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> Json<Value> {
+    let mut from = Vec::new();
+    let mut limit = 10usize;
+    let url = reqwest::Url::parse(&format!("http://x/?{}", query.unwrap_or_default()))
+        .expect("a query string");
+    for (key, value) in url.query_pairs() {
+        match key.as_ref() {
+            "v" => from.extend(EventId::parse(value.as_ref()).ok()),
+            "limit" => limit = value.parse().unwrap_or(10).min(100),
+            _ => {}
+        }
+    }
+    let shared = remote.shared.lock().expect("shared");
+    let mut seen = HashSet::new();
+    let mut todo = from;
+    let mut out: Vec<Arc<Pdu>> = Vec::new();
+    while let Some(id) = todo.pop() {
+        if out.len() >= limit || !seen.insert(id.clone()) {
+            continue;
+        }
+        if let Some(pdu) = shared.events.get(&id) {
+            todo.extend(pdu.prev_events().iter().cloned());
+            out.push(Arc::clone(pdu));
+        }
+    }
+    out.sort_by_key(|p| std::cmp::Reverse(p.depth()));
+    Json(json!({
+        "origin": remote.server_name,
+        "origin_server_ts": tessera_federation::now_ms(),
+        "pdus": out.iter().map(|p| pdu_value(p)).collect::<Vec<_>>(),
+    }))
 }

@@ -151,7 +151,12 @@ pub fn redis_url() -> String {
 
 impl TestCluster {
     pub async fn start(spec: Spec) -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
+        let mut dir = tempfile::tempdir().expect("temp dir");
+        // For looking at the processes' logs after a run (benchmarks, debugging).
+        if std::env::var_os("TESSERA_TEST_KEEP_LOGS").is_some() {
+            dir.disable_cleanup(true);
+            eprintln!("logs kept in {}", dir.path().display());
+        }
         let db_url = tessera_storage::test_util::create_database().await;
         let suffix: u64 = rand::thread_rng().r#gen();
         let redis_prefix = format!("tessera-test-{suffix:016x}");

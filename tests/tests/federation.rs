@@ -873,11 +873,13 @@ async fn stage_directly(
     let partition = tessera_cluster::partition_of(room, cluster.spec().partitions) as i32;
     let ids: Vec<String> = pdus.iter().map(|p| p.event_id().to_string()).collect();
     let jsons: Vec<String> = pdus.iter().map(|p| p.canonical_string()).collect();
+    let depths: Vec<i64> = pdus.iter().map(|p| p.depth() as i64).collect();
     client
         .execute(
-            "INSERT INTO staged_pdus (room_id, partition, origin, event_id, json)
-             SELECT $1, $2, $3, e.id, e.json FROM unnest($4::text[], $5::text[]) WITH ORDINALITY AS e(id, json, ord) ORDER BY e.ord",
-            &[&room, &partition, &origin, &ids, &jsons],
+            "INSERT INTO staged_pdus (room_id, partition, origin, event_id, json, depth)
+             SELECT $1, $2, $3, e.id, e.json, e.depth
+             FROM unnest($4::text[], $5::text[], $6::bigint[]) WITH ORDINALITY AS e(id, json, depth, ord) ORDER BY e.ord",
+            &[&room, &partition, &origin, &ids, &jsons, &depths],
         )
         .await
         .unwrap();
@@ -982,6 +984,73 @@ async fn a_flooded_room_does_not_hold_back_a_quiet_one() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     panic!("the flood never finished");
+}
+
+/// Transactions in flight land out of order: here each later transaction is
+/// staged before the one holding its parents, so the oldest staged rows
+/// always wait on younger ones. Everything must still be processed, parents
+/// first, without asking the origin for events it already sent.
+#[tokio::test(flavor = "multi_thread")]
+async fn transactions_staged_out_of_order_are_processed_parents_first() {
+    const EVENTS: usize = 1000;
+    let cluster = TestCluster::start(federated(1)).await;
+    let api = cluster.api();
+    let alice = cluster.register("alice").await;
+    let room = api
+        .create_room(&alice, json!({ "preset": "public_chat" }))
+        .await;
+    let remote = FakeRemote::start(&cluster.server_name).await;
+    let bob = remote.user("bob");
+    remote.join(&room, &bob).await.unwrap();
+    let pdus: Vec<_> = (0..EVENTS)
+        .map(|i| {
+            remote.build(
+                &room,
+                &bob,
+                "m.room.message",
+                None,
+                json!({ "msgtype": "m.text", "body": format!("m {i}") }),
+            )
+        })
+        .collect();
+    // Newest transaction first, each of 50 PDUs (more than one turn's batch
+    // of rows is waiting on rows staged after it).
+    for chunk in pdus[..EVENTS - 1].chunks(50).rev() {
+        stage_directly(&cluster, &room, remote.server_name.as_str(), chunk).await;
+    }
+    assert_eq!(
+        remote
+            .send("last", &[json_of(&pdus[EVENTS - 1])], &[])
+            .await
+            .0,
+        200
+    );
+    let client = db(&cluster).await;
+    let mut order = Vec::new();
+    for _ in 0..600 {
+        order = client
+            .query(
+                "SELECT event_id FROM events WHERE room_id = $1 AND type = 'm.room.message' AND NOT rejected ORDER BY pos",
+                &[&room],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<_, String>(0))
+            .collect::<Vec<_>>();
+        if order.len() == EVENTS {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let expected: Vec<String> = pdus.iter().map(|p| p.event_id().to_string()).collect();
+    assert_eq!(order.len(), EVENTS, "every staged event was processed");
+    assert_eq!(order, expected, "the timeline follows the DAG");
+    assert_eq!(
+        remote.requests_matching("get_missing_events"),
+        0,
+        "nothing already staged was fetched back from the origin"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -104,11 +104,16 @@ async fn target(args: &Args) -> anyhow::Result<Target> {
             _cluster: Some(cluster),
         });
     }
-    let client_url = args.client_url.clone().ok_or_else(|| anyhow::anyhow!("--client-url is needed"))?;
+    let client_url = args
+        .client_url
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("--client-url is needed"))?;
     let alice = tessera_tests::client::register(
         &http,
         &client_url,
-        args.shared_secret.as_deref().ok_or_else(|| anyhow::anyhow!("--shared-secret is needed"))?,
+        args.shared_secret
+            .as_deref()
+            .ok_or_else(|| anyhow::anyhow!("--shared-secret is needed"))?,
         "alice",
         false,
     )
@@ -116,14 +121,21 @@ async fn target(args: &Args) -> anyhow::Result<Target> {
     Ok(Target {
         sync_url: client_url.clone(),
         client_url,
-        server_name: args.server_name.clone().ok_or_else(|| anyhow::anyhow!("--server-name is needed"))?,
+        server_name: args
+            .server_name
+            .clone()
+            .ok_or_else(|| anyhow::anyhow!("--server-name is needed"))?,
         alice,
         pids: args.pid.clone(),
         _cluster: None,
     })
 }
 
-async fn create_room(http: &reqwest::Client, base: &str, user: &TestUser) -> anyhow::Result<String> {
+async fn create_room(
+    http: &reqwest::Client,
+    base: &str,
+    user: &TestUser,
+) -> anyhow::Result<String> {
     let response = http
         .post(format!("{base}/_matrix/client/v3/createRoom"))
         .bearer_auth(&user.token)
@@ -131,7 +143,10 @@ async fn create_room(http: &reqwest::Client, base: &str, user: &TestUser) -> any
         .send()
         .await?;
     let body: Value = response.json().await?;
-    body["room_id"].as_str().map(str::to_owned).ok_or_else(|| anyhow::anyhow!("createRoom: {body}"))
+    body["room_id"]
+        .as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| anyhow::anyhow!("createRoom: {body}"))
 }
 
 /// Send one transaction, retrying on 429 and 5xx; returns attempts made.
@@ -140,14 +155,29 @@ async fn send_with_retry(remote: &FakeRemote, txn: &str, pdus: &[Value]) -> usiz
         let (status, body) = remote.send(txn, pdus, &[]).await;
         match status {
             200 => return attempt,
-            429 => tokio::time::sleep(Duration::from_millis(body["retry_after_ms"].as_u64().unwrap_or(500).clamp(50, 10_000))).await,
+            429 => {
+                tokio::time::sleep(Duration::from_millis(
+                    body["retry_after_ms"]
+                        .as_u64()
+                        .unwrap_or(500)
+                        .clamp(50, 10_000),
+                ))
+                .await
+            }
             _ => tokio::time::sleep(Duration::from_millis(500)).await,
         }
     }
     200
 }
 
-fn sync_loop(http: reqwest::Client, url: String, user: TestUser, busy: String, seen: Arc<Mutex<Seen>>, stop: Arc<std::sync::atomic::AtomicBool>) -> tokio::task::JoinHandle<()> {
+fn sync_loop(
+    http: reqwest::Client,
+    url: String,
+    user: TestUser,
+    busy: String,
+    seen: Arc<Mutex<Seen>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         // The default timeline limit, as clients use it: a busy room's sync is
         // `limited`, and flood progress is read from its newest events.
@@ -162,16 +192,22 @@ fn sync_loop(http: reqwest::Client, url: String, user: TestUser, busy: String, s
                 continue;
             };
             let arrived = Instant::now();
-            let Ok(body) = response.json::<Value>().await else { continue };
+            let Ok(body) = response.json::<Value>().await else {
+                continue;
+            };
             if let Some(next) = body["next_batch"].as_str() {
                 since = Some(next.to_owned());
             }
             let mut seen = seen.lock().unwrap();
             for (room, data) in body["rooms"]["join"].as_object().into_iter().flatten() {
                 for event in data["timeline"]["events"].as_array().into_iter().flatten() {
-                    let Some(text) = event["content"]["body"].as_str() else { continue };
+                    let Some(text) = event["content"]["body"].as_str() else {
+                        continue;
+                    };
                     if room == &busy {
-                        if let Some(n) = text.strip_prefix("flood ").and_then(|n| n.parse::<usize>().ok())
+                        if let Some(n) = text
+                            .strip_prefix("flood ")
+                            .and_then(|n| n.parse::<usize>().ok())
                             && seen.flood_progress.last().is_none_or(|(max, _)| n > *max)
                         {
                             seen.flood_progress.push((n, arrived));
@@ -190,14 +226,28 @@ async fn count_visible(http: &reqwest::Client, base: &str, user: &TestUser, room
     let mut from: Option<String> = None;
     let mut count = 0;
     for _ in 0..200 {
-        let mut url = format!("{base}/_matrix/client/v3/rooms/{}/messages?dir=b&limit=1000", enc(room));
+        let mut url = format!(
+            "{base}/_matrix/client/v3/rooms/{}/messages?dir=b&limit=1000",
+            enc(room)
+        );
         if let Some(from) = &from {
             url.push_str(&format!("&from={}", enc(from)));
         }
-        let Ok(response) = http.get(&url).bearer_auth(&user.token).send().await else { break };
-        let Ok(body) = response.json::<Value>().await else { break };
+        let Ok(response) = http.get(&url).bearer_auth(&user.token).send().await else {
+            break;
+        };
+        let Ok(body) = response.json::<Value>().await else {
+            break;
+        };
         let chunk = body["chunk"].as_array().cloned().unwrap_or_default();
-        count += chunk.iter().filter(|e| e["content"]["body"].as_str().is_some_and(|b| b.starts_with("flood "))).count();
+        count += chunk
+            .iter()
+            .filter(|e| {
+                e["content"]["body"]
+                    .as_str()
+                    .is_some_and(|b| b.starts_with("flood "))
+            })
+            .count();
         match body["end"].as_str() {
             Some(end) if !chunk.is_empty() => from = Some(end.to_owned()),
             _ => break,
@@ -213,7 +263,9 @@ fn rss(pids: &[u32]) -> f64 {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let http = tessera_tests::http_client_builder().timeout(Duration::from_secs(120)).build()?;
+    let http = tessera_tests::http_client_builder()
+        .timeout(Duration::from_secs(120))
+        .build()?;
     let target = target(&args).await?;
     eprintln!("== target {} ({})", args.target, target.server_name);
     let busy = create_room(&http, &target.client_url, &target.alice).await?;
@@ -225,18 +277,39 @@ async fn main() -> anyhow::Result<()> {
     let talker = FakeRemote::start(&target.server_name).await;
     let spammer: OwnedUserId = flooder.user("spammer");
     let friend: OwnedUserId = talker.user("friend");
-    flooder.join(&busy, &spammer).await.map_err(|e| anyhow::anyhow!("flooder join: {e}"))?;
+    flooder
+        .join(&busy, &spammer)
+        .await
+        .map_err(|e| anyhow::anyhow!("flooder join: {e}"))?;
     for room in &quiet_rooms {
-        talker.join(room, &friend).await.map_err(|e| anyhow::anyhow!("talker join: {e}"))?;
+        talker
+            .join(room, &friend)
+            .await
+            .map_err(|e| anyhow::anyhow!("talker join: {e}"))?;
     }
     eprintln!("   rooms joined; building {} flood events", args.flood);
     let flood: Vec<Value> = (0..args.flood)
-        .map(|i| json_of(&flooder.build(&busy, &spammer, "m.room.message", None, json!({ "msgtype": "m.text", "body": format!("flood {i}") }))))
+        .map(|i| {
+            json_of(&flooder.build(
+                &busy,
+                &spammer,
+                "m.room.message",
+                None,
+                json!({ "msgtype": "m.text", "body": format!("flood {i}") }),
+            ))
+        })
         .collect();
 
     let seen = Arc::new(Mutex::new(Seen::default()));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let syncer = sync_loop(http.clone(), target.sync_url.clone(), target.alice.clone(), busy.clone(), Arc::clone(&seen), Arc::clone(&stop));
+    let syncer = sync_loop(
+        http.clone(),
+        target.sync_url.clone(),
+        target.alice.clone(),
+        busy.clone(),
+        Arc::clone(&seen),
+        Arc::clone(&stop),
+    );
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     // Quiet traffic for the whole run: one message every 200 ms.
@@ -261,11 +334,23 @@ async fn main() -> anyhow::Result<()> {
                 ticker.tick().await;
                 let room = &rooms[i % rooms.len()];
                 let body = format!("quiet {i}");
-                let pdu = talker.build(room, &friend, "m.room.message", None, json!({ "msgtype": "m.text", "body": body }));
+                let pdu = talker.build(
+                    room,
+                    &friend,
+                    "m.room.message",
+                    None,
+                    json!({ "msgtype": "m.text", "body": body }),
+                );
                 let during_flood = flood_started.lock().unwrap().is_some();
                 let started = Instant::now();
-                sent.lock().unwrap().push((body.clone(), started, during_flood));
-                let (talker, txn, acked) = (Arc::clone(&talker), format!("quiet-{i}"), Arc::clone(&acked));
+                sent.lock()
+                    .unwrap()
+                    .push((body.clone(), started, during_flood));
+                let (talker, txn, acked) = (
+                    Arc::clone(&talker),
+                    format!("quiet-{i}"),
+                    Arc::clone(&acked),
+                );
                 tokio::spawn(async move {
                     send_with_retry(&talker, &txn, &[json_of(&pdu)]).await;
                     acked.lock().unwrap().insert(body, Instant::now());
@@ -278,12 +363,19 @@ async fn main() -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(args.idle_seconds)).await;
     let rss_before = rss(&target.pids);
 
-    eprintln!("   flood phase: {} PDUs, 50 a transaction, 4 in flight", args.flood);
+    eprintln!(
+        "   flood phase: {} PDUs, 50 a transaction, 4 in flight",
+        args.flood
+    );
     *flood_started.lock().unwrap() = Some(Instant::now());
     let flood_start = Instant::now();
     let rss_samples: Arc<Mutex<Vec<f64>>> = Arc::default();
     let sampler = {
-        let (pids, samples, stop) = (target.pids.clone(), Arc::clone(&rss_samples), Arc::clone(&quiet_stop));
+        let (pids, samples, stop) = (
+            target.pids.clone(),
+            Arc::clone(&rss_samples),
+            Arc::clone(&quiet_stop),
+        );
         tokio::spawn(async move {
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 samples.lock().unwrap().push(rss(&pids));
@@ -303,19 +395,31 @@ async fn main() -> anyhow::Result<()> {
     .into_iter()
     .sum();
     let flood_sent = flood_start.elapsed();
-    eprintln!("   flood sent in {:.1} s ({retries} retries); waiting for it to show up", flood_sent.as_secs_f64());
+    eprintln!(
+        "   flood sent in {:.1} s ({retries} retries); waiting for it to show up",
+        flood_sent.as_secs_f64()
+    );
 
     // Wait until the last flood event is visible, or progress stalls.
     let mut last_progress = (0usize, Instant::now());
     loop {
-        let max = seen.lock().unwrap().flood_progress.last().map(|(n, _)| *n).unwrap_or(0);
+        let max = seen
+            .lock()
+            .unwrap()
+            .flood_progress
+            .last()
+            .map(|(n, _)| *n)
+            .unwrap_or(0);
         if max + 1 >= args.flood {
             break;
         }
         if max > last_progress.0 {
             last_progress = (max, Instant::now());
         } else if last_progress.1.elapsed() > Duration::from_secs(args.stall_seconds) {
-            eprintln!("   no progress for {} s; stopping the wait", args.stall_seconds);
+            eprintln!(
+                "   no progress for {} s; stopping the wait",
+                args.stall_seconds
+            );
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -336,10 +440,17 @@ async fn main() -> anyhow::Result<()> {
         let mut values: Vec<f64> = sent
             .iter()
             .filter(|(_, _, d)| *d == during)
-            .filter_map(|(body, at, _)| seen.quiet.get(body).map(|arrived| arrived.duration_since(*at).as_secs_f64() * 1000.0))
+            .filter_map(|(body, at, _)| {
+                seen.quiet
+                    .get(body)
+                    .map(|arrived| arrived.duration_since(*at).as_secs_f64() * 1000.0)
+            })
             .collect();
         values.sort_by(f64::total_cmp);
-        let missing = sent.iter().filter(|(b, _, d)| *d == during && !seen.quiet.contains_key(b)).count();
+        let missing = sent
+            .iter()
+            .filter(|(b, _, d)| *d == during && !seen.quiet.contains_key(b))
+            .count();
         (values, missing)
     };
     let (idle, idle_missing) = latencies(false);
@@ -349,7 +460,11 @@ async fn main() -> anyhow::Result<()> {
         let mut values: Vec<f64> = sent
             .iter()
             .filter(|(_, _, d)| *d == during)
-            .filter_map(|(body, at, _)| acked.get(body).map(|a| a.duration_since(*at).as_secs_f64() * 1000.0))
+            .filter_map(|(body, at, _)| {
+                acked
+                    .get(body)
+                    .map(|a| a.duration_since(*at).as_secs_f64() * 1000.0)
+            })
             .collect();
         values.sort_by(f64::total_cmp);
         values
@@ -362,18 +477,35 @@ async fn main() -> anyhow::Result<()> {
         percentile(&during_ack, 50.0),
         percentile(&during_ack, 99.0)
     );
-    let last_visible = seen.flood_progress.last().map(|(_, at)| at.duration_since(flood_start).as_secs_f64()).unwrap_or(f64::NAN);
+    let last_visible = seen
+        .flood_progress
+        .last()
+        .map(|(_, at)| at.duration_since(flood_start).as_secs_f64())
+        .unwrap_or(f64::NAN);
     let quarter_rates: Vec<String> = (1..=4)
         .map(|q| {
             let (lo, hi) = ((q - 1) * args.flood / 4, q * args.flood / 4 - 1);
-            let at = |n: usize| seen.flood_progress.iter().find(|(m, _)| *m >= n).map(|(_, t)| *t);
+            let at = |n: usize| {
+                seen.flood_progress
+                    .iter()
+                    .find(|(m, _)| *m >= n)
+                    .map(|(_, t)| *t)
+            };
             match (at(lo), at(hi)) {
-                (Some(a), Some(b)) if b > a => format!("{:.0}", (hi - lo) as f64 / b.duration_since(a).as_secs_f64()),
+                (Some(a), Some(b)) if b > a => format!(
+                    "{:.0}",
+                    (hi - lo) as f64 / b.duration_since(a).as_secs_f64()
+                ),
                 _ => "-".to_owned(),
             }
         })
         .collect();
-    let rss_during = rss_samples.lock().unwrap().iter().cloned().fold(0.0, f64::max);
+    let rss_during = rss_samples
+        .lock()
+        .unwrap()
+        .iter()
+        .cloned()
+        .fold(0.0, f64::max);
     println!(
         "| {} | {:.1} / {:.1} ms | {:.1} / {:.1} ms | {} of {} | {:.0} events/s ({} per quarter) | {:.0} → {:.0} MiB | {} / {} |",
         args.target,

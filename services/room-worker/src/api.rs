@@ -250,6 +250,7 @@ impl RoomWorker for RoomWorkerApi {
                 origin: &request.origin,
                 event_id: &p.event_id,
                 json: &p.json,
+                depth: p.depth,
             })
             .collect();
         let staged = self

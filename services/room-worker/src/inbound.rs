@@ -956,7 +956,12 @@ async fn staged_turn(
                 )
                 .await?;
             let waited = row_age(&row) >= inbound.missing_prev_wait;
-            if !staged_elsewhere.is_empty()
+            // Parents already staged come first in (depth, arrival) order, so
+            // the next turn takes them. A turn that made no progress at all
+            // would load this same batch again (the parents claim a greater
+            // depth than their child): then ask the origin instead.
+            if !done.is_empty()
+                && !staged_elsewhere.is_empty()
                 && missing
                     .iter()
                     .all(|m| in_batch.contains(m) || staged_elsewhere.contains(&m.to_string()))

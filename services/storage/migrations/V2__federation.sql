@@ -22,8 +22,8 @@ CREATE TABLE federation_transactions (
     PRIMARY KEY (origin, txn_id)
 );
 
--- PDUs accepted from federation, waiting for their room's owner. Each room's
--- are processed in id order; the backlog lives here, not in memory.
+-- PDUs accepted from federation, waiting for their room's owner (processed
+-- in the order V3 gives); the backlog lives here, not in memory.
 CREATE TABLE staged_pdus (
     id bigserial PRIMARY KEY,
     room_id text NOT NULL,

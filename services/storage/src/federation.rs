@@ -23,6 +23,7 @@ pub struct NewStagedPdu<'a> {
     pub origin: &'a str,
     pub event_id: &'a str,
     pub json: &'a str,
+    pub depth: i64,
 }
 
 /// An event by ID from the timeline or the outliers.
@@ -109,15 +110,16 @@ impl Store {
         let origins: Vec<&str> = pdus.iter().map(|p| p.origin).collect();
         let ids: Vec<&str> = pdus.iter().map(|p| p.event_id).collect();
         let jsons: Vec<&str> = pdus.iter().map(|p| p.json).collect();
+        let depths: Vec<i64> = pdus.iter().map(|p| p.depth).collect();
         self.execute(
-            "INSERT INTO staged_pdus (room_id, partition, origin, event_id, json)
-             SELECT s.room_id, s.partition, s.origin, s.event_id, s.json
-             FROM unnest($1::text[], $2::int[], $3::text[], $4::text[], $5::text[])
-                  WITH ORDINALITY AS s(room_id, partition, origin, event_id, json, ord)
+            "INSERT INTO staged_pdus (room_id, partition, origin, event_id, json, depth)
+             SELECT s.room_id, s.partition, s.origin, s.event_id, s.json, s.depth
+             FROM unnest($1::text[], $2::int[], $3::text[], $4::text[], $5::text[], $6::bigint[])
+                  WITH ORDINALITY AS s(room_id, partition, origin, event_id, json, depth, ord)
              WHERE NOT EXISTS (SELECT 1 FROM events e WHERE e.event_id = s.event_id)
              ORDER BY s.ord
              ON CONFLICT (room_id, event_id) DO NOTHING",
-            &[&rooms, &partitions, &origins, &ids, &jsons],
+            &[&rooms, &partitions, &origins, &ids, &jsons, &depths],
         )
         .await
         .map_err(conflict)
@@ -145,12 +147,14 @@ impl Store {
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
-    /// The oldest staged PDUs of a room, in staging order.
+    /// A room's next staged PDUs: lowest depth first (parents before
+    /// children, whatever order their transactions arrived in), then by
+    /// arrival.
     pub async fn staged_for_room(&self, room_id: &str, limit: i64) -> Result<Vec<StagedPdu>> {
         let rows = self
             .query(
                 "SELECT id, room_id, origin, event_id, json, (EXTRACT(EPOCH FROM staged_at) * 1000)::bigint
-                 FROM staged_pdus WHERE room_id = $1 ORDER BY id LIMIT $2",
+                 FROM staged_pdus WHERE room_id = $1 ORDER BY depth, id LIMIT $2",
                 &[&room_id, &limit],
             )
             .await?;

@@ -70,12 +70,9 @@ pub async fn send(
     let mut groups: BTreeMap<String, Vec<StagedPdu>> = BTreeMap::new();
     for (index, pdu) in pdus.into_iter().enumerate() {
         match check_pdu(&state, origin.as_str(), pdu).await {
-            Ok((room_id, event_id, json)) => {
-                groups.entry(room_id).or_default().push(StagedPdu {
-                    event_id: event_id.clone(),
-                    json,
-                });
-                results.insert(event_id, json!({}));
+            Ok((room_id, staged)) => {
+                results.insert(staged.event_id.clone(), json!({}));
+                groups.entry(room_id).or_default().push(staged);
             }
             Err((event_id, error)) => {
                 metrics::counter!("tessera_federation_server_pdus_dropped_total").increment(1);
@@ -159,13 +156,13 @@ pub async fn send(
     Ok(Json(response))
 }
 
-/// (room ID, event ID, canonical JSON) of a PDU that passed, or the reason it
-/// was dropped (with its event ID when it could be computed).
+/// The room and staging form of a PDU that passed, or the reason it was
+/// dropped (with its event ID when it could be computed).
 async fn check_pdu(
     state: &AppState,
     origin: &str,
     pdu: Value,
-) -> Result<(String, String, String), (Option<String>, String)> {
+) -> Result<(String, StagedPdu), (Option<String>, String)> {
     let object: CanonicalJsonObject = serde_json::from_value(pdu)
         .map_err(|e| (None, format!("not a canonical JSON object: {e}")))?;
     let room = match object.get("room_id") {
@@ -205,6 +202,10 @@ async fn check_pdu(
             format!("{origin} is not in the room and did not send this event"),
         ));
     }
-    let event_id = checked.pdu.event_id().to_string();
-    Ok((room, event_id, checked.pdu.canonical_string()))
+    let staged = StagedPdu {
+        event_id: checked.pdu.event_id().to_string(),
+        json: checked.pdu.canonical_string(),
+        depth: i64::try_from(checked.pdu.depth()).unwrap_or(i64::MAX),
+    };
+    Ok((room, staged))
 }

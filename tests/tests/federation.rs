@@ -1144,3 +1144,122 @@ async fn staged_pdus_survive_a_killed_room_worker_exactly_once() {
     let owners = cluster.owners().await;
     assert!(!owners.contains_key(&owner), "{owners:?}");
 }
+
+/// Backpressure is per origin and per room: an origin over its PDU rate, or
+/// a transaction for a room whose backlog is over the limit, gets 429 with
+/// `retry_after_ms`; other origins and other rooms go on as before.
+#[tokio::test(flavor = "multi_thread")]
+async fn backpressure_slows_only_the_busy_origin_and_room() {
+    let cluster = TestCluster::start(Spec {
+        federation: Some(FederationSpec {
+            max_staged_per_room: 50,
+            origin_pdus_per_second: 2,
+            origin_pdu_burst: 30,
+            // Staged events missing a parent wait this long: the backlog
+            // below stays put while the test looks at it.
+            missing_prev_wait_ms: 60_000,
+            ..FederationSpec::default()
+        }),
+        ..Spec::default()
+    })
+    .await;
+    let api = cluster.api();
+    let alice = cluster.register("alice").await;
+    let busy = api
+        .create_room(&alice, json!({ "preset": "public_chat" }))
+        .await;
+    let quiet = api
+        .create_room(&alice, json!({ "preset": "public_chat" }))
+        .await;
+    let hasty = FakeRemote::start(&cluster.server_name).await;
+    let backlogged = FakeRemote::start(&cluster.server_name).await;
+    let calm = FakeRemote::start(&cluster.server_name).await;
+    let (h, b, c) = (hasty.user("h"), backlogged.user("b"), calm.user("c"));
+    hasty.join(&quiet, &h).await.unwrap();
+    backlogged.join(&busy, &b).await.unwrap();
+    backlogged.join(&quiet, &b).await.unwrap();
+    calm.join(&quiet, &c).await.unwrap();
+    let message =
+        |remote: &FakeRemote, room: &str, user: &tessera_events::ruma::UserId, i: usize| {
+            json_of(&remote.build(
+                room,
+                user,
+                "m.room.message",
+                None,
+                json!({ "msgtype": "m.text", "body": format!("{user} {i}") }),
+            ))
+        };
+    let assert_429 = |(status, body): (u16, Value), what: &str| {
+        assert_eq!(status, 429, "{what}: {body}");
+        assert_eq!(body["errcode"], "M_LIMIT_EXCEEDED", "{what}: {body}");
+        assert!(
+            body["retry_after_ms"].as_u64().is_some_and(|ms| ms > 0),
+            "{what}: {body}"
+        );
+    };
+
+    // Per origin: the burst is spent, the next transaction waits.
+    let burst: Vec<Value> = (0..30).map(|i| message(&hasty, &quiet, &h, i)).collect();
+    assert_eq!(hasty.send("h1", &burst, &[]).await.0, 200);
+    assert_429(
+        hasty
+            .send("h2", &[message(&hasty, &quiet, &h, 30)], &[])
+            .await,
+        "an origin over its rate",
+    );
+    let calm_hello = message(&calm, &quiet, &c, 0);
+    assert_eq!(calm.send("c1", &[calm_hello], &[]).await.0, 200);
+
+    // Per room: 60 staged events that wait for a parent that never comes.
+    let _gap = backlogged.build(
+        &busy,
+        &b,
+        "m.room.message",
+        None,
+        json!({ "msgtype": "m.text", "body": "never sent" }),
+    );
+    let waiting: Vec<_> = (0..60)
+        .map(|i| {
+            backlogged.build(
+                &busy,
+                &b,
+                "m.room.message",
+                None,
+                json!({ "msgtype": "m.text", "body": format!("w {i}") }),
+            )
+        })
+        .collect();
+    stage_directly(&cluster, &busy, backlogged.server_name.as_str(), &waiting).await;
+    assert_429(
+        backlogged
+            .send("b1", &[message(&backlogged, &busy, &b, 61)], &[])
+            .await,
+        "a transaction for a room over its backlog",
+    );
+    // The same origin's transaction for another room, and another origin's, go through.
+    let mut since = api.initial_token(&alice).await;
+    let elsewhere = message(&backlogged, &quiet, &b, 0);
+    assert_eq!(
+        backlogged
+            .send("b2", std::slice::from_ref(&elsewhere), &[])
+            .await
+            .0,
+        200
+    );
+    let calm_again = message(&calm, &quiet, &c, 1);
+    assert_eq!(
+        calm.send("c2", std::slice::from_ref(&calm_again), &[])
+            .await
+            .0,
+        200
+    );
+    let wanted: Vec<String> = [&elsewhere, &calm_again]
+        .iter()
+        .map(|v| v["content"]["body"].as_str().unwrap().to_owned())
+        .collect();
+    sync_until(&cluster, &alice, &quiet, &mut since, |events| {
+        let seen = bodies(events);
+        wanted.iter().all(|body| seen.contains(body))
+    })
+    .await;
+}

@@ -52,6 +52,12 @@ struct Args {
     shared_secret: Option<String>,
     #[arg(long)]
     pid: Vec<u32>,
+    /// The Tessera cluster's per-origin PDU rate limit and burst (default:
+    /// the shipped configuration's).
+    #[arg(long, default_value_t = tessera_runtime::config::FederationConfig::default().origin_pdus_per_second)]
+    origin_rate: u64,
+    #[arg(long, default_value_t = tessera_runtime::config::FederationConfig::default().origin_pdu_burst)]
+    origin_burst: u64,
     /// Give up waiting for the flood to become visible after this long without progress.
     #[arg(long, default_value_t = 60)]
     stall_seconds: u64,
@@ -64,6 +70,8 @@ struct Seen {
     quiet: HashMap<String, Instant>,
     /// Highest flood index visible, with when it was first seen.
     flood_progress: Vec<(usize, Instant)>,
+    /// Each /sync request: when it was sent and how long its answer took.
+    syncs: Vec<(Instant, Duration)>,
 }
 
 struct Target {
@@ -85,8 +93,8 @@ async fn target(args: &Args) -> anyhow::Result<Target> {
             log_filter: "warn".to_owned(),
             federation: Some(FederationSpec {
                 max_staged_per_room: 100_000,
-                origin_pdus_per_second: 100_000,
-                origin_pdu_burst: 100_000,
+                origin_pdus_per_second: args.origin_rate,
+                origin_pdu_burst: args.origin_burst,
                 ..FederationSpec::default()
             }),
             ..Spec::default()
@@ -187,6 +195,7 @@ fn sync_loop(
             if let Some(since) = &since {
                 request.push_str(&format!("&since={since}"));
             }
+            let sent = Instant::now();
             let Ok(response) = http.get(&request).bearer_auth(&user.token).send().await else {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
@@ -199,6 +208,7 @@ fn sync_loop(
                 since = Some(next.to_owned());
             }
             let mut seen = seen.lock().unwrap();
+            seen.syncs.push((sent, arrived - sent));
             for (room, data) in body["rooms"]["join"].as_object().into_iter().flatten() {
                 for event in data["timeline"]["events"].as_array().into_iter().flatten() {
                     let Some(text) = event["content"]["body"].as_str() else {
@@ -477,6 +487,30 @@ async fn main() -> anyhow::Result<()> {
         percentile(&during_ack, 50.0),
         percentile(&during_ack, 99.0)
     );
+    {
+        // Answered /sync requests (not long-poll timeouts) before and during the flood.
+        let answered = |during: bool| -> Vec<f64> {
+            let mut v: Vec<f64> = seen
+                .syncs
+                .iter()
+                .filter(|(at, took)| {
+                    (*at >= flood_start) == during && *took < Duration::from_millis(900)
+                })
+                .map(|(_, took)| took.as_secs_f64() * 1000.0)
+                .collect();
+            v.sort_by(f64::total_cmp);
+            v
+        };
+        let (before, while_flooding) = (answered(false), answered(true));
+        eprintln!(
+            "   /sync answers: idle {} (p50 {:.1} ms), during the flood {} (p50 {:.1} p99 {:.1} ms)",
+            before.len(),
+            percentile(&before, 50.0),
+            while_flooding.len(),
+            percentile(&while_flooding, 50.0),
+            percentile(&while_flooding, 99.0)
+        );
+    }
     let last_visible = seen
         .flood_progress
         .last()

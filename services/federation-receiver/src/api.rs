@@ -23,7 +23,13 @@ pub fn router(state: AppState, health: Arc<Health>, metrics: PrometheusHandle) -
         .route("/_matrix/key/v2/query", post(keys::query))
         .route("/_matrix/key/v2/query/{server}", get(keys::query_one))
         .route("/_matrix/federation/v1/version", get(query::version))
-        .route("/_matrix/federation/v1/send/{txn}", put(transactions::send))
+        .route(
+            "/_matrix/federation/v1/send/{txn}",
+            put(transactions::send).route_layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                transactions::refuse_throttled_origin,
+            )),
+        )
         .route(
             "/_matrix/federation/v1/make_join/{room}/{user}",
             get(membership::make_join),

@@ -75,7 +75,18 @@ async fn run(started: Started) -> anyhow::Result<()> {
         .collect();
     let keyring = Arc::new(KeyRing::new(store.clone(), client, notaries));
     let router = RoomRouter::new(store.clone(), config.cluster.partitions);
-    let app = state::AppState::new(store, keyring, router, key, server_name, config.clone());
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let bulk = tessera_runtime::bulk::BulkPool::start("verify", cores)
+        .context("cannot start the verification threads")?;
+    let app = state::AppState::new(
+        store,
+        keyring,
+        router,
+        key,
+        server_name,
+        config.clone(),
+        bulk,
+    );
 
     let listener = tokio::net::TcpListener::bind(config.federation_receiver.listen)
         .await

@@ -21,6 +21,8 @@ pub struct Inner {
     pub key: Arc<SigningKey>,
     pub server_name: OwnedServerName,
     pub config: Config,
+    /// Low-priority threads for verifying large transactions.
+    pub bulk: tessera_runtime::bulk::BulkPool,
     buckets: Mutex<HashMap<String, Bucket>>,
     versions: Mutex<HashMap<String, RoomVersionId>>,
 }
@@ -38,6 +40,7 @@ impl AppState {
         key: Arc<SigningKey>,
         server_name: OwnedServerName,
         config: Config,
+        bulk: tessera_runtime::bulk::BulkPool,
     ) -> Self {
         Self(Arc::new(Inner {
             store,
@@ -46,6 +49,7 @@ impl AppState {
             key,
             server_name,
             config,
+            bulk,
             buckets: Mutex::new(HashMap::new()),
             versions: Mutex::new(HashMap::new()),
         }))
@@ -90,6 +94,17 @@ impl Inner {
         } else {
             Err((((cost - bucket.tokens) / rate) * 1000.0).ceil() as u64)
         }
+    }
+
+    /// If the origin's bucket has less than one PDU left, the milliseconds
+    /// until it has (nothing is taken).
+    pub fn origin_throttled(&self, origin: &str) -> Option<u64> {
+        let rate = self.config.federation.origin_pdus_per_second.max(1) as f64;
+        let burst = self.config.federation.origin_pdu_burst.max(1) as f64;
+        let buckets = self.buckets.lock().expect("buckets lock");
+        let bucket = buckets.get(origin)?;
+        let tokens = (bucket.tokens + bucket.at.elapsed().as_secs_f64() * rate).min(burst);
+        (tokens < 1.0).then(|| (((1.0 - tokens) / rate) * 1000.0).ceil() as u64)
     }
 
     /// A room's version, if the room is one we know (cached: it never changes).

@@ -6,8 +6,8 @@
 
 use ruma::canonical_json::{CanonicalJsonObject, CanonicalJsonValue, redact};
 use ruma::room_version_rules::RoomVersionRules;
-use ruma::signatures::Verified;
-use ruma::{OwnedServerName, RoomId, ServerName};
+use ruma::signatures::{PublicKeyMap, Verified};
+use ruma::{OwnedEventId, OwnedServerName, RoomId, ServerName};
 use tessera_events::Pdu;
 
 use crate::keys::KeyRing;
@@ -50,12 +50,18 @@ fn wanted_keys(
     Ok(wanted)
 }
 
-pub async fn check(
-    keyring: &KeyRing,
-    object: CanonicalJsonObject,
-    rules: &RoomVersionRules,
-    room_id: Option<&RoomId>,
-) -> Result<Checked, PduDrop> {
+/// A PDU whose format passed, with the keys its signatures need.
+pub struct Prepared {
+    pub object: CanonicalJsonObject,
+    /// (server, key ID) pairs to look up.
+    pub wanted: Vec<(OwnedServerName, String)>,
+    /// The time the keys must be valid at (ms; 0 when the room version does
+    /// not enforce key validity).
+    pub valid_at: u64,
+}
+
+/// The cheap first step: format and which keys are needed.
+pub fn prepare(object: CanonicalJsonObject, rules: &RoomVersionRules) -> Result<Prepared, PduDrop> {
     ruma::state_res::check_pdu_format(&object, &rules.event_format).map_err(PduDrop::Format)?;
     let wanted = wanted_keys(&object, rules)?;
     let valid_at = if rules.enforce_key_validity {
@@ -66,24 +72,71 @@ pub async fn check(
     } else {
         0
     };
-    let keys = keyring
-        .public_key_map(&wanted, valid_at)
+    Ok(Prepared {
+        object,
+        wanted,
+        valid_at,
+    })
+}
+
+/// The keys a prepared PDU needs, from the key ring (fetched if unknown).
+pub async fn keys_for(keyring: &KeyRing, prepared: &Prepared) -> Result<PublicKeyMap, PduDrop> {
+    keyring
+        .public_key_map(&prepared.wanted, prepared.valid_at)
         .await
-        .map_err(|e| PduDrop::Signature(e.to_string()))?;
-    let verified = ruma::signatures::verify_event(&keys, &object, rules)
-        .map_err(|e| PduDrop::Signature(e.to_string()))?;
+        .map_err(|e| PduDrop::Signature(e.to_string()))
+}
+
+/// Format, signatures and content hash; keys fetched as needed.
+pub async fn check(
+    keyring: &KeyRing,
+    object: CanonicalJsonObject,
+    rules: &RoomVersionRules,
+    room_id: Option<&RoomId>,
+) -> Result<Checked, PduDrop> {
+    let prepared = prepare(object, rules)?;
+    let keys = keys_for(keyring, &prepared).await?;
+    verify(prepared.object, &keys, rules, room_id)
+}
+
+/// The CPU-heavy step, with every key at hand: signatures, content hash
+/// (redacting on a mismatch), event ID.
+pub fn verify(
+    object: CanonicalJsonObject,
+    keys: &PublicKeyMap,
+    rules: &RoomVersionRules,
+    room_id: Option<&RoomId>,
+) -> Result<Checked, PduDrop> {
+    verify_reporting(object, keys, rules, room_id).map_err(|(_, drop)| drop)
+}
+
+/// As [`verify`]; a dropped PDU comes with its event ID when that can be
+/// computed, for the transaction's answer.
+pub fn verify_reporting(
+    object: CanonicalJsonObject,
+    keys: &PublicKeyMap,
+    rules: &RoomVersionRules,
+    room_id: Option<&RoomId>,
+) -> Result<Checked, (Option<OwnedEventId>, PduDrop)> {
+    let verified = match ruma::signatures::verify_event(keys, &object, rules) {
+        Ok(verified) => verified,
+        Err(error) => {
+            let event_id = tessera_events::pdu::event_id_of(&object, rules).ok();
+            return Err((event_id, PduDrop::Signature(error.to_string())));
+        }
+    };
+    let format = |e: String| (None, PduDrop::Format(e));
     let (object, redacted) = match verified {
         Verified::All => (object, false),
         Verified::Signatures => {
             metrics::counter!("tessera_federation_pdus_redacted_total").increment(1);
             (
-                redact(object, &rules.redaction, None)
-                    .map_err(|e| PduDrop::Format(e.to_string()))?,
+                redact(object, &rules.redaction, None).map_err(|e| format(e.to_string()))?,
                 true,
             )
         }
     };
-    let pdu = Pdu::from_json(object, rules, room_id).map_err(|e| PduDrop::Format(e.to_string()))?;
+    let pdu = Pdu::from_json(object, rules, room_id).map_err(|e| format(e.to_string()))?;
     Ok(Checked { pdu, redacted })
 }
 

@@ -109,7 +109,15 @@ impl StreamReader {
                 }
             }
             if conn.is_none() {
-                match self.client.get_multiplexed_async_connection().await {
+                // A blocking XREAD is answered after up to `head_poll`: the
+                // client's default response timeout (500 ms) would cut it off.
+                let config = redis::AsyncConnectionConfig::new()
+                    .set_response_timeout(Some(self.head_poll + Duration::from_secs(5)));
+                match self
+                    .client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await
+                {
                     Ok(c) => conn = Some(c),
                     Err(error) => {
                         tracing::warn!(%error, "Redis unreachable; following Postgres only");

@@ -226,8 +226,8 @@ impl RoomWorker for RoomWorkerApi {
             ));
         };
         let backlog = self
-            .store
-            .staged_count(room_id.as_str())
+            .engine
+            .staged_backlog(&room_id)
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
         if backlog >= inbound.max_staged_per_room {
@@ -259,6 +259,7 @@ impl RoomWorker for RoomWorkerApi {
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
         metrics::counter!("tessera_federation_staged_pdus_total").increment(staged);
+        self.engine.adjust_backlog(&room_id, staged as i64);
         self.engine.schedule_staged(&room_id);
         drop(guard);
         Ok(Response::new(StagePdusResponse {

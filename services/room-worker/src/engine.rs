@@ -7,6 +7,12 @@
 //! every round like any other, and a room with one new event waits for at most
 //! one turn of each room ahead of it, never for another room's whole backlog.
 //! Within a room, turns never overlap: its events are ordered.
+//!
+//! A room with a backlog of staged federation PDUs (at least
+//! [`BULK_BACKLOG`]) takes its turns in the *bulk lane*: a low-priority runtime
+//! with its own database connections (see `tessera_runtime::bulk`). Its
+//! share of the CPU is then what the other rooms leave over, so a flood
+//! cannot slow the quiet rooms' turns in this or any other process.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -21,6 +27,10 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::process;
 
+/// Staged PDUs a room must have waiting for its turns to go to the bulk lane:
+/// a quiet room's one or two events never do, a flooded room's always.
+pub const BULK_BACKLOG: i64 = 16;
+
 pub struct EngineConfig {
     pub worker_id: String,
     pub ownership: Arc<tessera_cluster::Ownership>,
@@ -31,6 +41,15 @@ pub struct EngineConfig {
     pub partitions: u32,
     pub concurrency: usize,
     pub batch_size: usize,
+    /// Where backlogged rooms' staged turns run, if anywhere apart.
+    pub bulk: Option<BulkLane>,
+}
+
+/// The low-priority runtime for backlogged rooms, and the database pool
+/// whose connections were made inside it.
+pub struct BulkLane {
+    pub runtime: tokio::runtime::Handle,
+    pub store: Store,
 }
 
 /// One piece of work for a room, answered through `reply` once committed.
@@ -78,6 +97,11 @@ pub struct Engine {
     inbound: std::sync::OnceLock<Arc<crate::inbound::Inbound>>,
     /// Rooms with a staged-PDU turn already queued.
     staged_pending: Mutex<std::collections::HashSet<OwnedRoomId>>,
+    /// Staged PDUs per room with a backlog, kept by this owner as it stages
+    /// and processes them (counted in Postgres once, when first needed), so
+    /// the backpressure check costs no query per transaction.
+    backlogs: Mutex<HashMap<OwnedRoomId, i64>>,
+    bulk: Option<BulkLane>,
     /// Recently used state groups (group ID → state), shared by turns.
     groups: Mutex<HashMap<String, Arc<tessera_events::state_map::StateIds>>>,
     pub(crate) store: Store,
@@ -104,6 +128,8 @@ impl Engine {
             ownership: config.ownership,
             inbound: std::sync::OnceLock::new(),
             staged_pending: Mutex::new(std::collections::HashSet::new()),
+            backlogs: Mutex::new(HashMap::new()),
+            bulk: config.bulk,
             groups: Mutex::new(HashMap::new()),
             store: config.store,
             publisher: config.publisher,
@@ -147,6 +173,26 @@ impl Engine {
         self.inbound.get().map(|i| i.as_ref())
     }
 
+    /// The bulk lane, for a room whose staged PDUs are backlogged.
+    pub(crate) fn bulk_lane_for(&self, room_id: &RoomId) -> Option<&BulkLane> {
+        let bulk = self.bulk.as_ref()?;
+        self.backlogs
+            .lock()
+            .expect("backlogs lock")
+            .get(room_id)
+            .is_some_and(|backlog| *backlog >= BULK_BACKLOG)
+            .then_some(bulk)
+    }
+
+    /// This engine, owned (for work handed to the bulk lane).
+    pub(crate) fn arc(&self) -> Option<Arc<Engine>> {
+        self.me.upgrade()
+    }
+
+    pub(crate) fn inbound_arc(&self) -> Option<Arc<crate::inbound::Inbound>> {
+        self.inbound.get().cloned()
+    }
+
     /// Queue a turn over the room's staged PDUs, unless one is queued already
     /// or the partition is not ours (its owner will do it).
     pub fn schedule_staged(&self, room_id: &RoomId) {
@@ -184,7 +230,12 @@ impl Engine {
             .expect("staged lock")
             .remove(room_id);
         let delay = match outcome {
-            StagedOutcome::Done => return,
+            StagedOutcome::Done => {
+                // Nothing left: count afresh next time, which also undoes
+                // any drift from counting while a turn was committing.
+                self.backlogs.lock().expect("backlogs lock").remove(room_id);
+                return;
+            }
             StagedOutcome::More => None,
             StagedOutcome::RetryAt(at) => {
                 Some(at.saturating_duration_since(std::time::Instant::now()))
@@ -213,6 +264,10 @@ impl Engine {
             Ok(rooms) => {
                 for room in rooms {
                     if let Ok(room_id) = OwnedRoomId::try_from(room) {
+                        // Counted now, so that a big backlog goes to the bulk lane.
+                        if let Err(error) = self.staged_backlog(&room_id).await {
+                            tracing::warn!(room = %room_id, %error, "cannot count staged PDUs");
+                        }
                         self.schedule_staged(&room_id);
                     }
                 }
@@ -236,9 +291,44 @@ impl Engine {
         groups.insert(id.to_owned(), state);
     }
 
+    /// PDUs staged for the room and not processed yet.
+    pub async fn staged_backlog(
+        &self,
+        room_id: &RoomId,
+    ) -> Result<i64, tessera_storage::StoreError> {
+        if let Some(count) = self.backlogs.lock().expect("backlogs lock").get(room_id) {
+            return Ok(*count);
+        }
+        let count = self.store.staged_count(room_id.as_str()).await?;
+        Ok(*self
+            .backlogs
+            .lock()
+            .expect("backlogs lock")
+            .entry(room_id.to_owned())
+            .or_insert(count))
+    }
+
+    /// `delta` PDUs were staged (positive) or processed (negative).
+    pub fn adjust_backlog(&self, room_id: &RoomId, delta: i64) {
+        if let Some(count) = self
+            .backlogs
+            .lock()
+            .expect("backlogs lock")
+            .get_mut(room_id)
+        {
+            *count = (*count + delta).max(0);
+        }
+    }
+
     /// Drop in-memory state of a partition's rooms (the lease is gone).
     pub fn forget_partition(&self, partition: u32) {
         let partitions = self.partitions;
+        self.backlogs
+            .lock()
+            .expect("backlogs lock")
+            .retain(|room, _| {
+                tessera_cluster::partition_of(room.as_str(), partitions) != partition
+            });
         self.states.lock().expect("states lock").retain(|room, _| {
             tessera_cluster::partition_of(room.as_str(), partitions) != partition
         });

@@ -38,9 +38,9 @@ use tessera_events::room_state::{RoomState, SNAPSHOT_EVERY};
 use tessera_events::state_map::{self, StateIds, StateKey};
 use tessera_federation::KeyRing;
 use tessera_replication::EventEntry;
-use tessera_storage::StoreError;
 use tessera_storage::federation::StagedPdu;
 use tessera_storage::persist::{Batch, EventToPersist, NewStateGroup, Outlier, StateChange};
+use tessera_storage::{Store, StoreError};
 
 use crate::engine::Engine;
 use crate::load::load_room;
@@ -84,6 +84,8 @@ pub struct MembershipRefusal {
 struct Turn<'e> {
     engine: &'e Engine,
     inbound: &'e Inbound,
+    /// The normal pool, or the bulk lane's.
+    store: &'e Store,
     rules: RoomVersionRules,
     room: RoomState,
     /// The current state as IDs, mirroring `room`.
@@ -116,11 +118,12 @@ impl<'e> Turn<'e> {
     async fn start(
         engine: &'e Engine,
         inbound: &'e Inbound,
+        store: &'e Store,
         room_id: &RoomId,
     ) -> Result<Option<Turn<'e>>, StoreError> {
         let room = match engine.cached_state(room_id) {
             Some(room) => room,
-            None => match load_room(&engine.store, room_id).await? {
+            None => match load_room(store, room_id).await? {
                 Some(room) => room,
                 None => return Ok(None),
             },
@@ -142,6 +145,7 @@ impl<'e> Turn<'e> {
         Ok(Some(Turn {
             engine,
             inbound,
+            store,
             rules,
             room,
             current,
@@ -171,7 +175,7 @@ impl<'e> Turn<'e> {
         if wanted.is_empty() {
             return Ok(());
         }
-        for known in self.engine.store.known_events(&wanted).await? {
+        for known in self.store.known_events(&wanted).await? {
             let room_id = self.room.room_id().to_owned();
             let Some(pdu) = parse(&known.event_id, &room_id, &known.json, known.rejected) else {
                 continue;
@@ -199,7 +203,7 @@ impl<'e> Turn<'e> {
             return Ok(map);
         }
         let mut map = StateIds::new();
-        for (kind, key, event) in self.engine.store.state_group_map(id).await? {
+        for (kind, key, event) in self.store.state_group_map(id).await? {
             if let Ok(event) = EventId::parse(event.as_str()) {
                 map.insert((StateEventType::from(kind), key), event);
             }
@@ -781,7 +785,7 @@ impl<'e> Turn<'e> {
         let hidden: Vec<bool> = self.events.iter().map(|(_, hidden)| *hidden).collect();
         batch.events = self.events.into_iter().map(|(e, _)| e).collect();
         let _order = self.engine.partition_lock(partition).lock().await;
-        let positions = self.engine.store.persist(&batch).await?;
+        let positions = self.store.persist(&batch).await?;
         let entries: Vec<EventEntry> = batch
             .events
             .iter()
@@ -841,10 +845,11 @@ pub fn encode(segment: &str) -> String {
 pub async fn process_staged(
     engine: &Engine,
     inbound: &Inbound,
+    store: &Store,
     room_id: &RoomId,
     epoch: i64,
 ) -> StagedOutcome {
-    match staged_turn(engine, inbound, room_id, epoch).await {
+    match staged_turn(engine, inbound, store, room_id, epoch).await {
         Ok(outcome) => outcome,
         Err(error) => {
             tracing::warn!(room = %room_id, %error, "a turn over staged PDUs failed; will retry");
@@ -857,18 +862,18 @@ pub async fn process_staged(
 async fn staged_turn(
     engine: &Engine,
     inbound: &Inbound,
+    store: &Store,
     room_id: &RoomId,
     epoch: i64,
 ) -> Result<StagedOutcome, StoreError> {
-    let staged = engine
-        .store
+    let staged = store
         .staged_for_room(room_id.as_str(), inbound.staged_batch)
         .await?;
     if staged.is_empty() {
         return Ok(StagedOutcome::Done);
     }
     let full_batch = staged.len() as i64 == inbound.staged_batch;
-    let Some(mut turn) = Turn::start(engine, inbound, room_id).await? else {
+    let Some(mut turn) = Turn::start(engine, inbound, store, room_id).await? else {
         // The room is not (or no longer) ours to process: drop its staged PDUs.
         let mut batch = Batch::new(
             tessera_cluster::partition_of(room_id.as_str(), engine.partitions),
@@ -877,11 +882,14 @@ async fn staged_turn(
             room_id.as_str(),
         );
         batch.staged_ids = staged.iter().map(|s| s.id).collect();
-        engine.store.persist(&batch).await?;
+        store.persist(&batch).await?;
+        engine.adjust_backlog(room_id, -(batch.staged_ids.len() as i64));
         return Ok(StagedOutcome::Done);
     };
 
     // Parse, drop duplicates of what we already have, order by depth.
+    let turn_started = Instant::now();
+    let staged_at: HashMap<i64, i64> = staged.iter().map(|s| (s.id, s.staged_at_ms)).collect();
     let mut done: Vec<i64> = Vec::new();
     let mut parsed: Vec<(StagedPdu, Arc<Pdu>)> = Vec::new();
     for row in staged {
@@ -948,8 +956,7 @@ async fn staged_turn(
         let mut given_state = None;
         if !missing.is_empty() {
             // Already on its way behind us in staging: wait for it.
-            let staged_elsewhere = engine
-                .store
+            let staged_elsewhere = store
                 .staged_event_ids(
                     room_id.as_str(),
                     &missing.iter().map(|m| m.to_string()).collect::<Vec<_>>(),
@@ -1019,7 +1026,27 @@ async fn staged_turn(
         }
         done.push(row.id);
     }
+    let processed = done.len() as i64;
+    let waits: Vec<u64> = done
+        .iter()
+        .filter_map(|id| staged_at.get(id))
+        .map(|at| tessera_federation::now_ms().saturating_sub((*at).max(0) as u64))
+        .collect();
     let room = turn.commit(epoch, done).await?;
+    engine.adjust_backlog(room_id, -processed);
+    if processed > 0 {
+        metrics::histogram!("tessera_federation_pdu_processing_seconds")
+            .record(turn_started.elapsed().as_secs_f64() / processed as f64);
+    }
+    let lane = if std::ptr::eq(store, &engine.store) {
+        "normal"
+    } else {
+        "bulk"
+    };
+    for wait in waits {
+        metrics::histogram!("tessera_federation_pdu_staged_wait_seconds", "lane" => lane)
+            .record(wait as f64 / 1000.0);
+    }
     engine.cache_state(room);
     Ok(outcome)
 }
@@ -1043,7 +1070,7 @@ pub async fn process_membership(
 ) -> Result<MembershipResult, MembershipRefusal> {
     let refuse = |errcode, message: String| MembershipRefusal { errcode, message };
     let unavailable = |e: StoreError| refuse("M_UNKNOWN", format!("storage: {e}"));
-    let Some(mut turn) = Turn::start(engine, inbound, room_id)
+    let Some(mut turn) = Turn::start(engine, inbound, &engine.store, room_id)
         .await
         .map_err(unavailable)?
     else {

@@ -87,6 +87,19 @@ async fn run(started: Started) -> anyhow::Result<()> {
         .unwrap_or_else(default_worker_id);
     tracing::info!(%worker_id, listen = %local, %advertise, "room-worker listening");
 
+    // The bulk lane: backlogged rooms' turns on low-priority threads, with
+    // database connections of their own made there.
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let bulk_runtime = tessera_runtime::bulk::low_priority_runtime("bulk-turns", cores)
+        .context("cannot start the bulk lane")?;
+    let bulk_store = {
+        let (url, pool_size) = (config.database.url.clone(), config.database.pool_size);
+        let timeout = Duration::from_secs(config.database.connect_timeout_secs);
+        bulk_runtime
+            .spawn(async move { Store::connect(&url, (pool_size / 2).max(2), timeout).await })
+            .await
+            .context("the bulk lane stopped")??
+    };
     let ownership = Ownership::new();
     let engine = engine::Engine::start(engine::EngineConfig {
         worker_id: worker_id.clone(),
@@ -98,6 +111,10 @@ async fn run(started: Started) -> anyhow::Result<()> {
         partitions: config.cluster.partitions,
         concurrency: config.room_worker.concurrency,
         batch_size: config.room_worker.batch_size,
+        bulk: Some(engine::BulkLane {
+            runtime: bulk_runtime,
+            store: bulk_store,
+        }),
     });
     let server_name =
         OwnedServerName::try_from(config.server_name.clone()).context("server_name")?;

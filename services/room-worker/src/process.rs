@@ -118,8 +118,19 @@ pub async fn run_turn(engine: &Engine, room_id: &RoomId, mut jobs: Vec<Job>) {
             }),
             Work::Staged => {
                 if let Some(inbound) = engine.inbound() {
-                    let outcome =
-                        crate::inbound::process_staged(engine, inbound, room_id, epoch).await;
+                    let outcome = match engine.bulk_lane_for(room_id) {
+                        Some(lane) => bulk_staged_turn(engine, lane, room_id, epoch).await,
+                        None => {
+                            crate::inbound::process_staged(
+                                engine,
+                                inbound,
+                                &engine.store,
+                                room_id,
+                                epoch,
+                            )
+                            .await
+                        }
+                    };
                     drop(guard);
                     engine.after_staged_turn(room_id, outcome);
                 }
@@ -134,6 +145,30 @@ pub async fn run_turn(engine: &Engine, room_id: &RoomId, mut jobs: Vec<Job>) {
         submit(engine, room_id, jobs).await;
     }
     metrics::histogram!("tessera_room_worker_turn_seconds").record(started.elapsed().as_secs_f64());
+}
+
+/// A backlogged room's staged turn, run in the bulk lane (the partition
+/// guard stays with the caller until it ends).
+async fn bulk_staged_turn(
+    engine: &Engine,
+    lane: &crate::engine::BulkLane,
+    room_id: &RoomId,
+    epoch: i64,
+) -> crate::inbound::StagedOutcome {
+    let (Some(engine), Some(inbound)) = (engine.arc(), engine.inbound_arc()) else {
+        return crate::inbound::StagedOutcome::Failed;
+    };
+    let store = lane.store.clone();
+    let room_id = room_id.to_owned();
+    lane.runtime
+        .spawn(async move {
+            crate::inbound::process_staged(&engine, &inbound, &store, &room_id, epoch).await
+        })
+        .await
+        .unwrap_or_else(|error| {
+            tracing::error!(%error, "a bulk turn panicked");
+            crate::inbound::StagedOutcome::Failed
+        })
 }
 
 /// One accepted event on its way to storage.

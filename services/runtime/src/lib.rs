@@ -9,8 +9,10 @@
 //!   `/health/ready` and `/metrics`.
 //! - [`shutdown`]: SIGTERM/SIGINT handling and a cancellation token that tasks watch.
 //! - [`start`]: the common start-up sequence a binary's `main` calls.
+//! - [`bulk`]: low-priority threads for CPU-heavy bulk work.
 
 pub mod admin;
+pub mod bulk;
 pub mod config;
 pub mod shutdown;
 pub mod start;

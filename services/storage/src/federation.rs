@@ -205,10 +205,15 @@ impl Store {
     pub async fn known_events(&self, event_ids: &[String]) -> Result<Vec<KnownEvent>> {
         let rows = self
             .query(
-                "SELECT event_id, room_id, json, rejected, false, soft_failed, state_group FROM events WHERE event_id = ANY($1)
+                // A join with unnest rather than `= ANY($1)`: one unique-index
+                // probe per ID, where the generic plan of `= ANY` costs
+                // milliseconds for a few hundred IDs.
+                "SELECT e.event_id, e.room_id, e.json, e.rejected, false, e.soft_failed, e.state_group
+                 FROM unnest($1::text[]) AS w(id) JOIN events e ON e.event_id = w.id
                  UNION ALL
-                 SELECT event_id, room_id, json, rejected, true, false, NULL FROM outliers
-                 WHERE event_id = ANY($1) AND NOT EXISTS (SELECT 1 FROM events e WHERE e.event_id = outliers.event_id)",
+                 SELECT o.event_id, o.room_id, o.json, o.rejected, true, false, NULL
+                 FROM unnest($1::text[]) AS w(id) JOIN outliers o ON o.event_id = w.id
+                 WHERE NOT EXISTS (SELECT 1 FROM events e WHERE e.event_id = o.event_id)",
                 &[&event_ids],
             )
             .await?;

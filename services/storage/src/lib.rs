@@ -83,9 +83,20 @@ impl Store {
     /// Connect, retrying for `connect_timeout` so that a cluster whose database
     /// starts a little later still comes up; then fail with a clear message.
     pub async fn connect(url: &str, pool_size: usize, connect_timeout: Duration) -> Result<Self> {
-        let config: tokio_postgres::Config = url
+        let mut config: tokio_postgres::Config = url
             .parse()
             .map_err(|e| StoreError::Incompatible(format!("invalid database URL: {e}")))?;
+        // Our statements are small and many: a parallel plan costs more in
+        // starting workers (milliseconds, and CPU every other request needs)
+        // than it saves. Options given in the URL come after, so they win.
+        let options = format!(
+            "-c max_parallel_workers_per_gather=0 {}",
+            config.get_options().unwrap_or_default()
+        );
+        config.options(options.trim_end());
+        if config.get_application_name().is_none() {
+            config.application_name("tessera");
+        }
         let manager = Manager::from_config(
             config,
             tokio_postgres::NoTls,

@@ -4,13 +4,16 @@
 //! owner. Answered when every group is staged; processing goes on per room.
 //! The same transaction ID from the same origin gets the same answer.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use axum::Json;
 use axum::extract::{Path, State};
 use serde_json::{Map, Value, json};
 use tessera_cluster::router::RouteError;
-use tessera_events::ruma::CanonicalJsonObject;
+use tessera_events::ruma::room_version_rules::RoomVersionRules;
+use tessera_events::ruma::signatures::PublicKeyMap;
+use tessera_events::ruma::{CanonicalJsonObject, OwnedRoomId};
+use tessera_federation::pdu::{self, Checked, Prepared};
 use tessera_matrix_http::MatrixError;
 use tessera_proto::room_worker::{StagePdusRequest, StagedPdu};
 
@@ -19,6 +22,29 @@ use crate::state::AppState;
 
 const MAX_PDUS: usize = 50;
 const MAX_EDUS: usize = 100;
+
+/// An origin that used up its PDU budget is answered 429 before its
+/// request's signature is checked: a sender that retries a large
+/// transaction in a tight loop costs a header parse, not a signature check
+/// over its whole body. The origin named in the header is not verified yet,
+/// so this only ever refuses when the bucket of that origin is already
+/// empty, which only authenticated requests can have done.
+pub async fn refuse_throttled_origin(
+    State(state): State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    use tessera_events::ruma::api::federation::authentication::XMatrix;
+    if let Ok(xmatrix) = XMatrix::extract_from_http_headers(request.headers())
+        && let Some(retry_after_ms) = state.origin_throttled(xmatrix.origin.as_str())
+    {
+        metrics::counter!("tessera_federation_backpressure_total", "reason" => "origin_rate")
+            .increment(1);
+        return MatrixError::limit_exceeded(retry_after_ms).into_response();
+    }
+    next.run(request).await
+}
 
 pub async fn send(
     State(state): State<AppState>,
@@ -65,20 +91,47 @@ pub async fn send(
         return Err(MatrixError::limit_exceeded(retry_after_ms));
     }
 
-    // Check each PDU; group the good ones by room.
+    // Check each PDU; group the good ones by room. The cheap checks and key
+    // lookups run here; signatures and hashes of a large transaction run on
+    // the low-priority bulk threads, so that a flood of big transactions
+    // does not hold up small ones.
     let mut results: Map<String, Value> = Map::new();
     let mut groups: BTreeMap<String, Vec<StagedPdu>> = BTreeMap::new();
+    let drop_pdu = |index: usize, event_id: Option<String>, error: String| {
+        metrics::counter!("tessera_federation_server_pdus_dropped_total").increment(1);
+        let key = event_id.unwrap_or_else(|| format!("(pdu {index})"));
+        tracing::info!(%origin, pdu = %key, %error, "dropped a PDU");
+        (key, json!({ "error": error }))
+    };
+    let mut admitted = Vec::new();
+    let mut acl_verdicts = HashMap::new();
     for (index, pdu) in pdus.into_iter().enumerate() {
-        match check_pdu(&state, origin.as_str(), pdu).await {
-            Ok((room_id, staged)) => {
+        match admit_pdu(&state, origin.as_str(), index, pdu, &mut acl_verdicts).await {
+            Ok(pdu) => admitted.push(pdu),
+            Err((event_id, error)) => {
+                let (key, value) = drop_pdu(index, event_id, error);
+                results.insert(key, value);
+            }
+        }
+    }
+    let verified = if admitted.len() >= BULK_PDUS {
+        state.bulk.run(move || verify_all(admitted)).await
+    } else {
+        verify_all(admitted)
+    };
+    for (index, room, result) in verified {
+        let outcome = match result {
+            Ok(checked) => sender_may_send(&state, origin.as_str(), &room, checked).await,
+            Err(error) => Err(error),
+        };
+        match outcome {
+            Ok(staged) => {
                 results.insert(staged.event_id.clone(), json!({}));
-                groups.entry(room_id).or_default().push(staged);
+                groups.entry(room).or_default().push(staged);
             }
             Err((event_id, error)) => {
-                metrics::counter!("tessera_federation_server_pdus_dropped_total").increment(1);
-                let key = event_id.unwrap_or_else(|| format!("(pdu {index})"));
-                tracing::info!(%origin, pdu = %key, %error, "dropped a PDU");
-                results.insert(key, json!({ "error": error }));
+                let (key, value) = drop_pdu(index, event_id, error);
+                results.insert(key, value);
             }
         }
     }
@@ -156,13 +209,30 @@ pub async fn send(
     Ok(Json(response))
 }
 
-/// The room and staging form of a PDU that passed, or the reason it was
-/// dropped (with its event ID when it could be computed).
-async fn check_pdu(
+/// Transactions with at least this many PDUs are verified on the bulk threads.
+const BULK_PDUS: usize = 8;
+
+/// Why a PDU was dropped, with its event ID when it could be computed.
+type Dropped = (Option<String>, String);
+
+/// A PDU that passed the cheap checks, with the keys its signatures need.
+struct Admitted {
+    index: usize,
+    room: String,
+    room_id: OwnedRoomId,
+    rules: RoomVersionRules,
+    prepared: Prepared,
+    keys: PublicKeyMap,
+}
+
+/// The checks that need lookups: room known here, server ACL, format, keys.
+async fn admit_pdu(
     state: &AppState,
     origin: &str,
+    index: usize,
     pdu: Value,
-) -> Result<(String, StagedPdu), (Option<String>, String)> {
+    acl_verdicts: &mut HashMap<String, bool>,
+) -> Result<Admitted, Dropped> {
     let object: CanonicalJsonObject = serde_json::from_value(pdu)
         .map_err(|e| (None, format!("not a canonical JSON object: {e}")))?;
     let room = match object.get("room_id") {
@@ -177,35 +247,81 @@ async fn check_pdu(
     let rules = version
         .rules()
         .ok_or((None, format!("unsupported room version {version}")))?;
-    let event_id = tessera_events::pdu::event_id_of(&object, &rules)
-        .map(|e| e.to_string())
-        .ok();
-    match state.acl_allows(&room, origin).await {
-        Ok(true) => {}
-        Ok(false) => return Err((event_id, format!("the room's server ACL denies {origin}"))),
-        Err(error) => return Err((event_id, format!("cannot check the server ACL: {error}"))),
+    let event_id = || {
+        tessera_events::pdu::event_id_of(&object, &rules)
+            .map(|e| e.to_string())
+            .ok()
+    };
+    // Once per room and transaction: a transaction's PDUs mostly share a room.
+    let allowed = match acl_verdicts.get(&room) {
+        Some(allowed) => *allowed,
+        None => match state.acl_allows(&room, origin).await {
+            Ok(allowed) => *acl_verdicts.entry(room.clone()).or_insert(allowed),
+            Err(error) => {
+                return Err((event_id(), format!("cannot check the server ACL: {error}")));
+            }
+        },
+    };
+    if !allowed {
+        return Err((event_id(), format!("the room's server ACL denies {origin}")));
     }
-    let room_id = tessera_events::ruma::RoomId::parse(room.as_str())
-        .map_err(|e| (event_id.clone(), e.to_string()))?;
-    let checked = tessera_federation::pdu::check(&state.keyring, object, &rules, Some(&room_id))
+    let room_id = OwnedRoomId::try_from(room.as_str()).map_err(|e| (event_id(), e.to_string()))?;
+    let failed =
+        |error: tessera_federation::pdu::PduDrop, id: Option<String>| (id, error.to_string());
+    let id = event_id();
+    let prepared = pdu::prepare(object, &rules).map_err(|e| failed(e, id.clone()))?;
+    let keys = pdu::keys_for(&state.keyring, &prepared)
         .await
-        .map_err(|e| (event_id.clone(), e.to_string()))?;
+        .map_err(|e| failed(e, id))?;
+    Ok(Admitted {
+        index,
+        room,
+        room_id,
+        rules,
+        prepared,
+        keys,
+    })
+}
+
+/// Signatures, content hashes and event IDs: the CPU-heavy part.
+fn verify_all(admitted: Vec<Admitted>) -> Vec<(usize, String, Result<Checked, Dropped>)> {
+    admitted
+        .into_iter()
+        .map(|a| {
+            let result =
+                pdu::verify_reporting(a.prepared.object, &a.keys, &a.rules, Some(&a.room_id))
+                    .map_err(|(event_id, drop)| {
+                        (event_id.map(|e| e.to_string()), drop.to_string())
+                    });
+            (a.index, a.room, result)
+        })
+        .collect()
+}
+
+/// A verified PDU may come from `origin` if its sender is from there, or if
+/// `origin` is in the room (relaying another server's event).
+async fn sender_may_send(
+    state: &AppState,
+    origin: &str,
+    room: &str,
+    checked: Checked,
+) -> Result<StagedPdu, Dropped> {
+    let event_id = checked.pdu.event_id().to_string();
     if checked.pdu.sender().server_name() != origin
         && !state
             .store
-            .server_in_room(&room, origin)
+            .server_in_room(room, origin)
             .await
             .unwrap_or(false)
     {
         return Err((
-            event_id,
+            Some(event_id),
             format!("{origin} is not in the room and did not send this event"),
         ));
     }
-    let staged = StagedPdu {
-        event_id: checked.pdu.event_id().to_string(),
+    Ok(StagedPdu {
+        event_id,
         json: checked.pdu.canonical_string(),
         depth: i64::try_from(checked.pdu.depth()).unwrap_or(i64::MAX),
-    };
-    Ok((room, staged))
+    })
 }

@@ -393,6 +393,19 @@ filter = "{log_filter}"
         lines[lines.len().saturating_sub(40)..].join("\n")
     }
 
+    /// A process's Prometheus metrics text.
+    pub async fn metrics(&self, name: &str) -> String {
+        let port = self.processes[name].admin_port;
+        self.http
+            .get(format!("http://127.0.0.1:{port}/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
     pub async fn wait_ready(&mut self, name: &str) {
         let port = self.processes[name].admin_port;
         for _ in 0..600 {

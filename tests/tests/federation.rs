@@ -264,6 +264,22 @@ async fn broken_pdus_are_dropped_redacted_or_rejected() {
             .is_none(),
         "dropped, never stored"
     );
+    // Operators see why, by reason.
+    let receiver = cluster.metrics("federation-receiver").await;
+    let worker = cluster.metrics("room-worker-0").await;
+    for (text, line) in [
+        (
+            &receiver,
+            r#"tessera_federation_server_pdus_dropped_total{reason="signature"}"#,
+        ),
+        (
+            &receiver,
+            r#"tessera_federation_server_pdus_dropped_total{reason="unknown_room"}"#,
+        ),
+        (&worker, r#"tessera_federation_pdus_rejected_total{reason="#),
+    ] {
+        assert!(text.contains(line), "{line} missing from:\n{text}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

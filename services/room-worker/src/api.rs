@@ -258,7 +258,7 @@ impl RoomWorker for RoomWorkerApi {
             .stage_pdus(&pdus)
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
-        metrics::counter!("tessera_federation_staged_pdus_total").increment(staged);
+        metrics::counter!("tessera_federation_pdus_staged_total").increment(staged);
         self.engine.adjust_backlog(&room_id, staged as i64);
         self.engine.schedule_staged(&room_id);
         drop(guard);

@@ -557,9 +557,14 @@ impl<'e> Turn<'e> {
                 }
             })
         };
+        // (metrics reason, message)
         let rejection = match independent {
-            Err(error) => Some(error),
-            Ok(()) => self.allowed_by(&pdu, &before).await.err(),
+            Err(error) => Some(("auth_events", error)),
+            Ok(()) => self
+                .allowed_by(&pdu, &before)
+                .await
+                .err()
+                .map(|error| ("state_before", error)),
         };
         let rejected = rejection.is_some();
         let soft_failed = !rejected && {
@@ -735,8 +740,10 @@ impl<'e> Turn<'e> {
             rejected || soft_failed,
         ));
         let outcome = match (&rejection, soft_failed) {
-            (Some(reason), _) => {
+            (Some((why, reason)), _) => {
                 metrics::counter!("tessera_room_worker_inbound_pdus_total", "result" => "rejected")
+                    .increment(1);
+                metrics::counter!("tessera_federation_pdus_rejected_total", "reason" => *why)
                     .increment(1);
                 tracing::info!(event_id = %id, %reason, "rejected a PDU");
                 Outcome::Rejected(reason.clone())
@@ -938,6 +945,8 @@ async fn staged_turn(
         };
         if let Err(reason) = turn.ensure_auth_events(&pdu, &origin).await {
             tracing::info!(event_id = %id, %reason, "rejecting a PDU whose auth events are unknown");
+            metrics::counter!("tessera_federation_pdus_rejected_total", "reason" => "unknown_auth_events")
+                .increment(1);
             turn.rejected.insert(id.clone());
             turn.outliers.push(Outlier {
                 event_id: id.to_string(),

@@ -206,24 +206,61 @@ async fn run(started: Started) -> anyhow::Result<()> {
 }
 
 /// Staged PDU counts and oldest ages for the partitions this worker owns.
+/// Rooms reported by name in the staging metrics (the largest backlogs).
+const TOP_STAGED_ROOMS: i64 = 5;
+
+/// Staged PDUs and the age of the oldest, per owned partition and for the
+/// rooms with the largest backlogs, every 5 seconds. Partitions and rooms
+/// whose backlog is gone read 0.
 fn spawn_staging_metrics(store: Store, ownership: Arc<Ownership>) {
     tokio::spawn(async move {
         let mut ticker = tokio::time::interval(Duration::from_secs(5));
+        let mut reported_partitions = std::collections::HashSet::new();
+        let mut reported_rooms = std::collections::HashSet::new();
         loop {
             ticker.tick().await;
-            let owned: std::collections::HashSet<u32> =
-                ownership.held().into_iter().map(|(p, _)| p).collect();
-            if let Ok(stats) = store.staging_stats().await {
-                let mut total = 0;
-                for (partition, count, oldest) in stats {
-                    if owned.contains(&partition) {
-                        total += count;
-                        metrics::gauge!("tessera_federation_staged_pdus", "partition" => partition.to_string()).set(count as f64);
-                        metrics::gauge!("tessera_federation_staged_oldest_age_seconds", "partition" => partition.to_string()).set(oldest);
-                    }
+            let owned: Vec<u32> = ownership.held().into_iter().map(|(p, _)| p).collect();
+            let Ok(stats) = store.staging_stats().await else {
+                continue;
+            };
+            let mut now = std::collections::HashMap::new();
+            for (partition, count, oldest) in stats {
+                if owned.contains(&partition) {
+                    now.insert(partition, (count, oldest));
                 }
-                metrics::gauge!("tessera_federation_staged_pdus_total").set(total as f64);
             }
+            for partition in reported_partitions
+                .union(&now.keys().copied().collect())
+                .copied()
+                .collect::<Vec<u32>>()
+            {
+                let (count, oldest) = now.get(&partition).copied().unwrap_or((0, 0.0));
+                metrics::gauge!("tessera_federation_staged_pdus", "partition" => partition.to_string()).set(count as f64);
+                metrics::gauge!("tessera_federation_staged_oldest_age_seconds", "partition" => partition.to_string()).set(oldest);
+            }
+            reported_partitions = now.keys().copied().collect();
+
+            let top = if now.is_empty() {
+                Vec::new()
+            } else {
+                store
+                    .top_staged_rooms(&now.keys().copied().collect::<Vec<_>>(), TOP_STAGED_ROOMS)
+                    .await
+                    .unwrap_or_default()
+            };
+            let current: std::collections::HashSet<String> =
+                top.iter().map(|(room, _, _)| room.clone()).collect();
+            for room in reported_rooms.difference(&current) {
+                metrics::gauge!("tessera_federation_staged_room_pdus", "room" => room.clone())
+                    .set(0.0);
+                metrics::gauge!("tessera_federation_staged_room_oldest_age_seconds", "room" => room.clone()).set(0.0);
+            }
+            for (room, count, oldest) in top {
+                metrics::gauge!("tessera_federation_staged_room_pdus", "room" => room.clone())
+                    .set(count as f64);
+                metrics::gauge!("tessera_federation_staged_room_oldest_age_seconds", "room" => room).set(oldest);
+            }
+            reported_rooms = current;
         }
     });
 }

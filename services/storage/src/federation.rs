@@ -201,6 +201,28 @@ impl Store {
             .collect())
     }
 
+    /// The rooms with the most staged PDUs among `partitions`: (room, count,
+    /// age of the oldest in seconds), largest first.
+    pub async fn top_staged_rooms(
+        &self,
+        partitions: &[u32],
+        limit: i64,
+    ) -> Result<Vec<(String, i64, f64)>> {
+        let partitions: Vec<i32> = partitions.iter().map(|p| *p as i32).collect();
+        let rows = self
+            .query(
+                "SELECT room_id, count(*), EXTRACT(EPOCH FROM now() - min(staged_at))::float8
+                 FROM staged_pdus WHERE partition = ANY($1)
+                 GROUP BY room_id ORDER BY count(*) DESC LIMIT $2",
+                &[&partitions, &limit],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect())
+    }
+
     /// Events by ID, from the timeline or the outliers.
     pub async fn known_events(&self, event_ids: &[String]) -> Result<Vec<KnownEvent>> {
         let rows = self

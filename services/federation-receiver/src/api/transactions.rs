@@ -97,8 +97,9 @@ pub async fn send(
     // does not hold up small ones.
     let mut results: Map<String, Value> = Map::new();
     let mut groups: BTreeMap<String, Vec<StagedPdu>> = BTreeMap::new();
-    let drop_pdu = |index: usize, event_id: Option<String>, error: String| {
-        metrics::counter!("tessera_federation_server_pdus_dropped_total").increment(1);
+    let drop_pdu = |index: usize, (event_id, reason, error): Dropped| {
+        metrics::counter!("tessera_federation_server_pdus_dropped_total", "reason" => reason)
+            .increment(1);
         let key = event_id.unwrap_or_else(|| format!("(pdu {index})"));
         tracing::info!(%origin, pdu = %key, %error, "dropped a PDU");
         (key, json!({ "error": error }))
@@ -108,8 +109,8 @@ pub async fn send(
     for (index, pdu) in pdus.into_iter().enumerate() {
         match admit_pdu(&state, origin.as_str(), index, pdu, &mut acl_verdicts).await {
             Ok(pdu) => admitted.push(pdu),
-            Err((event_id, error)) => {
-                let (key, value) = drop_pdu(index, event_id, error);
+            Err(dropped) => {
+                let (key, value) = drop_pdu(index, dropped);
                 results.insert(key, value);
             }
         }
@@ -129,8 +130,8 @@ pub async fn send(
                 results.insert(staged.event_id.clone(), json!({}));
                 groups.entry(room).or_default().push(staged);
             }
-            Err((event_id, error)) => {
-                let (key, value) = drop_pdu(index, event_id, error);
+            Err(dropped) => {
+                let (key, value) = drop_pdu(index, dropped);
                 results.insert(key, value);
             }
         }
@@ -213,7 +214,9 @@ pub async fn send(
 const BULK_PDUS: usize = 8;
 
 /// Why a PDU was dropped, with its event ID when it could be computed.
-type Dropped = (Option<String>, String);
+/// Why a PDU was dropped: its event ID when known, a reason for the metrics
+/// (one of a few fixed words) and a message for the transaction's answer.
+type Dropped = (Option<String>, &'static str, String);
 
 /// A PDU that passed the cheap checks, with the keys its signatures need.
 struct Admitted {
@@ -234,19 +237,33 @@ async fn admit_pdu(
     acl_verdicts: &mut HashMap<String, bool>,
 ) -> Result<Admitted, Dropped> {
     let object: CanonicalJsonObject = serde_json::from_value(pdu)
-        .map_err(|e| (None, format!("not a canonical JSON object: {e}")))?;
+        .map_err(|e| (None, "format", format!("not a canonical JSON object: {e}")))?;
     let room = match object.get("room_id") {
         Some(tessera_events::ruma::CanonicalJsonValue::String(room)) => room.clone(),
-        _ => return Err((None, "room_id is missing".to_owned())),
+        _ => return Err((None, "format", "room_id is missing".to_owned())),
     };
     let version = match state.room_version(&room).await {
         Ok(Some(version)) => version,
-        Ok(None) => return Err((None, format!("room {room} is not known here"))),
-        Err(error) => return Err((None, format!("cannot look the room up: {error}"))),
+        Ok(None) => {
+            return Err((
+                None,
+                "unknown_room",
+                format!("room {room} is not known here"),
+            ));
+        }
+        Err(error) => {
+            return Err((
+                None,
+                "unavailable",
+                format!("cannot look the room up: {error}"),
+            ));
+        }
     };
-    let rules = version
-        .rules()
-        .ok_or((None, format!("unsupported room version {version}")))?;
+    let rules = version.rules().ok_or((
+        None,
+        "room_version",
+        format!("unsupported room version {version}"),
+    ))?;
     let event_id = || {
         tessera_events::pdu::event_id_of(&object, &rules)
             .map(|e| e.to_string())
@@ -258,16 +275,26 @@ async fn admit_pdu(
         None => match state.acl_allows(&room, origin).await {
             Ok(allowed) => *acl_verdicts.entry(room.clone()).or_insert(allowed),
             Err(error) => {
-                return Err((event_id(), format!("cannot check the server ACL: {error}")));
+                return Err((
+                    event_id(),
+                    "unavailable",
+                    format!("cannot check the server ACL: {error}"),
+                ));
             }
         },
     };
     if !allowed {
-        return Err((event_id(), format!("the room's server ACL denies {origin}")));
+        return Err((
+            event_id(),
+            "server_acl",
+            format!("the room's server ACL denies {origin}"),
+        ));
     }
-    let room_id = OwnedRoomId::try_from(room.as_str()).map_err(|e| (event_id(), e.to_string()))?;
-    let failed =
-        |error: tessera_federation::pdu::PduDrop, id: Option<String>| (id, error.to_string());
+    let room_id =
+        OwnedRoomId::try_from(room.as_str()).map_err(|e| (event_id(), "format", e.to_string()))?;
+    let failed = |error: tessera_federation::pdu::PduDrop, id: Option<String>| {
+        (id, drop_reason(&error), error.to_string())
+    };
     let id = event_id();
     let prepared = pdu::prepare(object, &rules).map_err(|e| failed(e, id.clone()))?;
     let keys = pdu::keys_for(&state.keyring, &prepared)
@@ -283,6 +310,13 @@ async fn admit_pdu(
     })
 }
 
+fn drop_reason(drop: &tessera_federation::pdu::PduDrop) -> &'static str {
+    match drop {
+        tessera_federation::pdu::PduDrop::Format(_) => "format",
+        tessera_federation::pdu::PduDrop::Signature(_) => "signature",
+    }
+}
+
 /// Signatures, content hashes and event IDs: the CPU-heavy part.
 fn verify_all(admitted: Vec<Admitted>) -> Vec<(usize, String, Result<Checked, Dropped>)> {
     admitted
@@ -291,7 +325,11 @@ fn verify_all(admitted: Vec<Admitted>) -> Vec<(usize, String, Result<Checked, Dr
             let result =
                 pdu::verify_reporting(a.prepared.object, &a.keys, &a.rules, Some(&a.room_id))
                     .map_err(|(event_id, drop)| {
-                        (event_id.map(|e| e.to_string()), drop.to_string())
+                        (
+                            event_id.map(|e| e.to_string()),
+                            drop_reason(&drop),
+                            drop.to_string(),
+                        )
                     });
             (a.index, a.room, result)
         })
@@ -316,6 +354,7 @@ async fn sender_may_send(
     {
         return Err((
             Some(event_id),
+            "not_in_room",
             format!("{origin} is not in the room and did not send this event"),
         ));
     }

@@ -442,6 +442,27 @@ async fn event_auth(
     Ok(Json(json!({ "auth_chain": chain })))
 }
 
+/// Up to `limit` events reached from `todo` by following prev_events,
+/// skipping `seen`.
+fn walk_back(
+    shared: &Shared,
+    mut todo: Vec<OwnedEventId>,
+    seen: &mut HashSet<OwnedEventId>,
+    limit: usize,
+) -> Vec<Arc<Pdu>> {
+    let mut out: Vec<Arc<Pdu>> = Vec::new();
+    while let Some(id) = todo.pop() {
+        if out.len() >= limit || !seen.insert(id.clone()) {
+            continue;
+        }
+        if let Some(pdu) = shared.events.get(&id) {
+            todo.extend(pdu.prev_events().iter().cloned());
+            out.push(Arc::clone(pdu));
+        }
+    }
+    out
+}
+
 async fn missing(State(remote): State<Arc<FakeRemote>>, Json(body): Json<Value>) -> Json<Value> {
     let ids = |field: &str| -> Vec<OwnedEventId> {
         body[field]
@@ -455,21 +476,12 @@ async fn missing(State(remote): State<Arc<FakeRemote>>, Json(body): Json<Value>)
     let limit = body["limit"].as_u64().unwrap_or(10) as usize;
     let shared = remote.shared.lock().expect("shared");
     let mut seen = earliest.clone();
-    let mut todo: Vec<OwnedEventId> = ids("latest_events")
+    let todo: Vec<OwnedEventId> = ids("latest_events")
         .iter()
         .filter_map(|l| shared.events.get(l))
         .flat_map(|p| p.prev_events().to_vec())
         .collect();
-    let mut out: Vec<Arc<Pdu>> = Vec::new();
-    while let Some(id) = todo.pop() {
-        if out.len() >= limit || !seen.insert(id.clone()) {
-            continue;
-        }
-        if let Some(pdu) = shared.events.get(&id) {
-            todo.extend(pdu.prev_events().iter().cloned());
-            out.push(Arc::clone(pdu));
-        }
-    }
+    let mut out = walk_back(&shared, todo, &mut seen, limit);
     out.sort_by_key(|p| p.depth());
     Json(json!({ "events": out.iter().map(|p| pdu_value(p)).collect::<Vec<_>>() }))
 }
@@ -545,17 +557,8 @@ async fn backfill(
     }
     let shared = remote.shared.lock().expect("shared");
     let mut seen = HashSet::new();
-    let mut todo = from;
-    let mut out: Vec<Arc<Pdu>> = Vec::new();
-    while let Some(id) = todo.pop() {
-        if out.len() >= limit || !seen.insert(id.clone()) {
-            continue;
-        }
-        if let Some(pdu) = shared.events.get(&id) {
-            todo.extend(pdu.prev_events().iter().cloned());
-            out.push(Arc::clone(pdu));
-        }
-    }
+    let todo = from;
+    let mut out = walk_back(&shared, todo, &mut seen, limit);
     out.sort_by_key(|p| std::cmp::Reverse(p.depth()));
     Json(json!({
         "origin": remote.server_name,

@@ -294,17 +294,7 @@ async fn pdus_arriving_before_their_parents_wait_for_them() {
     let remote = FakeRemote::start(&cluster.server_name).await;
     let bob = remote.user("bob");
     remote.join(&room, &bob).await.expect("join");
-    let chain: Vec<_> = (0..6)
-        .map(|i| {
-            remote.build(
-                &room,
-                &bob,
-                "m.room.message",
-                None,
-                json!({ "msgtype": "m.text", "body": format!("m{i}") }),
-            )
-        })
-        .collect();
+    let chain = messages(&remote, &room, &bob, 6, "m");
     // The second half first, then the first half in another transaction.
     let late: Vec<Value> = chain[3..].iter().map(|p| json_of(p)).collect();
     let early: Vec<Value> = chain[..3].iter().map(|p| json_of(p)).collect();
@@ -339,17 +329,7 @@ async fn missing_parents_are_fetched_from_the_origin() {
     let remote = FakeRemote::start(&cluster.server_name).await;
     let bob = remote.user("bob");
     remote.join(&room, &bob).await.expect("join");
-    let chain: Vec<_> = (0..4)
-        .map(|i| {
-            remote.build(
-                &room,
-                &bob,
-                "m.room.message",
-                None,
-                json!({ "msgtype": "m.text", "body": format!("g{i}") }),
-            )
-        })
-        .collect();
+    let chain = messages(&remote, &room, &bob, 4, "g");
     // Only the last one is ever sent: the rest must be fetched.
     assert_eq!(
         remote.send("only-last", &[json_of(&chain[3])], &[]).await.0,
@@ -878,6 +858,28 @@ async fn db(cluster: &TestCluster) -> tokio_postgres::Client {
     client
 }
 
+/// `count` messages from `user` in `room`, built (and signed) by `remote`,
+/// each on the previous one; bodies are `prefix` and the index.
+fn messages(
+    remote: &FakeRemote,
+    room: &str,
+    user: &tessera_events::ruma::UserId,
+    count: usize,
+    prefix: &str,
+) -> Vec<std::sync::Arc<tessera_events::Pdu>> {
+    (0..count)
+        .map(|i| {
+            remote.build(
+                room,
+                user,
+                "m.room.message",
+                None,
+                json!({ "msgtype": "m.text", "body": format!("{prefix}{i}") }),
+            )
+        })
+        .collect()
+}
+
 /// Put PDUs straight into the staging table, as the receiver would have.
 async fn stage_directly(
     cluster: &TestCluster,
@@ -920,17 +922,7 @@ async fn a_flooded_room_does_not_hold_back_a_quiet_one() {
     flooder.join(&busy, &spammer).await.unwrap();
     talker.join(&quiet, &friend).await.unwrap();
 
-    let pdus: Vec<_> = (0..FLOOD)
-        .map(|i| {
-            flooder.build(
-                &busy,
-                &spammer,
-                "m.room.message",
-                None,
-                json!({ "msgtype": "m.text", "body": format!("spam {i}") }),
-            )
-        })
-        .collect();
+    let pdus = messages(&flooder, &busy, &spammer, FLOOD, "spam ");
     // A backlog: all but the last staged at once, as if many transactions had
     // just landed; the last one through the federation API sets it moving.
     stage_directly(
@@ -1018,17 +1010,7 @@ async fn transactions_staged_out_of_order_are_processed_parents_first() {
     let remote = FakeRemote::start(&cluster.server_name).await;
     let bob = remote.user("bob");
     remote.join(&room, &bob).await.unwrap();
-    let pdus: Vec<_> = (0..EVENTS)
-        .map(|i| {
-            remote.build(
-                &room,
-                &bob,
-                "m.room.message",
-                None,
-                json!({ "msgtype": "m.text", "body": format!("m {i}") }),
-            )
-        })
-        .collect();
+    let pdus = messages(&remote, &room, &bob, EVENTS, "m ");
     // Newest transaction first, each of 50 PDUs (more than one turn's batch
     // of rows is waiting on rows staged after it).
     for chunk in pdus[..EVENTS - 1].chunks(50).rev() {
@@ -1089,17 +1071,7 @@ async fn staged_pdus_survive_a_killed_room_worker_exactly_once() {
     let remote = FakeRemote::start(&cluster.server_name).await;
     let bob = remote.user("bob");
     remote.join(&room, &bob).await.unwrap();
-    let pdus: Vec<_> = (0..FLOOD)
-        .map(|i| {
-            remote.build(
-                &room,
-                &bob,
-                "m.room.message",
-                None,
-                json!({ "msgtype": "m.text", "body": format!("n{i}") }),
-            )
-        })
-        .collect();
+    let pdus = messages(&remote, &room, &bob, FLOOD, "n");
     let ids: Vec<String> = pdus.iter().map(|p| p.event_id().to_string()).collect();
     stage_directly(
         &cluster,
@@ -1234,17 +1206,7 @@ async fn backpressure_slows_only_the_busy_origin_and_room() {
         None,
         json!({ "msgtype": "m.text", "body": "never sent" }),
     );
-    let waiting: Vec<_> = (0..60)
-        .map(|i| {
-            backlogged.build(
-                &busy,
-                &b,
-                "m.room.message",
-                None,
-                json!({ "msgtype": "m.text", "body": format!("w {i}") }),
-            )
-        })
-        .collect();
+    let waiting = messages(&backlogged, &busy, &b, 60, "w ");
     stage_directly(&cluster, &busy, backlogged.server_name.as_str(), &waiting).await;
     assert_429(
         backlogged

@@ -277,14 +277,33 @@ impl FakeRemote {
         state_key: Option<&str>,
         content: Value,
     ) -> Arc<Pdu> {
+        self.build_after(room_id, sender, kind, state_key, content, None)
+    }
+
+    /// As [`Self::build_unchecked`], but on the given prev_events (and their
+    /// depth) when given: auth events still come from this server's view of
+    /// the room, which may be older than those prev_events.
+    pub fn build_after(
+        &self,
+        room_id: &str,
+        sender: &UserId,
+        kind: &str,
+        state_key: Option<&str>,
+        content: Value,
+        after: Option<(Vec<OwnedEventId>, u64)>,
+    ) -> Arc<Pdu> {
         let room = RoomId::parse(room_id).expect("room ID");
         let rooms = self.rooms.lock().expect("rooms");
         let state = rooms.get(&room).expect("a joined room");
+        let (prev_events, prev_depth) = match &after {
+            Some((prevs, depth)) => (prevs.as_slice(), *depth),
+            None => (state.extremities(), state.depth()),
+        };
         let placement = Placement {
             room_id: &room,
             rules: state.rules(),
-            prev_events: state.extremities(),
-            prev_depth: state.depth(),
+            prev_events,
+            prev_depth,
         };
         let pdu = build_event(
             &template(sender, kind, state_key, content),

@@ -1241,3 +1241,96 @@ async fn backpressure_slows_only_the_busy_origin_and_room() {
     })
     .await;
 }
+
+/// An event must pass the auth rules against its own auth events as well as
+/// against the state before it: here Bob cites the power levels from before
+/// Alice promoted him, while building on the promotion. The state before
+/// allows his room name; his auth events do not, so it is rejected.
+#[tokio::test(flavor = "multi_thread")]
+async fn events_their_own_auth_events_forbid_are_rejected() {
+    let cluster = TestCluster::start(federated(1)).await;
+    let api = cluster.api();
+    let alice = cluster.register("alice").await;
+    let room = api
+        .create_room(&alice, json!({ "preset": "public_chat" }))
+        .await;
+    let remote = FakeRemote::start(&cluster.server_name).await;
+    let bob = remote.user("bob");
+    remote.join(&room, &bob).await.expect("join");
+    let path = |kind: &str| {
+        format!(
+            "/_matrix/client/v3/rooms/{}/state/{kind}",
+            tessera_tests::client::enc(&room)
+        )
+    };
+    let mut levels = api
+        .ok(
+            reqwest::Method::GET,
+            &path("m.room.power_levels"),
+            &alice,
+            None,
+        )
+        .await;
+    levels["users"][bob.as_str()] = json!(100);
+    let promotion = api
+        .ok(
+            reqwest::Method::PUT,
+            &path("m.room.power_levels"),
+            &alice,
+            Some(levels),
+        )
+        .await["event_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let promoted = remote
+        .request(
+            "GET",
+            &format!(
+                "/_matrix/federation/v1/event/{}",
+                tessera_tests::client::enc(&promotion)
+            ),
+            None,
+        )
+        .await
+        .expect("the promotion over federation");
+    let depth = promoted["pdus"][0]["depth"].as_u64().expect("depth");
+    // The remote never heard of the promotion: its auth events for Bob's
+    // event are the power levels from before it.
+    let name = remote.build_after(
+        &room,
+        &bob,
+        "m.room.name",
+        Some(""),
+        json!({ "name": "Bob's room now" }),
+        Some((
+            vec![tessera_events::ruma::OwnedEventId::try_from(promotion.as_str()).unwrap()],
+            depth,
+        )),
+    );
+    assert_eq!(remote.send("name", &[json_of(&name)], &[]).await.0, 200);
+    assert_eq!(
+        wait_stored(&cluster, name.event_id().as_str()).await,
+        (true, false),
+        "stored as rejected"
+    );
+    // And a message Bob sends on the same footing is fine: his membership
+    // allows it under both.
+    let hello = remote.build_after(
+        &room,
+        &bob,
+        "m.room.message",
+        None,
+        json!({ "msgtype": "m.text", "body": "hello" }),
+        Some((
+            vec![tessera_events::ruma::OwnedEventId::try_from(promotion.as_str()).unwrap()],
+            depth,
+        )),
+    );
+    assert_eq!(remote.send("hello", &[json_of(&hello)], &[]).await.0, 200);
+    assert_eq!(
+        wait_stored(&cluster, hello.event_id().as_str()).await,
+        (false, false),
+        "accepted"
+    );
+}

@@ -12,13 +12,9 @@ mod register;
 mod send;
 mod session;
 
-use std::sync::Arc;
-
 use axum::Router;
 use axum::routing::{MethodRouter, get, post, put};
-use metrics_exporter_prometheus::PrometheusHandle;
 use tessera_matrix_http::layers;
-use tessera_runtime::admin::Health;
 
 use crate::state::AppState;
 
@@ -33,7 +29,7 @@ fn client(
         .route(&format!("/_matrix/client/r0{path}"), method)
 }
 
-pub fn router(state: AppState, health: Arc<Health>, metrics: PrometheusHandle) -> Router {
+pub fn router(state: AppState, admin: Option<Router>) -> Router {
     let mut r: Router<AppState> = Router::new()
         .route("/_matrix/client/versions", get(misc::versions))
         .route("/.well-known/matrix/client", get(misc::well_known))
@@ -141,5 +137,5 @@ pub fn router(state: AppState, health: Arc<Health>, metrics: PrometheusHandle) -
         .with_state(state)
         .layer(axum::middleware::from_fn(layers::metrics))
         .layer(axum::middleware::from_fn(layers::cors))
-        .merge(tessera_runtime::admin::router(health, metrics))
+        .merge(admin.unwrap_or_default())
 }

@@ -58,7 +58,7 @@ async fn run(started: Started) -> anyhow::Result<()> {
     let shutdown = started.shutdown.clone();
     axum::serve(
         tessera_runtime::nodelay(listener),
-        api::router(app, started.health.clone(), started.metrics.clone()),
+        api::router(app, started.admin_routes_for_main_listener(true)),
     )
     .with_graceful_shutdown(async move { shutdown.cancelled().await })
     .await?;

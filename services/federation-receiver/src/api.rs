@@ -6,17 +6,13 @@ mod query;
 mod reads;
 mod transactions;
 
-use std::sync::Arc;
-
 use axum::Router;
 use axum::routing::{get, post, put};
-use metrics_exporter_prometheus::PrometheusHandle;
 use tessera_matrix_http::{MatrixError, layers};
-use tessera_runtime::admin::Health;
 
 use crate::state::AppState;
 
-pub fn router(state: AppState, health: Arc<Health>, metrics: PrometheusHandle) -> Router {
+pub fn router(state: AppState, admin: Option<Router>) -> Router {
     Router::new()
         .route("/_matrix/key/v2/server", get(keys::server))
         .route("/_matrix/key/v2/server/{key_id}", get(keys::server))
@@ -89,7 +85,7 @@ pub fn router(state: AppState, health: Arc<Health>, metrics: PrometheusHandle) -
         .method_not_allowed_fallback(layers::method_not_allowed)
         .with_state(state)
         .layer(axum::middleware::from_fn(layers::metrics))
-        .merge(tessera_runtime::admin::router(health, metrics))
+        .merge(admin.unwrap_or_default())
 }
 
 /// A room ID from a path segment.

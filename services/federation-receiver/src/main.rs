@@ -96,7 +96,7 @@ async fn run(started: Started) -> anyhow::Result<()> {
                 config.federation_receiver.listen
             )
         })?;
-    let routes = api::router(app, started.health.clone(), started.metrics.clone());
+    let routes = api::router(app, started.admin_routes_for_main_listener(false));
     started.health.set_ready(true);
     let shutdown = started.shutdown.clone();
     match (

@@ -63,7 +63,21 @@ pub struct KeyRing {
     cache: Mutex<Cached>,
     last_fetch: Mutex<HashMap<String, Instant>>,
     fetching: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Other servers' own key documents as last fetched, for answering as a
+    /// notary: (document, when fetched, last failed attempt).
+    documents: Mutex<HashMap<OwnedServerName, NotaryEntry>>,
 }
+
+#[derive(Default)]
+struct NotaryEntry {
+    document: Option<(Value, Instant)>,
+    failed_at: Option<Instant>,
+}
+
+/// A fetched key document is served again for this long before refetching.
+const DOCUMENT_FRESH: Duration = Duration::from_secs(300);
+/// After a failed fetch, a server is not asked again for this long.
+const DOCUMENT_RETRY: Duration = Duration::from_secs(60);
 
 impl KeyRing {
     pub fn new(
@@ -84,6 +98,7 @@ impl KeyRing {
             cache: Mutex::new(HashMap::new()),
             last_fetch: Mutex::new(HashMap::new()),
             fetching: Mutex::new(HashMap::new()),
+            documents: Mutex::new(HashMap::new()),
         }
     }
 
@@ -214,6 +229,11 @@ impl KeyRing {
 
     /// A server's current key document, fetched from it and verified (our own
     /// is built here). Notary queries answer with these.
+    ///
+    /// Documents are kept in memory: one fetched in the last five minutes is
+    /// served as it is, and a server whose fetch failed is not asked again
+    /// for a minute (its last good document, if any, is served meanwhile), so
+    /// that notary requests cannot make us hammer other servers.
     pub async fn fetch_document(&self, server: &ServerName) -> Result<Value, String> {
         if server == self.own_server {
             return Ok(server_keys_document(
@@ -222,14 +242,56 @@ impl KeyRing {
                 now_ms() + MAX_KEY_VALIDITY_MS,
             ));
         }
-        let document = self
-            .client
-            .get_unsigned(server, "/_matrix/key/v2/server")
-            .await
-            .map_err(|e| e.to_string())?;
-        let keys = verify_key_document(&document, server, None)?;
-        self.remember(server, keys).await?;
-        Ok(document)
+        let (cached, failed_recently) = {
+            let documents = self.documents.lock().expect("documents lock");
+            let entry = documents.get(server);
+            (
+                entry.and_then(|e| e.document.clone()),
+                entry
+                    .and_then(|e| e.failed_at)
+                    .is_some_and(|at| at.elapsed() < DOCUMENT_RETRY),
+            )
+        };
+        match cached {
+            Some((document, at)) if at.elapsed() < DOCUMENT_FRESH => return Ok(document),
+            _ if failed_recently => {
+                return cached
+                    .map(|(document, _)| document)
+                    .ok_or_else(|| format!("{server}'s keys could not be fetched recently"));
+            }
+            _ => {}
+        }
+        let fetched = async {
+            let document = self
+                .client
+                .get_unsigned(server, "/_matrix/key/v2/server")
+                .await
+                .map_err(|e| e.to_string())?;
+            let keys = verify_key_document(&document, server, None)?;
+            self.remember(server, keys).await?;
+            Ok::<Value, String>(document)
+        }
+        .await;
+        let mut documents = self.documents.lock().expect("documents lock");
+        if documents.len() > 10_000 {
+            documents.clear();
+        }
+        let entry = documents.entry(server.to_owned()).or_default();
+        match fetched {
+            Ok(document) => {
+                entry.document = Some((document.clone(), Instant::now()));
+                entry.failed_at = None;
+                Ok(document)
+            }
+            Err(error) => {
+                entry.failed_at = Some(Instant::now());
+                entry
+                    .document
+                    .as_ref()
+                    .map(|(document, _)| document.clone())
+                    .ok_or(error)
+            }
+        }
     }
 
     async fn fetch_via_notary(

@@ -557,14 +557,32 @@ impl<'e> Turn<'e> {
                 }
             })
         };
-        // (metrics reason, message)
+        // The auth rules against the event's own auth events, then against
+        // the state before it (the spec's checks 4 and 5); a failure of
+        // either rejects it. (metrics reason, message)
+        let mut auth_state: StateIds = pdu
+            .auth_events()
+            .iter()
+            .filter_map(|a| Some((state_map::key_of(self.pdus.get(a)?)?, a.clone())))
+            .collect();
+        // From room version 12 the create event is implied by the room ID,
+        // not listed among the auth events.
+        let create = (StateEventType::RoomCreate, String::new());
+        if !auth_state.contains_key(&create)
+            && let Some(id) = self.current.get(&create)
+        {
+            auth_state.insert(create, id.clone());
+        }
         let rejection = match independent {
             Err(error) => Some(("auth_events", error)),
-            Ok(()) => self
-                .allowed_by(&pdu, &before)
-                .await
-                .err()
-                .map(|error| ("state_before", error)),
+            Ok(()) => match self.allowed_by(&pdu, &auth_state).await {
+                Err(error) => Some(("auth_events", error)),
+                Ok(()) => self
+                    .allowed_by(&pdu, &before)
+                    .await
+                    .err()
+                    .map(|error| ("state_before", error)),
+            },
         };
         let rejected = rejection.is_some();
         let soft_failed = !rejected && {

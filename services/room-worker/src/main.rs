@@ -205,7 +205,6 @@ async fn run(started: Started) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Staged PDU counts and oldest ages for the partitions this worker owns.
 /// Rooms reported by name in the staging metrics (the largest backlogs).
 const TOP_STAGED_ROOMS: i64 = 5;
 

@@ -33,17 +33,21 @@ impl Health {
 #[derive(Clone)]
 struct AdminState {
     health: Arc<Health>,
-    metrics: PrometheusHandle,
+    metrics: Option<PrometheusHandle>,
 }
 
 /// Routes of the admin listener, exposed so a role can also mount them on its
-/// main listener when it has no separate admin port.
-pub fn router(health: Arc<Health>, metrics: PrometheusHandle) -> Router {
-    Router::new()
+/// main listener when it has no separate admin port (see
+/// `Started::admin_routes_for_main_listener`); `/metrics` only with a handle.
+pub fn router(health: Arc<Health>, metrics: Option<PrometheusHandle>) -> Router {
+    let router = Router::new()
         .route("/health/live", get(|| async { "ok" }))
-        .route("/health/ready", get(ready))
-        .route("/metrics", get(render_metrics))
-        .with_state(AdminState { health, metrics })
+        .route("/health/ready", get(ready));
+    let router = match metrics {
+        Some(_) => router.route("/metrics", get(render_metrics)),
+        None => router,
+    };
+    router.with_state(AdminState { health, metrics })
 }
 
 async fn ready(State(state): State<AdminState>) -> (StatusCode, &'static str) {
@@ -55,8 +59,13 @@ async fn ready(State(state): State<AdminState>) -> (StatusCode, &'static str) {
 }
 
 async fn render_metrics(State(state): State<AdminState>) -> String {
-    state.metrics.run_upkeep();
-    state.metrics.render()
+    match &state.metrics {
+        Some(metrics) => {
+            metrics.run_upkeep();
+            metrics.render()
+        }
+        None => String::new(),
+    }
 }
 
 /// Bind and serve the admin routes until shutdown.
@@ -70,7 +79,7 @@ pub async fn serve(
         .await
         .map_err(|e| anyhow::anyhow!("cannot bind admin listener on {addr}: {e}"))?;
     tracing::info!(%addr, "admin listener (health, metrics) started");
-    axum::serve(crate::nodelay(listener), router(health, metrics))
+    axum::serve(crate::nodelay(listener), router(health, Some(metrics)))
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await?;
     Ok(())

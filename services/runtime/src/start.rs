@@ -31,6 +31,21 @@ pub struct Started {
     pub metrics: PrometheusHandle,
 }
 
+impl Started {
+    /// The admin routes for a role's main listener, only when the process has
+    /// no admin listener of its own (`admin.listen` unset). `with_metrics`
+    /// false leaves `/metrics` off a listener that faces other servers.
+    pub fn admin_routes_for_main_listener(&self, with_metrics: bool) -> Option<axum::Router> {
+        if self.config.admin.listen.is_some() {
+            return None;
+        }
+        Some(admin::router(
+            Arc::clone(&self.health),
+            with_metrics.then(|| self.metrics.clone()),
+        ))
+    }
+}
+
 /// Run a role to completion. Returns the process exit code.
 pub fn run<F, Fut>(role: &'static str, main: F) -> ExitCode
 where

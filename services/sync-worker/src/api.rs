@@ -9,7 +9,6 @@ use axum::Json;
 use axum::Router;
 use axum::extract::{Query, State};
 use axum::routing::get;
-use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Deserialize;
 use serde_json::Value;
 use tessera_matrix_http::auth::{Authed, HasStore};
@@ -17,7 +16,6 @@ use tessera_matrix_http::filter::SyncFilter;
 use tessera_matrix_http::{MatrixError, MatrixResult, layers};
 use tessera_replication::token::TokenError;
 use tessera_runtime::Config;
-use tessera_runtime::admin::Health;
 use tessera_storage::Store;
 use tokio::time::Instant;
 
@@ -52,7 +50,7 @@ impl HasStore for SyncApi {
     }
 }
 
-pub fn router(state: SyncApi, health: Arc<Health>, metrics: PrometheusHandle) -> Router {
+pub fn router(state: SyncApi, admin: Option<Router>) -> Router {
     Router::new()
         .route("/_matrix/client/v3/sync", get(sync))
         .route("/_matrix/client/r0/sync", get(sync))
@@ -61,7 +59,7 @@ pub fn router(state: SyncApi, health: Arc<Health>, metrics: PrometheusHandle) ->
         .with_state(state)
         .layer(axum::middleware::from_fn(layers::metrics))
         .layer(axum::middleware::from_fn(layers::cors))
-        .merge(tessera_runtime::admin::router(health, metrics))
+        .merge(admin.unwrap_or_default())
 }
 
 #[derive(Deserialize)]

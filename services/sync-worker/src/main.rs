@@ -104,7 +104,7 @@ async fn run(started: Started) -> anyhow::Result<()> {
     let shutdown = started.shutdown.clone();
     axum::serve(
         tessera_runtime::nodelay(listener),
-        api::router(state, started.health.clone(), started.metrics.clone()),
+        api::router(state, started.admin_routes_for_main_listener(true)),
     )
     .with_graceful_shutdown(async move { shutdown.cancelled().await })
     .await?;

@@ -195,7 +195,18 @@ pub async fn send(
         .collect();
     if !edus.is_empty() {
         for (kind, _) in &edus {
-            metrics::counter!("tessera_federation_server_received_edus_total", "type" => kind.clone()).increment(1);
+            // Label values from a fixed list: a remote names the type.
+            let label = match kind.as_str() {
+                "m.typing"
+                | "m.receipt"
+                | "m.presence"
+                | "m.device_list_update"
+                | "m.direct_to_device"
+                | "m.signing_key_update" => kind.clone(),
+                _ => "other".to_owned(),
+            };
+            metrics::counter!("tessera_federation_server_received_edus_total", "type" => label)
+                .increment(1);
         }
         state.store.store_edus(origin.as_str(), &edus).await?;
     }

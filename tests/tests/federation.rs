@@ -1141,7 +1141,9 @@ async fn backpressure_slows_only_the_busy_origin_and_room() {
     let cluster = TestCluster::start(Spec {
         federation: Some(FederationSpec {
             max_staged_per_room: 50,
-            origin_pdus_per_second: 2,
+            // One PDU a second: the 20-PDU transaction below stays refused
+            // for 20 s after the burst, however slow this machine is.
+            origin_pdus_per_second: 1,
             origin_pdu_burst: 30,
             // Staged events missing a parent wait this long: the backlog
             // below stays put while the test looks at it.
@@ -1189,10 +1191,9 @@ async fn backpressure_slows_only_the_busy_origin_and_room() {
     // Per origin: the burst is spent, the next transaction waits.
     let burst: Vec<Value> = (0..30).map(|i| message(&hasty, &quiet, &h, i)).collect();
     assert_eq!(hasty.send("h1", &burst, &[]).await.0, 200);
+    let next: Vec<Value> = (30..50).map(|i| message(&hasty, &quiet, &h, i)).collect();
     assert_429(
-        hasty
-            .send("h2", &[message(&hasty, &quiet, &h, 30)], &[])
-            .await,
+        hasty.send("h2", &next, &[]).await,
         "an origin over its rate",
     );
     let calm_hello = message(&calm, &quiet, &c, 0);

@@ -25,9 +25,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tessera_cluster::router::RoomRouter;
-use tessera_events::keys::SigningKey;
 use tessera_events::ruma::OwnedServerName;
-use tessera_federation::{FederationClient, KeyRing};
+use tessera_federation::KeyRing;
 use tessera_runtime::start::Started;
 use tessera_storage::{OpenOptions, Store};
 
@@ -47,33 +46,16 @@ async fn run(started: Started) -> anyhow::Result<()> {
         partitions: config.cluster.partitions,
     })
     .await?;
-    let stored = store
-        .signing_key(|| {
-            let (document, version) = SigningKey::generate();
-            let public = SigningKey::from_document(&document, &version)
-                .expect("fresh key parses")
-                .public_key_base64();
-            (document, version, public)
-        })
-        .await?;
-    let key = Arc::new(
-        SigningKey::from_document(&stored.pkcs8, stored.key_id.trim_start_matches("ed25519:"))
-            .context("stored signing key")?,
-    );
+    let key = Arc::new(tessera_federation::keys::cluster_signing_key(&store).await?);
     let server_name =
         OwnedServerName::try_from(config.server_name.clone()).context("server_name")?;
-    let client = Arc::new(FederationClient::new(
+    let keyring = Arc::new(KeyRing::for_server(
+        store.clone(),
         server_name.clone(),
         Arc::clone(&key),
         config.federation.verify_certificates,
+        &config.federation.trusted_key_servers,
     ));
-    let notaries = config
-        .federation
-        .trusted_key_servers
-        .iter()
-        .filter_map(|s| OwnedServerName::try_from(s.clone()).ok())
-        .collect();
-    let keyring = Arc::new(KeyRing::new(store.clone(), client, notaries));
     let router = RoomRouter::new(store.clone(), config.cluster.partitions);
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let bulk = tessera_runtime::bulk::BulkPool::start("verify", cores)

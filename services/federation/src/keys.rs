@@ -53,6 +53,31 @@ pub enum KeyError {
 
 type Cached = HashMap<(String, String), (String, u64)>;
 
+#[derive(Debug, thiserror::Error)]
+pub enum SigningKeyError {
+    #[error("cannot read or store the signing key: {0}")]
+    Store(#[from] tessera_storage::StoreError),
+    #[error("the stored signing key is invalid: {0}")]
+    Invalid(String),
+}
+
+/// The cluster's signing key: the one in Postgres, or a new one generated
+/// and stored there by the first process that asks (under a lock, so every
+/// process ends up with the same key).
+pub async fn cluster_signing_key(store: &Store) -> Result<SigningKey, SigningKeyError> {
+    let stored = store
+        .signing_key(|| {
+            let (document, version) = SigningKey::generate();
+            let public = SigningKey::from_document(&document, &version)
+                .expect("a freshly generated key parses")
+                .public_key_base64();
+            (document, version, public)
+        })
+        .await?;
+    SigningKey::from_document(&stored.pkcs8, stored.key_id.trim_start_matches("ed25519:"))
+        .map_err(|e| SigningKeyError::Invalid(e.to_string()))
+}
+
 pub struct KeyRing {
     store: Store,
     client: Arc<FederationClient>,
@@ -80,6 +105,24 @@ const DOCUMENT_FRESH: Duration = Duration::from_secs(300);
 const DOCUMENT_RETRY: Duration = Duration::from_secs(60);
 
 impl KeyRing {
+    /// A key ring that fetches keys as `server_name`, signing with `key`:
+    /// the outbound client and the notaries from the configuration's values
+    /// (notary names that do not parse are skipped).
+    pub fn for_server(
+        store: Store,
+        server_name: OwnedServerName,
+        key: Arc<SigningKey>,
+        verify_certificates: bool,
+        trusted_key_servers: &[String],
+    ) -> Self {
+        let client = Arc::new(FederationClient::new(server_name, key, verify_certificates));
+        let notaries = trusted_key_servers
+            .iter()
+            .filter_map(|s| OwnedServerName::try_from(s.clone()).ok())
+            .collect();
+        Self::new(store, client, notaries)
+    }
+
     pub fn new(
         store: Store,
         client: Arc<FederationClient>,

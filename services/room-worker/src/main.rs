@@ -21,9 +21,8 @@ use std::time::Duration;
 use anyhow::Context;
 use tessera_cluster::Ownership;
 use tessera_cluster::leases::{LeaseConfig, LeaseEvent, LeaseManager};
-use tessera_events::keys::SigningKey;
 use tessera_events::ruma::OwnedServerName;
-use tessera_federation::{FederationClient, KeyRing};
+use tessera_federation::KeyRing;
 use tessera_proto::room_worker::room_worker_server::RoomWorkerServer;
 use tessera_replication::{Publisher, StreamKeys};
 use tessera_runtime::start::Started;
@@ -44,18 +43,7 @@ async fn run(started: Started) -> anyhow::Result<()> {
         partitions: config.cluster.partitions,
     })
     .await?;
-    let stored = store
-        .signing_key(|| {
-            let (document, version) = SigningKey::generate();
-            let public = SigningKey::from_document(&document, &version)
-                .expect("fresh key parses")
-                .public_key_base64();
-            (document, version, public)
-        })
-        .await?;
-    let version = stored.key_id.trim_start_matches("ed25519:");
-    let key =
-        Arc::new(SigningKey::from_document(&stored.pkcs8, version).context("stored signing key")?);
+    let key = Arc::new(tessera_federation::keys::cluster_signing_key(&store).await?);
 
     let publisher = Publisher::connect(
         &config.redis.url,
@@ -118,19 +106,14 @@ async fn run(started: Started) -> anyhow::Result<()> {
     });
     let server_name =
         OwnedServerName::try_from(config.server_name.clone()).context("server_name")?;
-    let client = Arc::new(FederationClient::new(
-        server_name,
-        Arc::clone(&key),
-        config.federation.verify_certificates,
-    ));
-    let notaries = config
-        .federation
-        .trusted_key_servers
-        .iter()
-        .filter_map(|s| OwnedServerName::try_from(s.clone()).ok())
-        .collect();
     engine.set_inbound(Arc::new(inbound::Inbound {
-        keyring: Arc::new(KeyRing::new(store.clone(), client, notaries)),
+        keyring: Arc::new(KeyRing::for_server(
+            store.clone(),
+            server_name,
+            Arc::clone(&key),
+            config.federation.verify_certificates,
+            &config.federation.trusted_key_servers,
+        )),
         missing_prev_wait: Duration::from_millis(config.federation.missing_prev_wait_ms),
         staged_batch: config.federation.staged_batch.max(1),
         max_staged_per_room: config.federation.max_staged_per_room,

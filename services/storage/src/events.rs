@@ -8,6 +8,7 @@ use tessera_events::Pdu;
 use tessera_events::ruma::canonical_json::CanonicalJsonObject;
 use tessera_events::ruma::{EventId, RoomId, RoomVersionId};
 use tokio_postgres::Row;
+use tokio_postgres::types::Type;
 
 use crate::{Result, Store, StoreError};
 
@@ -135,7 +136,9 @@ impl Store {
         let sql = format!(
             "SELECT {EVENT_COLUMNS} FROM events e {EVENT_JOINS} WHERE e.event_id = ANY($1)"
         );
-        let rows = self.query(&sql, &[&event_ids]).await?;
+        let rows = self
+            .query_planned_now(&sql, &[(&event_ids, Type::TEXT_ARRAY)])
+            .await?;
         Ok(rows.iter().map(StoredEvent::from_row).collect())
     }
 

@@ -1,6 +1,8 @@
 //! Federation state: remote servers' keys, inbound transactions, the staging
 //! queue of PDUs waiting for their room's owner, outliers and received EDUs.
 
+use tokio_postgres::types::Type;
+
 use crate::{Result, Store, conflict};
 
 /// A PDU waiting in staging.
@@ -152,10 +154,10 @@ impl Store {
     /// arrival.
     pub async fn staged_for_room(&self, room_id: &str, limit: i64) -> Result<Vec<StagedPdu>> {
         let rows = self
-            .query(
+            .query_planned_now(
                 "SELECT id, room_id, origin, event_id, json, (EXTRACT(EPOCH FROM staged_at) * 1000)::bigint
                  FROM staged_pdus WHERE room_id = $1 ORDER BY depth, id LIMIT $2",
-                &[&room_id, &limit],
+                &[(&room_id, Type::TEXT), (&limit, Type::INT8)],
             )
             .await?;
         Ok(rows
@@ -178,9 +180,9 @@ impl Store {
         event_ids: &[String],
     ) -> Result<Vec<String>> {
         let rows = self
-            .query(
+            .query_planned_now(
                 "SELECT event_id FROM staged_pdus WHERE room_id = $1 AND event_id = ANY($2)",
-                &[&room_id, &event_ids],
+                &[(&room_id, Type::TEXT), (&event_ids, Type::TEXT_ARRAY)],
             )
             .await?;
         Ok(rows.iter().map(|r| r.get(0)).collect())
@@ -226,17 +228,17 @@ impl Store {
     /// Events by ID, from the timeline or the outliers.
     pub async fn known_events(&self, event_ids: &[String]) -> Result<Vec<KnownEvent>> {
         let rows = self
-            .query(
+            .query_planned_now(
                 // A join with unnest rather than `= ANY($1)`: one unique-index
-                // probe per ID, where the generic plan of `= ANY` costs
-                // milliseconds for a few hundred IDs.
+                // probe per ID, where a plan of `= ANY` can cost milliseconds
+                // for a few hundred IDs.
                 "SELECT e.event_id, e.room_id, e.json, e.rejected, false, e.soft_failed, e.state_group
                  FROM unnest($1::text[]) AS w(id) JOIN events e ON e.event_id = w.id
                  UNION ALL
                  SELECT o.event_id, o.room_id, o.json, o.rejected, true, false, NULL
                  FROM unnest($1::text[]) AS w(id) JOIN outliers o ON o.event_id = w.id
                  WHERE NOT EXISTS (SELECT 1 FROM events e WHERE e.event_id = o.event_id)",
-                &[&event_ids],
+                &[(&event_ids, Type::TEXT_ARRAY)],
             )
             .await?;
         Ok(rows

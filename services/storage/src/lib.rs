@@ -35,7 +35,7 @@ use std::time::Duration;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 pub use tokio_postgres;
 use tokio_postgres::Row;
-use tokio_postgres::types::ToSql;
+use tokio_postgres::types::{ToSql, Type};
 
 /// Errors from storage. `Fenced` and `Conflict` are expected outcomes callers
 /// act on; the rest are infrastructure failures.
@@ -161,6 +161,22 @@ impl Store {
         let client = self.client().await?;
         let statement = client.prepare_cached(sql).await?;
         Ok(client.query(&statement, params).await?)
+    }
+
+    /// A query planned afresh on every call, in one round trip (an unnamed
+    /// statement with its parameter types given). For lookups by key in
+    /// tables that can grow or shrink by thousands of rows in seconds
+    /// (`events` and `staged_pdus` in a flood): Postgres keeps a prepared
+    /// statement's generic plan until autovacuum next analyzes the table,
+    /// and a plan made while the table was small scans all of it, costing
+    /// milliseconds per lookup once it is large. Planning these is cheap.
+    pub(crate) async fn query_planned_now(
+        &self,
+        sql: &str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> Result<Vec<Row>> {
+        let client = self.client().await?;
+        Ok(client.query_typed(sql, params).await?)
     }
 
     pub(crate) async fn query_opt(

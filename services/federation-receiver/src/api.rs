@@ -21,10 +21,15 @@ pub fn router(state: AppState, admin: Option<Router>) -> Router {
         .route("/_matrix/federation/v1/version", get(query::version))
         .route(
             "/_matrix/federation/v1/send/{txn}",
-            put(transactions::send).route_layer(axum::middleware::from_fn_with_state(
-                state.clone(),
-                transactions::refuse_throttled_origin,
-            )),
+            put(transactions::send)
+                .route_layer(axum::middleware::from_fn_with_state(
+                    state.clone(),
+                    transactions::large_transactions_at_low_priority,
+                ))
+                .route_layer(axum::middleware::from_fn_with_state(
+                    state.clone(),
+                    transactions::refuse_throttled_origin,
+                )),
         )
         .route(
             "/_matrix/federation/v1/make_join/{room}/{user}",

@@ -58,8 +58,8 @@ async fn run(started: Started) -> anyhow::Result<()> {
     ));
     let router = RoomRouter::new(store.clone(), config.cluster.partitions);
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let bulk = tessera_runtime::bulk::BulkPool::start("verify", cores)
-        .context("cannot start the verification threads")?;
+    let bulk = tessera_runtime::bulk::low_priority_runtime("bulk-send", cores)
+        .context("cannot start the low-priority runtime")?;
     let app = state::AppState::new(
         store,
         keyring,

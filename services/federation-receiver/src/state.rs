@@ -21,8 +21,8 @@ pub struct Inner {
     pub key: Arc<SigningKey>,
     pub server_name: OwnedServerName,
     pub config: Config,
-    /// Low-priority threads for verifying large transactions.
-    pub bulk: tessera_runtime::bulk::BulkPool,
+    /// The low-priority runtime that large transactions are handled on.
+    pub bulk: tokio::runtime::Handle,
     buckets: Mutex<HashMap<String, Bucket>>,
     versions: Mutex<HashMap<String, RoomVersionId>>,
 }
@@ -40,7 +40,7 @@ impl AppState {
         key: Arc<SigningKey>,
         server_name: OwnedServerName,
         config: Config,
-        bulk: tessera_runtime::bulk::BulkPool,
+        bulk: tokio::runtime::Handle,
     ) -> Self {
         Self(Arc::new(Inner {
             store,

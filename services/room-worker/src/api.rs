@@ -253,8 +253,14 @@ impl RoomWorker for RoomWorkerApi {
                 depth: p.depth,
             })
             .collect();
-        let staged = self
-            .store
+        // A flood's staging goes through the bulk lane's connections, so that
+        // it never holds the connections quiet rooms' turns need.
+        let store = if backlog + pdus.len() as i64 >= crate::engine::BULK_BACKLOG {
+            self.engine.bulk_store().unwrap_or(&self.store)
+        } else {
+            &self.store
+        };
+        let staged = store
             .stage_pdus(&pdus)
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;

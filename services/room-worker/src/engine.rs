@@ -184,6 +184,11 @@ impl Engine {
             .then_some(bulk)
     }
 
+    /// The bulk lane's database pool, if there is a bulk lane.
+    pub(crate) fn bulk_store(&self) -> Option<&Store> {
+        self.bulk.as_ref().map(|bulk| &bulk.store)
+    }
+
     /// This engine, owned (for work handed to the bulk lane).
     pub(crate) fn arc(&self) -> Option<Arc<Engine>> {
         self.me.upgrade()

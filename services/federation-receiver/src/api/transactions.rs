@@ -46,6 +46,41 @@ pub async fn refuse_throttled_origin(
     next.run(request).await
 }
 
+/// Transactions whose body is at least this large (a handful of PDUs or
+/// more), or whose size is not declared, are handled on the low-priority
+/// runtime.
+const LARGE_TRANSACTION_BYTES: u64 = 8 * 1024;
+
+/// A large transaction costs milliseconds of CPU (the request signature over
+/// its whole body, parsing, every PDU's reference hash and signatures), and a
+/// flood is a stream of them. They run on the low-priority runtime, so that
+/// when the cores are short, a quiet room's small transaction is handled
+/// first, and when they are not, the flood still gets every cycle left over.
+pub async fn large_transactions_at_low_priority(
+    State(state): State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let small = request
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .is_some_and(|length| length < LARGE_TRANSACTION_BYTES);
+    if small {
+        return next.run(request).await;
+    }
+    match state.bulk.spawn(next.run(request)).await {
+        Ok(response) => response,
+        Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+        Err(error) => {
+            tracing::error!(%error, "a transaction's task was cancelled");
+            MatrixError::unavailable("shutting down; retry the transaction").into_response()
+        }
+    }
+}
+
 pub async fn send(
     State(state): State<AppState>,
     Path(txn): Path<String>,
@@ -91,10 +126,7 @@ pub async fn send(
         return Err(MatrixError::limit_exceeded(retry_after_ms));
     }
 
-    // Check each PDU; group the good ones by room. The cheap checks and key
-    // lookups run here; signatures and hashes of a large transaction run on
-    // the low-priority bulk threads, so that a flood of big transactions
-    // does not hold up small ones.
+    // Check each PDU; group the good ones by room.
     let mut results: Map<String, Value> = Map::new();
     let mut groups: BTreeMap<String, Vec<StagedPdu>> = BTreeMap::new();
     let drop_pdu = |index: usize, (event_id, reason, error): Dropped| {
@@ -115,11 +147,7 @@ pub async fn send(
             }
         }
     }
-    let verified = if admitted.len() >= BULK_PDUS {
-        state.bulk.run(move || verify_all(admitted)).await
-    } else {
-        verify_all(admitted)
-    };
+    let verified = verify_all(admitted);
     for (index, room, result) in verified {
         let outcome = match result {
             Ok(checked) => sender_may_send(&state, origin.as_str(), &room, checked).await,
@@ -220,9 +248,6 @@ pub async fn send(
         .increment(1);
     Ok(Json(response))
 }
-
-/// Transactions with at least this many PDUs are verified on the bulk threads.
-const BULK_PDUS: usize = 8;
 
 /// Why a PDU was dropped, with its event ID when it could be computed.
 /// Why a PDU was dropped: its event ID when known, a reason for the metrics

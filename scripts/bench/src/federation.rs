@@ -4,12 +4,15 @@
 //! Two fake remote servers (built on `tessera_tests::fake_remote`: their own
 //! keys, TLS, answering what the target asks) join rooms a local user
 //! created: one floods a busy room with N PDUs (50 a transaction, four in
-//! flight, retrying on 429); the other writes one message every 200 ms
-//! round-robin into 10 quiet rooms, first alone (idle), then during the flood.
-//! The local user follows `/sync`. Measured:
+//! flight, retrying on 429); the other writes one message every
+//! `--quiet-interval-ms` round-robin into 10 quiet rooms, first alone (idle),
+//! then during the flood. Two local users follow `/sync`: alice, in every
+//! room, and bob, in the quiet rooms only. Measured:
 //!
-//! - quiet-room latency (the remote's `PUT /send` start to the local user's
-//!   `/sync` response containing it), idle and during the flood;
+//! - quiet-room latency (the remote's `PUT /send` start to the `/sync`
+//!   response containing it), idle and during the flood: for bob, what a
+//!   busy room does to the users of other rooms; for alice, who also
+//!   receives the flood, what it does to a user in both;
 //! - the busy room's end-to-end ingest rate (flood events visible per second
 //!   in `/sync`, overall and per quarter of the flood);
 //! - how many flood events became visible (counted with `/messages` at the end);
@@ -61,6 +64,9 @@ struct Args {
     /// Give up waiting for the flood to become visible after this long without progress.
     #[arg(long, default_value_t = 60)]
     stall_seconds: u64,
+    /// Milliseconds between two quiet messages (round-robin over the quiet rooms).
+    #[arg(long, default_value_t = 50)]
+    quiet_interval_ms: u64,
 }
 
 /// Where events showed up in the local user's /sync.
@@ -79,6 +85,8 @@ struct Target {
     sync_url: String,
     server_name: String,
     alice: TestUser,
+    /// In the quiet rooms only.
+    bob: TestUser,
     pids: Vec<u32>,
     _cluster: Option<TestCluster>,
 }
@@ -101,6 +109,7 @@ async fn target(args: &Args) -> anyhow::Result<Target> {
         })
         .await;
         let alice = cluster.register("alice").await;
+        let bob = cluster.register("bob").await;
         let mut pids = vec![cluster.pid("federation-receiver")];
         pids.extend(cluster.live_room_workers().iter().map(|w| cluster.pid(w)));
         return Ok(Target {
@@ -108,6 +117,7 @@ async fn target(args: &Args) -> anyhow::Result<Target> {
             sync_url: cluster.sync_urls[0].clone(),
             server_name: cluster.server_name.clone(),
             alice,
+            bob,
             pids,
             _cluster: Some(cluster),
         });
@@ -116,16 +126,12 @@ async fn target(args: &Args) -> anyhow::Result<Target> {
         .client_url
         .clone()
         .ok_or_else(|| anyhow::anyhow!("--client-url is needed"))?;
-    let alice = tessera_tests::client::register(
-        &http,
-        &client_url,
-        args.shared_secret
-            .as_deref()
-            .ok_or_else(|| anyhow::anyhow!("--shared-secret is needed"))?,
-        "alice",
-        false,
-    )
-    .await;
+    let secret = args
+        .shared_secret
+        .as_deref()
+        .ok_or_else(|| anyhow::anyhow!("--shared-secret is needed"))?;
+    let alice = tessera_tests::client::register(&http, &client_url, secret, "alice", false).await;
+    let bob = tessera_tests::client::register(&http, &client_url, secret, "bob", false).await;
     Ok(Target {
         sync_url: client_url.clone(),
         client_url,
@@ -134,6 +140,7 @@ async fn target(args: &Args) -> anyhow::Result<Target> {
             .clone()
             .ok_or_else(|| anyhow::anyhow!("--server-name is needed"))?,
         alice,
+        bob,
         pids: args.pid.clone(),
         _cluster: None,
     })
@@ -155,6 +162,26 @@ async fn create_room(
         .as_str()
         .map(str::to_owned)
         .ok_or_else(|| anyhow::anyhow!("createRoom: {body}"))
+}
+
+async fn join(
+    http: &reqwest::Client,
+    base: &str,
+    user: &TestUser,
+    room: &str,
+) -> anyhow::Result<()> {
+    let response = http
+        .post(format!("{base}/_matrix/client/v3/join/{}", enc(room)))
+        .bearer_auth(&user.token)
+        .json(&json!({}))
+        .send()
+        .await?;
+    anyhow::ensure!(
+        response.status().is_success(),
+        "join: {}",
+        response.text().await?
+    );
+    Ok(())
 }
 
 /// Send one transaction, retrying on 429 and 5xx; returns attempts made.
@@ -281,7 +308,9 @@ async fn main() -> anyhow::Result<()> {
     let busy = create_room(&http, &target.client_url, &target.alice).await?;
     let mut quiet_rooms = Vec::new();
     for _ in 0..10 {
-        quiet_rooms.push(create_room(&http, &target.client_url, &target.alice).await?);
+        let room = create_room(&http, &target.client_url, &target.alice).await?;
+        join(&http, &target.client_url, &target.bob, &room).await?;
+        quiet_rooms.push(room);
     }
     let flooder = FakeRemote::start(&target.server_name).await;
     let talker = FakeRemote::start(&target.server_name).await;
@@ -311,6 +340,7 @@ async fn main() -> anyhow::Result<()> {
         .collect();
 
     let seen = Arc::new(Mutex::new(Seen::default()));
+    let seen_by_bob = Arc::new(Mutex::new(Seen::default()));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let syncer = sync_loop(
         http.clone(),
@@ -320,13 +350,22 @@ async fn main() -> anyhow::Result<()> {
         Arc::clone(&seen),
         Arc::clone(&stop),
     );
+    let bob_syncer = sync_loop(
+        http.clone(),
+        target.sync_url.clone(),
+        target.bob.clone(),
+        busy.clone(),
+        Arc::clone(&seen_by_bob),
+        Arc::clone(&stop),
+    );
     tokio::time::sleep(Duration::from_secs(2)).await;
 
-    // Quiet traffic for the whole run: one message every 200 ms.
+    // Quiet traffic for the whole run.
     let flood_started: Arc<Mutex<Option<Instant>>> = Arc::default();
     let quiet_sent: Arc<Mutex<Vec<(String, Instant, bool)>>> = Arc::default();
     let quiet_acked: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let quiet_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let interval_ms = args.quiet_interval_ms.max(1);
     let quiet = {
         let (talker, friend, rooms, sent, stop, flood_started, acked) = (
             Arc::clone(&talker),
@@ -339,7 +378,7 @@ async fn main() -> anyhow::Result<()> {
         );
         tokio::spawn(async move {
             let mut i = 0usize;
-            let mut ticker = tokio::time::interval(Duration::from_millis(200));
+            let mut ticker = tokio::time::interval(Duration::from_millis(interval_ms));
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 ticker.tick().await;
                 let room = &rooms[i % rooms.len()];
@@ -441,12 +480,21 @@ async fn main() -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = syncer.await;
+    let _ = bob_syncer.await;
     let visible = count_visible(&http, &target.client_url, &target.alice, &busy).await;
+    if let (Some(cluster), Ok(dir)) = (&target._cluster, std::env::var("BENCH_METRICS_DIR")) {
+        let mut names = vec!["federation-receiver".to_owned(), "sync-worker-0".to_owned()];
+        names.extend(cluster.live_room_workers());
+        for name in names {
+            std::fs::write(format!("{dir}/{name}.prom"), cluster.metrics(&name).await)?;
+        }
+    }
 
     // Figures.
     let seen = seen.lock().unwrap();
+    let seen_by_bob = seen_by_bob.lock().unwrap();
     let sent = quiet_sent.lock().unwrap();
-    let latencies = |during: bool| -> (Vec<f64>, usize) {
+    let latencies = |seen: &Seen, during: bool| -> (Vec<f64>, usize) {
         let mut values: Vec<f64> = sent
             .iter()
             .filter(|(_, _, d)| *d == during)
@@ -463,8 +511,10 @@ async fn main() -> anyhow::Result<()> {
             .count();
         (values, missing)
     };
-    let (idle, idle_missing) = latencies(false);
-    let (during, during_missing) = latencies(true);
+    let (idle, idle_missing) = latencies(&seen_by_bob, false);
+    let (during, during_missing) = latencies(&seen_by_bob, true);
+    let (alice_idle, alice_idle_missing) = latencies(&seen, false);
+    let (alice_during, alice_during_missing) = latencies(&seen, true);
     let acked = quiet_acked.lock().unwrap();
     let ack_latencies = |during: bool| -> Vec<f64> {
         let mut values: Vec<f64> = sent
@@ -541,20 +591,29 @@ async fn main() -> anyhow::Result<()> {
         .cloned()
         .fold(0.0, f64::max);
     println!(
-        "| {} | {:.1} / {:.1} ms | {:.1} / {:.1} ms | {} of {} | {:.0} events/s ({} per quarter) | {:.0} → {:.0} MiB | {} / {} |",
+        "| {} | {:.1} / {:.1} ms | {:.1} / {:.1} ms | {:.1} / {:.1} ms | {} of {} | {:.0} events/s ({} per quarter) | {:.0} → {:.0} MiB | {} / {} |",
         args.target,
         percentile(&idle, 50.0),
         percentile(&idle, 99.0),
         percentile(&during, 50.0),
         percentile(&during, 99.0),
+        percentile(&alice_during, 50.0),
+        percentile(&alice_during, 99.0),
         visible,
         args.flood,
         visible as f64 / last_visible,
         quarter_rates.join(" / "),
         rss_before,
         rss_during,
-        idle_missing,
-        during_missing,
+        idle_missing + alice_idle_missing,
+        during_missing + alice_during_missing,
+    );
+    eprintln!(
+        "   alice (also in the busy room): quiet p50 / p99 idle {:.1} / {:.1} ms, during the flood {:.1} / {:.1} ms",
+        percentile(&alice_idle, 50.0),
+        percentile(&alice_idle, 99.0),
+        percentile(&alice_during, 50.0),
+        percentile(&alice_during, 99.0),
     );
     eprintln!(
         "   flood sent in {:.1} s, last flood event visible after {:.1} s; quiet messages: {} idle, {} during",

@@ -112,12 +112,22 @@ pub fn http_client_builder() -> reqwest::ClientBuilder {
     reqwest::Client::builder()
 }
 
-/// A free loopback port (bound and released; the tiny race is acceptable in tests).
+/// A free loopback port for a process to listen on: bound and released,
+/// picked below Linux's ephemeral range (32768 and up), where the kernel
+/// never hands a port to an outgoing connection (a port from `bind(:0)`
+/// was sometimes taken by a database connection before the process bound
+/// it), and never the same one twice in this test process.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut handed_out = HANDED_OUT.lock().expect("ports lock");
+    for _ in 0..1000 {
+        let port = rand::thread_rng().gen_range(20_000..32_000);
+        if !handed_out.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            handed_out.push(port);
+            return port;
+        }
+    }
+    panic!("no free port between 20000 and 32000")
 }
 
 /// Where a Tessera binary is: `TESSERA_TEST_BIN_DIR` if set (the benchmark

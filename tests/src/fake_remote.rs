@@ -161,6 +161,17 @@ impl FakeRemote {
     /// Join a room on our server as `user` (make_join, sign, send_join v2),
     /// then follow the room's state from the answer.
     pub async fn join(&self, room_id: &str, user: &UserId) -> Result<(), FederationError> {
+        self.join_with_query(room_id, user, "").await.map(|_| ())
+    }
+
+    /// [`FakeRemote::join`] with a query string for send_join (such as
+    /// `?omit_members=true`); returns the send_join answer.
+    pub async fn join_with_query(
+        &self,
+        room_id: &str,
+        user: &UserId,
+        send_join_query: &str,
+    ) -> Result<Value, FederationError> {
         let path = format!(
             "/_matrix/federation/v1/make_join/{}/{}?ver=10&ver=11&ver=12",
             enc(room_id),
@@ -189,7 +200,7 @@ impl FakeRemote {
         let room = RoomId::parse(room_id).expect("room ID");
         let join = Arc::new(Pdu::from_json(template, &rules, Some(&room)).expect("join PDU"));
         let path = format!(
-            "/_matrix/federation/v2/send_join/{}/{}",
+            "/_matrix/federation/v2/send_join/{}/{}{send_join_query}",
             enc(room_id),
             enc(join.event_id().as_str())
         );
@@ -240,7 +251,7 @@ impl FakeRemote {
         .expect("room state");
         room_state.apply(Arc::clone(&join));
         self.rooms.lock().expect("rooms").insert(room, room_state);
-        Ok(())
+        Ok(answer)
     }
 
     /// A new event in a joined room, checked against the room's auth rules,

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tessera_tests::client::timeline;
+use tessera_tests::client::{enc, timeline};
 use tessera_tests::fake_remote::{FakeRemote, json_of};
 use tessera_tests::{FederationSpec, Spec, TestCluster, TestUser};
 
@@ -264,6 +264,60 @@ async fn broken_pdus_are_dropped_redacted_or_rejected() {
             .is_none(),
         "dropped, never stored"
     );
+    // Rejected events are never served to other servers: not by /event,
+    // not in /backfill, not in /get_missing_events.
+    let rejected_ids = [intruder.event_id().as_str(), rename.event_id().as_str()];
+    for id in rejected_ids {
+        let answer = remote
+            .request(
+                "GET",
+                &format!("/_matrix/federation/v1/event/{}", enc(id)),
+                None,
+            )
+            .await;
+        assert!(answer.is_err(), "/event served rejected {id}: {answer:?}");
+    }
+    // Backfill from the rejected events themselves and from the head.
+    let latest = remote.extremities(&room);
+    let backfill = remote
+        .request(
+            "GET",
+            &format!(
+                "/_matrix/federation/v1/backfill/{}?limit=100&v={}&v={}&v={}",
+                enc(&room),
+                enc(rejected_ids[0]),
+                enc(rejected_ids[1]),
+                enc(latest[0].as_str())
+            ),
+            None,
+        )
+        .await
+        .expect("backfill");
+    let missing = remote
+        .request(
+            "POST",
+            &format!("/_matrix/federation/v1/get_missing_events/{}", enc(&room)),
+            Some(json!({ "earliest_events": [], "latest_events": latest, "limit": 100 })),
+        )
+        .await
+        .expect("get_missing_events");
+    let served: Vec<String> = backfill["pdus"]
+        .as_array()
+        .into_iter()
+        .chain(missing["events"].as_array())
+        .flatten()
+        .map(|pdu| pdu["content"].to_string())
+        .collect();
+    assert!(
+        backfill["pdus"].as_array().is_some_and(|p| !p.is_empty()),
+        "{backfill}"
+    );
+    assert!(
+        !served
+            .iter()
+            .any(|c| c.contains("let me in") || c.contains("mine now")),
+        "rejected events served: {served:?}"
+    );
     // Operators see why, by reason.
     let receiver = cluster.metrics("federation-receiver").await;
     let worker = cluster.metrics("room-worker-0").await;
@@ -388,6 +442,23 @@ async fn events_the_current_state_forbids_are_soft_failed() {
     since = sync["next_batch"].as_str().unwrap().to_owned();
     assert!(!bodies(&timeline(&sync, &room)).contains(&"after the ban".to_owned()));
     let _ = since;
+    // Nor through the event and context endpoints.
+    for endpoint in ["event", "context"] {
+        let (status, body) = api
+            .call(
+                reqwest::Method::GET,
+                &format!(
+                    "/_matrix/client/v3/rooms/{}/{endpoint}/{}",
+                    tessera_tests::client::enc(&room),
+                    tessera_tests::client::enc(message.event_id().as_str())
+                ),
+                Some(&alice.token),
+                None,
+            )
+            .await;
+        assert_eq!(status, 404, "/{endpoint}: {body}");
+        assert_eq!(body["errcode"], "M_NOT_FOUND");
+    }
 }
 
 /// A request to our federation API with a hand-made Authorization header.
@@ -1334,4 +1405,89 @@ async fn events_their_own_auth_events_forbid_are_rejected() {
         (false, false),
         "accepted"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_join_with_omit_members_gets_the_heroes_and_the_auth_chain_only() {
+    let cluster = TestCluster::start(federated(1)).await;
+    let api = cluster.api();
+    let alice = cluster.register("alice").await;
+    let unnamed = api
+        .create_room(&alice, json!({ "preset": "public_chat" }))
+        .await;
+    let named = api
+        .create_room(&alice, json!({ "preset": "public_chat", "name": "Lobby" }))
+        .await;
+    for i in 0..6 {
+        let user = cluster.register(&format!("member{i}")).await;
+        api.join(&user, &unnamed).await;
+        api.join(&user, &named).await;
+    }
+    let remote = FakeRemote::start(&cluster.server_name).await;
+    let bob = remote.user("bob");
+    let members = |events: &Value| -> Vec<String> {
+        events
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| e["type"] == "m.room.member")
+            .filter_map(|e| e["state_key"].as_str().map(str::to_owned))
+            .collect()
+    };
+    let has = |events: &Value, kind: &str| {
+        events
+            .as_array()
+            .is_some_and(|a| a.iter().any(|e| e["type"] == kind))
+    };
+
+    // Unnamed: the five heroes' memberships stay, the other two go.
+    let answer = remote
+        .join_with_query(&unnamed, &bob, "?omit_members=true")
+        .await
+        .expect("join");
+    assert_eq!(answer["members_omitted"], true, "{answer}");
+    assert_eq!(members(&answer["state"]).len(), 5, "{answer}");
+    assert!(
+        !members(&answer["state"]).contains(&bob.to_string()),
+        "the joiner is not a hero"
+    );
+    for kind in ["m.room.create", "m.room.power_levels", "m.room.join_rules"] {
+        assert!(has(&answer["state"], kind), "{kind} missing from state");
+    }
+    assert!(
+        answer["servers_in_room"]
+            .as_array()
+            .is_some_and(|s| s.iter().any(|s| s == cluster.server_name.as_str())),
+        "{answer}"
+    );
+
+    // Named: no memberships in the state at all, but the auth chain still
+    // holds what the kept events and the join were authorised by.
+    let answer = remote
+        .join_with_query(&named, &bob, "?omit_members=true")
+        .await
+        .expect("join");
+    assert_eq!(answer["members_omitted"], true);
+    assert!(members(&answer["state"]).is_empty(), "{answer}");
+    assert!(has(&answer["state"], "m.room.name"));
+    assert!(
+        members(&answer["auth_chain"]).contains(&alice.user_id.to_string()),
+        "the creator's join authorises the power levels: {answer}"
+    );
+    // (In room version 12 the create event is implied, not an auth event.)
+    assert!(has(&answer["auth_chain"], "m.room.power_levels"));
+    let chain_members = members(&answer["auth_chain"]);
+    assert!(
+        !chain_members.iter().any(|m| m.starts_with("@member")),
+        "the other members are left out of the auth chain too: {chain_members:?}"
+    );
+
+    // Without the flag, every member is there.
+    let carol = remote.user("carol");
+    let answer = remote
+        .join_with_query(&named, &carol, "")
+        .await
+        .expect("join");
+    assert_eq!(answer["members_omitted"], false);
+    assert!(members(&answer["state"]).len() >= 8, "{answer}");
 }

@@ -1,6 +1,6 @@
 //! Walking a room's event graph in storage: auth chains, the events before
 //! some others (backfill), the gap between two sets (get_missing_events).
-//! Every walk is bounded.
+//! Every walk is bounded, and rejected events are left out of what it finds.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -42,12 +42,19 @@ pub async fn auth_chain(
     room_id: &RoomId,
     roots: &[Arc<Pdu>],
 ) -> Result<Vec<Arc<Pdu>>, StoreError> {
+    let auth_events = roots.iter().flat_map(|p| p.auth_events().to_vec());
+    auth_chain_from(store, room_id, auth_events.collect()).await
+}
+
+/// Some auth events and their full auth chain, lowest depth first.
+pub async fn auth_chain_from(
+    store: &Store,
+    room_id: &RoomId,
+    auth_events: Vec<OwnedEventId>,
+) -> Result<Vec<Arc<Pdu>>, StoreError> {
     let mut seen: HashSet<OwnedEventId> = HashSet::new();
     let mut chain = Vec::new();
-    let mut frontier: Vec<OwnedEventId> = roots
-        .iter()
-        .flat_map(|p| p.auth_events().to_vec())
-        .collect();
+    let mut frontier = auth_events;
     while !frontier.is_empty() && seen.len() < MAX_WALK {
         frontier.retain(|id| seen.insert(id.clone()));
         let loaded = load(store, room_id, &frontier).await?;
@@ -59,7 +66,10 @@ pub async fn auth_chain(
                     .filter(|a| !seen.contains(*a))
                     .cloned(),
             );
-            chain.push(pdu);
+            // Rejected events are never served to other servers.
+            if !pdu.rejected() {
+                chain.push(pdu);
+            }
         }
     }
     chain.sort_by_key(|p| p.depth());
@@ -107,7 +117,11 @@ pub async fn walk_back(
                     .filter(|p| !seen.contains(*p))
                     .cloned(),
             );
-            out.push(pdu);
+            // The walk goes on through a rejected event, which is never
+            // served to other servers.
+            if !pdu.rejected() {
+                out.push(pdu);
+            }
         }
     }
     Ok(out)

@@ -32,6 +32,25 @@ struct Bucket {
     at: Instant,
 }
 
+/// The per-origin PDU rate limit: `rate` a second, up to `burst` at once.
+struct OriginLimit {
+    rate: f64,
+    burst: f64,
+}
+
+impl OriginLimit {
+    /// The bucket's tokens at `now`, refilled since it was last touched.
+    fn tokens_at(&self, bucket: &Bucket, now: Instant) -> f64 {
+        (bucket.tokens + now.saturating_duration_since(bucket.at).as_secs_f64() * self.rate)
+            .min(self.burst)
+    }
+
+    /// Milliseconds until `missing` more tokens have refilled.
+    fn wait_ms(&self, missing: f64) -> u64 {
+        ((missing / self.rate) * 1000.0).ceil() as u64
+    }
+}
+
 impl AppState {
     pub fn new(
         store: Store,
@@ -73,38 +92,41 @@ impl Inner {
     /// Take `cost` PDUs from the origin's token bucket; on refusal, the
     /// milliseconds until enough have refilled.
     pub fn take_tokens(&self, origin: &str, cost: u64) -> Result<(), u64> {
-        let rate = self.config.federation.origin_pdus_per_second.max(1) as f64;
-        let burst = self.config.federation.origin_pdu_burst.max(1) as f64;
+        let limit = self.origin_limit();
         let mut buckets = self.buckets.lock().expect("buckets lock");
         if buckets.len() > 100_000 {
             buckets.clear();
         }
         let bucket = buckets.entry(origin.to_owned()).or_insert(Bucket {
-            tokens: burst,
+            tokens: limit.burst,
             at: Instant::now(),
         });
         let now = Instant::now();
-        bucket.tokens =
-            (bucket.tokens + now.duration_since(bucket.at).as_secs_f64() * rate).min(burst);
+        bucket.tokens = limit.tokens_at(bucket, now);
         bucket.at = now;
         let cost = cost as f64;
         if bucket.tokens >= cost {
             bucket.tokens -= cost;
             Ok(())
         } else {
-            Err((((cost - bucket.tokens) / rate) * 1000.0).ceil() as u64)
+            Err(limit.wait_ms(cost - bucket.tokens))
         }
     }
 
     /// If the origin's bucket has less than one PDU left, the milliseconds
     /// until it has (nothing is taken).
     pub fn origin_throttled(&self, origin: &str) -> Option<u64> {
-        let rate = self.config.federation.origin_pdus_per_second.max(1) as f64;
-        let burst = self.config.federation.origin_pdu_burst.max(1) as f64;
+        let limit = self.origin_limit();
         let buckets = self.buckets.lock().expect("buckets lock");
-        let bucket = buckets.get(origin)?;
-        let tokens = (bucket.tokens + bucket.at.elapsed().as_secs_f64() * rate).min(burst);
-        (tokens < 1.0).then(|| (((1.0 - tokens) / rate) * 1000.0).ceil() as u64)
+        let tokens = limit.tokens_at(buckets.get(origin)?, Instant::now());
+        (tokens < 1.0).then(|| limit.wait_ms(1.0 - tokens))
+    }
+
+    fn origin_limit(&self) -> OriginLimit {
+        OriginLimit {
+            rate: self.config.federation.origin_pdus_per_second.max(1) as f64,
+            burst: self.config.federation.origin_pdu_burst.max(1) as f64,
+        }
     }
 
     /// A room's version, if the room is one we know (cached: it never changes).

@@ -317,9 +317,14 @@ impl<'e> Turn<'e> {
         .map_err(|e| e.0)
     }
 
-    /// Check fetched events (auth chains, missing events) for signatures and
-    /// keep the good ones as outliers for now.
-    async fn take_remote(&mut self, values: Vec<Value>) -> Vec<Arc<Pdu>> {
+    /// Check the events a remote answered with (the array `field` of its
+    /// response: an auth chain, missing events) for signatures and keep the
+    /// good ones as outliers for now. Lowest depth first.
+    async fn take_remote(&mut self, mut response: Value, field: &str) -> Vec<Arc<Pdu>> {
+        let values = match response.get_mut(field).map(Value::take) {
+            Some(Value::Array(values)) => values,
+            _ => Vec::new(),
+        };
         let mut taken = Vec::new();
         for value in values {
             let Ok(object) = serde_json::from_value::<CanonicalJsonObject>(value) else {
@@ -344,6 +349,7 @@ impl<'e> Turn<'e> {
                 Err(error) => tracing::info!(%error, "dropped a fetched event"),
             }
         }
+        taken.sort_by_key(|p| p.depth());
         taken
     }
 
@@ -369,14 +375,7 @@ impl<'e> Turn<'e> {
             .get(origin, &path)
             .await
             .map_err(|e| e.to_string())?;
-        let chain = response
-            .get("auth_chain")
-            .and_then(Value::as_array)
-            .cloned()
-            .unwrap_or_default();
-        let mut fetched = self.take_remote(chain).await;
-        fetched.sort_by_key(|p| p.depth());
-        for event in fetched {
+        for event in self.take_remote(response, "auth_chain").await {
             self.accept_outlier(&event).await;
         }
         if pdu.auth_events().iter().all(|a| self.pdus.contains_key(a)) {
@@ -462,14 +461,7 @@ impl<'e> Turn<'e> {
             .post(origin, &path, &body)
             .await
             .map_err(|e| e.to_string())?;
-        let events = response
-            .get("events")
-            .and_then(Value::as_array)
-            .cloned()
-            .unwrap_or_default();
-        let mut fetched = self.take_remote(events).await;
-        fetched.sort_by_key(|p| p.depth());
-        Ok(fetched)
+        Ok(self.take_remote(response, "events").await)
     }
 
     /// The state before `pdu` as `origin` tells it (`/state_ids`), with the
@@ -505,12 +497,7 @@ impl<'e> Turn<'e> {
         for id in missing.iter().take(500) {
             let path = format!("/_matrix/federation/v1/event/{}", encode(id.as_str()));
             if let Ok(response) = self.inbound.keyring.client().get(origin, &path).await {
-                let pdus = response
-                    .get("pdus")
-                    .and_then(Value::as_array)
-                    .cloned()
-                    .unwrap_or_default();
-                fetched.extend(self.take_remote(pdus).await);
+                fetched.extend(self.take_remote(response, "pdus").await);
             }
         }
         fetched.sort_by_key(|p| p.depth());
@@ -1038,7 +1025,12 @@ async fn staged_turn(
                 match turn.remote_state_before(&pdu, &origin).await {
                     Ok(state) => given_state = Some(state),
                     Err(error) => {
-                        tracing::info!(event_id = %id, %error, "cannot learn the state before a PDU; dropping it");
+                        // Not stored at all, not even as rejected: the failure
+                        // may pass, and a later event that cites this one
+                        // fetches it again.
+                        tracing::warn!(event_id = %id, %origin, %error, "cannot learn the state before a PDU; dropping it");
+                        metrics::counter!("tessera_federation_server_pdus_dropped_total", "reason" => "state_unavailable")
+                            .increment(1);
                         done.push(row.id);
                         continue;
                     }

@@ -21,6 +21,9 @@ pub struct StoredEvent {
     pub room_id: String,
     pub room_version: String,
     pub rejected: bool,
+    /// Passed its auth events but not the room's current state: kept in the
+    /// graph, never shown to clients.
+    pub soft_failed: bool,
     pub json: String,
     /// JSON of the redaction event that redacted this one.
     pub redaction_json: Option<String>,
@@ -33,7 +36,7 @@ pub struct StoredEvent {
 /// The columns every event read selects, in [`StoredEvent::from_row`] order.
 pub(crate) const EVENT_COLUMNS: &str = "
     e.partition, e.pos, e.event_id, e.room_id, rm.room_version, e.rejected, e.json,
-    r.json AS redaction_json, p.json AS prev_json, t.device_id, t.txn_id";
+    r.json AS redaction_json, p.json AS prev_json, t.device_id, t.txn_id, e.soft_failed";
 
 /// Joins for [`EVENT_COLUMNS`]; the events table is aliased `e`.
 pub(crate) const EVENT_JOINS: &str = "
@@ -54,11 +57,17 @@ impl StoredEvent {
             room_id: row.get(3),
             room_version: row.get(4),
             rejected: row.get(5),
+            soft_failed: row.get(11),
             json: row.get(6),
             redaction_json: row.get(7),
             prev_state_json: row.get(8),
             txn: device.zip(txn),
         }
+    }
+
+    /// Rejected or soft-failed: clients never see it.
+    pub fn hidden_from_clients(&self) -> bool {
+        self.rejected || self.soft_failed
     }
 
     /// Parse the stored PDU.

@@ -82,7 +82,7 @@ pub async fn event(
     let room_id = parse_room_id(&room)?;
     let not_found = || MatrixError::not_found("Event not found");
     let stored = state.store.event(&event).await?.ok_or_else(not_found)?;
-    if stored.room_id != room_id.as_str() || stored.rejected {
+    if stored.room_id != room_id.as_str() || stored.hidden_from_clients() {
         return Err(not_found());
     }
     let visibility = load_visibility(&state, room_id.as_str(), auth.user_id.as_str()).await?;
@@ -317,7 +317,7 @@ pub async fn context(
     let filter = EventFilter::from_query(query.filter.as_deref())?;
     let not_found = || MatrixError::not_found("Event not found");
     let stored = state.store.event(&event).await?.ok_or_else(not_found)?;
-    if stored.room_id != room_id.as_str() || stored.rejected {
+    if stored.room_id != room_id.as_str() || stored.hidden_from_clients() {
         return Err(not_found());
     }
     let visibility = access(&state, room_id.as_str(), &auth).await?;

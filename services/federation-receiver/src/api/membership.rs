@@ -256,18 +256,84 @@ fn parse_all(jsons: &[String]) -> Vec<Value> {
 pub async fn send_join(
     State(state): State<AppState>,
     Path((room, event)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
     signed: Signed,
 ) -> Result<Json<Value>, MatrixError> {
+    let omit_members = query
+        .unwrap_or_default()
+        .split('&')
+        .any(|pair| pair == "omit_members=true");
     let (_, accepted) = submit(&state, &room, &event, &signed, "join").await?;
     let servers = state.store.servers_in_room(&room).await?;
+    let event_json = serde_json::from_str::<Value>(&accepted.event_json).unwrap_or(Value::Null);
+    let (state_events, auth_chain) = if omit_members {
+        let joiner = event_json["state_key"].as_str().unwrap_or_default();
+        let kept = state_without_members(&state, &room, joiner, parse_all(&accepted.state)).await?;
+        let chain = auth_chain_of(&state, &room, &event_json, &kept).await?;
+        (kept, chain)
+    } else {
+        (parse_all(&accepted.state), parse_all(&accepted.auth_chain))
+    };
     Ok(Json(json!({
         "origin": state.server_name,
-        "event": serde_json::from_str::<Value>(&accepted.event_json).unwrap_or(Value::Null),
-        "state": parse_all(&accepted.state),
-        "auth_chain": parse_all(&accepted.auth_chain),
-        "members_omitted": false,
+        "event": event_json,
+        "state": state_events,
+        "auth_chain": auth_chain,
+        "members_omitted": omit_members,
         "servers_in_room": servers,
     })))
+}
+
+/// The state for an `omit_members` join: every event but the memberships,
+/// except those of the room's heroes when it has no name nor alias (the
+/// joining server needs them to name the room).
+async fn state_without_members(
+    state: &AppState,
+    room: &str,
+    joiner: &str,
+    events: Vec<Value>,
+) -> Result<Vec<Value>, MatrixError> {
+    let named = events.iter().any(|e| {
+        matches!(
+            e["type"].as_str(),
+            Some("m.room.name" | "m.room.canonical_alias")
+        )
+    });
+    let heroes = if named {
+        Vec::new()
+    } else {
+        state.store.heroes(room, joiner, 5).await?
+    };
+    Ok(events
+        .into_iter()
+        .filter(|e| {
+            e["type"] != "m.room.member"
+                || e["state_key"]
+                    .as_str()
+                    .is_some_and(|member| heroes.iter().any(|h| h == member))
+        })
+        .collect())
+}
+
+/// The auth chain of the join event and of the state events kept (what an
+/// `omit_members` answer must hold at least), from storage.
+async fn auth_chain_of(
+    state: &AppState,
+    room: &str,
+    join: &Value,
+    kept: &[Value],
+) -> Result<Vec<Value>, MatrixError> {
+    let room_id = RoomId::parse(room).map_err(|e| MatrixError::invalid_param(e.to_string()))?;
+    // auth_events holds IDs, or [ID, hashes] pairs in room versions 1 and 2.
+    let roots: Vec<tessera_events::ruma::OwnedEventId> = std::iter::once(join)
+        .chain(kept)
+        .filter_map(|e| e["auth_events"].as_array())
+        .flatten()
+        .filter_map(|a| a.as_str().or_else(|| a.get(0).and_then(Value::as_str)))
+        .filter_map(|id| tessera_events::ruma::EventId::parse(id).ok())
+        .collect();
+    let chain = crate::dag::auth_chain_from(&state.store, &room_id, roots).await?;
+    Ok(super::reads::json_of(&chain))
 }
 
 pub async fn send_join_v1(

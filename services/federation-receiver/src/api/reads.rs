@@ -41,7 +41,7 @@ async fn may_read(state: &AppState, room: &RoomId, origin: &str) -> Result<(), M
     }
 }
 
-fn json_of(pdus: &[Arc<Pdu>]) -> Vec<Value> {
+pub(crate) fn json_of(pdus: &[Arc<Pdu>]) -> Vec<Value> {
     pdus.iter()
         .filter_map(|p| serde_json::to_value(p.json()).ok())
         .collect()

@@ -87,7 +87,7 @@ pub async fn send(
     signed: Signed,
 ) -> Result<Json<Value>, MatrixError> {
     let origin = signed.origin.clone();
-    let body = signed.json()?;
+    let mut body = signed.json()?;
     if txn.is_empty() || txn.len() > 255 {
         return Err(MatrixError::invalid_param("invalid transaction ID"));
     }
@@ -98,13 +98,13 @@ pub async fn send(
             "the transaction's origin is not the authenticated server",
         ));
     }
-    let pdus = match body.get("pdus") {
-        Some(Value::Array(pdus)) => pdus.clone(),
+    let pdus = match body.get_mut("pdus").map(Value::take) {
+        Some(Value::Array(pdus)) => pdus,
         None => vec![],
         Some(_) => return Err(MatrixError::bad_json("pdus must be an array")),
     };
-    let edus = match body.get("edus") {
-        Some(Value::Array(edus)) => edus.clone(),
+    let edus = match body.get_mut("edus").map(Value::take) {
+        Some(Value::Array(edus)) => edus,
         None | Some(Value::Null) => vec![],
         Some(_) => return Err(MatrixError::bad_json("edus must be an array")),
     };

@@ -1,12 +1,12 @@
 //! `tessera-federation-bench`: inbound federation under a flood, against
 //! Tessera or Synapse, with fake remote homeservers on loopback.
 //!
-//! Two fake remote servers (built on `tessera_tests::fake_remote`: their own
+//! Fake remote servers (built on `tessera_tests::fake_remote`: their own
 //! keys, TLS, answering what the target asks) join rooms a local user
 //! created: one floods a busy room with N PDUs (50 a transaction, four in
-//! flight, retrying on 429); the other writes one message every
-//! `--quiet-interval-ms` round-robin into 10 quiet rooms, first alone (idle),
-//! then during the flood. Two local users follow `/sync`: alice, in every
+//! flight, retrying on 429); ten others, one per quiet room, write one
+//! message every `--quiet-interval-ms` round-robin into the 10 quiet rooms,
+//! first alone (idle), then during the flood. Two local users follow `/sync`: alice, in every
 //! room, and bob, in the quiet rooms only. Measured:
 //!
 //! - quiet-room latency (the remote's `PUT /send` start to the `/sync`
@@ -313,18 +313,22 @@ async fn main() -> anyhow::Result<()> {
         quiet_rooms.push(room);
     }
     let flooder = FakeRemote::start(&target.server_name).await;
-    let talker = FakeRemote::start(&target.server_name).await;
     let spammer: OwnedUserId = flooder.user("spammer");
-    let friend: OwnedUserId = talker.user("friend");
     flooder
         .join(&busy, &spammer)
         .await
         .map_err(|e| anyhow::anyhow!("flooder join: {e}"))?;
+    // One remote server per quiet room, as in a real federation, so that no
+    // origin has more than a transaction or two in flight.
+    let mut talkers = Vec::new();
     for room in &quiet_rooms {
+        let talker = FakeRemote::start(&target.server_name).await;
+        let friend: OwnedUserId = talker.user("friend");
         talker
             .join(room, &friend)
             .await
             .map_err(|e| anyhow::anyhow!("talker join: {e}"))?;
+        talkers.push((talker, friend));
     }
     eprintln!("   rooms joined; building {} flood events", args.flood);
     let flood: Vec<Value> = (0..args.flood)
@@ -367,9 +371,8 @@ async fn main() -> anyhow::Result<()> {
     let quiet_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let interval_ms = args.quiet_interval_ms.max(1);
     let quiet = {
-        let (talker, friend, rooms, sent, stop, flood_started, acked) = (
-            Arc::clone(&talker),
-            friend.clone(),
+        let (talkers, rooms, sent, stop, flood_started, acked) = (
+            talkers.clone(),
             quiet_rooms.clone(),
             Arc::clone(&quiet_sent),
             Arc::clone(&quiet_stop),
@@ -382,10 +385,11 @@ async fn main() -> anyhow::Result<()> {
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 ticker.tick().await;
                 let room = &rooms[i % rooms.len()];
+                let (talker, friend) = &talkers[i % talkers.len()];
                 let body = format!("quiet {i}");
                 let pdu = talker.build(
                     room,
-                    &friend,
+                    friend,
                     "m.room.message",
                     None,
                     json!({ "msgtype": "m.text", "body": body }),
@@ -395,11 +399,8 @@ async fn main() -> anyhow::Result<()> {
                 sent.lock()
                     .unwrap()
                     .push((body.clone(), started, during_flood));
-                let (talker, txn, acked) = (
-                    Arc::clone(&talker),
-                    format!("quiet-{i}"),
-                    Arc::clone(&acked),
-                );
+                let (talker, txn, acked) =
+                    (Arc::clone(talker), format!("quiet-{i}"), Arc::clone(&acked));
                 tokio::spawn(async move {
                     send_with_retry(&talker, &txn, &[json_of(&pdu)]).await;
                     acked.lock().unwrap().insert(body, Instant::now());

@@ -254,6 +254,101 @@ impl FakeRemote {
         Ok(answer)
     }
 
+    /// Create a room hosted on this server (room version 12), with `creator`
+    /// joined and invite-only join rules; returns its ID.
+    pub fn create_room(&self, creator: &UserId) -> OwnedRoomId {
+        let version = RoomVersionId::V12;
+        let rules = version.rules().expect("rules");
+        let create = tessera_events::build::build_create_event(
+            &template(
+                creator,
+                "m.room.create",
+                Some(""),
+                json!({ "room_version": "12" }),
+            ),
+            &rules,
+            None,
+            &self.key,
+            &self.server_name,
+        )
+        .expect("create event");
+        let create = Arc::new(create);
+        let room_id = create.room_id().to_owned();
+        let state = RoomState::from_create(Arc::clone(&create), version).expect("room state");
+        self.remember(&create, StateIds::default());
+        self.rooms
+            .lock()
+            .expect("rooms")
+            .insert(room_id.clone(), state);
+        let room = room_id.as_str();
+        self.build(
+            room,
+            creator,
+            "m.room.member",
+            Some(creator.as_str()),
+            json!({ "membership": "join" }),
+        );
+        self.build(
+            room,
+            creator,
+            "m.room.join_rules",
+            Some(""),
+            json!({ "join_rule": "invite" }),
+        );
+        self.build(
+            room,
+            creator,
+            "m.room.name",
+            Some(""),
+            json!({ "name": "Far away" }),
+        );
+        room_id
+    }
+
+    /// Send `invitee` (a user of the target server) an invite to a room of
+    /// this server through the invite v2 API; returns the invite built and
+    /// the answer. The invite is applied to this server's view of the room.
+    pub async fn invite(
+        &self,
+        room_id: &RoomId,
+        sender: &UserId,
+        invitee: &UserId,
+    ) -> (Arc<Pdu>, Result<Value, FederationError>) {
+        let invite = self.build(
+            room_id.as_str(),
+            sender,
+            "m.room.member",
+            Some(invitee.as_str()),
+            json!({ "membership": "invite" }),
+        );
+        let stripped: Vec<Value> = {
+            let rooms = self.rooms.lock().expect("rooms");
+            let state = rooms.get(room_id).expect("a room of ours");
+            ["m.room.create", "m.room.join_rules", "m.room.name"]
+                .iter()
+                .filter_map(|kind| state.get(&(*kind).into(), ""))
+                .map(|pdu| tessera_events::client::stripped_state(pdu))
+                .collect()
+        };
+        let body = json!({
+            "room_version": "12",
+            "event": pdu_value(&invite),
+            "invite_room_state": stripped,
+        });
+        let answer = self
+            .call(
+                "PUT",
+                &format!(
+                    "/_matrix/federation/v2/invite/{}/{}",
+                    enc(room_id.as_str()),
+                    enc(invite.event_id().as_str())
+                ),
+                Some(body),
+            )
+            .await;
+        (invite, answer)
+    }
+
     /// A new event in a joined room, checked against the room's auth rules,
     /// signed by this server, applied to its view of the room.
     pub fn build(

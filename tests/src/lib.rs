@@ -56,6 +56,18 @@ impl Default for FederationSpec {
     }
 }
 
+impl Spec {
+    /// `room_workers` room-workers and a federation-receiver with the default
+    /// federation settings.
+    pub fn federated(room_workers: usize) -> Self {
+        Self {
+            room_workers,
+            federation: Some(FederationSpec::default()),
+            ..Self::default()
+        }
+    }
+}
+
 /// A self-signed certificate for 127.0.0.1 and localhost: (cert PEM, key PEM).
 pub fn self_signed() -> (String, String) {
     let cert =

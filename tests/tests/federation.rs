@@ -10,11 +10,7 @@ use tessera_tests::fake_remote::{FakeRemote, json_of};
 use tessera_tests::{FederationSpec, Spec, TestCluster, TestUser};
 
 fn federated(room_workers: usize) -> Spec {
-    Spec {
-        room_workers,
-        federation: Some(FederationSpec::default()),
-        ..Spec::default()
-    }
+    Spec::federated(room_workers)
 }
 
 /// Sync (bounded) until `done` holds for the accumulated timeline of `room`.
@@ -565,6 +561,10 @@ async fn bad_federation_requests_get_matrix_errors() {
             ),
         ),
         (Method::GET, "/_matrix/federation/v1/event/%24x".to_owned()),
+        (
+            Method::PUT,
+            format!("/_matrix/federation/v2/invite/{r}/%24x"),
+        ),
         (
             Method::GET,
             format!("/_matrix/federation/v1/state_ids/{r}?event_id=%24x"),

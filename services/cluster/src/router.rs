@@ -11,7 +11,8 @@ use tessera_proto::OWNER_METADATA;
 use tessera_proto::room_worker::room_worker_client::RoomWorkerClient;
 use tessera_proto::room_worker::{
     CreateRoomRequest, CreateRoomResponse, RemoteMembershipRequest, RemoteMembershipResponse,
-    StagePdusRequest, StagePdusResponse, SubmitEventsRequest, SubmitEventsResponse,
+    StagePdusRequest, StagePdusResponse, StoreInviteRequest, StoreInviteResponse,
+    SubmitEventsRequest, SubmitEventsResponse,
 };
 use tessera_storage::Store;
 use tonic::transport::{Channel, Endpoint};
@@ -94,6 +95,18 @@ impl RoomRouter {
         self.call(room_id, |mut client| {
             let request = request.clone();
             async move { client.submit_remote_membership(request).await }
+        })
+        .await
+    }
+
+    pub async fn store_invite(
+        &self,
+        room_id: &str,
+        request: StoreInviteRequest,
+    ) -> Result<StoreInviteResponse, RouteError> {
+        self.call(room_id, |mut client| {
+            let request = request.clone();
+            async move { client.store_invite(request).await }
         })
         .await
     }

@@ -1,5 +1,6 @@
 //! Routes of the server-server API and the key API.
 
+mod invite;
 mod keys;
 mod membership;
 mod query;
@@ -62,6 +63,10 @@ pub fn router(state: AppState, admin: Option<Router>) -> Router {
         .route(
             "/_matrix/federation/v1/send_knock/{room}/{event}",
             put(membership::send_knock),
+        )
+        .route(
+            "/_matrix/federation/v2/invite/{room}/{event}",
+            put(invite::invite),
         )
         .route("/_matrix/federation/v1/event/{event}", get(reads::event))
         .route("/_matrix/federation/v1/state/{room}", get(reads::state))

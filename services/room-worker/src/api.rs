@@ -12,8 +12,8 @@ use tessera_proto::room_worker::room_worker_server::RoomWorker;
 use tessera_proto::room_worker::{
     CreateRoomRequest, CreateRoomResponse, EventOutcome, MembershipAccepted,
     Refusal as ProtoRefusal, RemoteMembershipRequest, RemoteMembershipResponse, StagePdusRequest,
-    StagePdusResponse, SubmitEventsRequest, SubmitEventsResponse, create_room_response,
-    event_outcome, remote_membership_response,
+    StagePdusResponse, StoreInviteRequest, StoreInviteResponse, SubmitEventsRequest,
+    SubmitEventsResponse, create_room_response, event_outcome, remote_membership_response,
 };
 use tessera_storage::Store;
 use tessera_storage::persist::TxnKey;
@@ -321,5 +321,42 @@ impl RoomWorker for RoomWorkerApi {
         Ok(Response::new(RemoteMembershipResponse {
             outcome: Some(outcome),
         }))
+    }
+
+    async fn store_invite(
+        &self,
+        request: Request<StoreInviteRequest>,
+    ) -> Result<Response<StoreInviteResponse>, Status> {
+        let request = request.into_inner();
+        let room_id = RoomId::parse(request.room_id.as_str())
+            .map_err(|e| Status::invalid_argument(format!("room_id: {e}")))?;
+        let room_version = RoomVersionId::try_from(request.room_version.as_str())
+            .map_err(|e| Status::invalid_argument(format!("room_version: {e}")))?;
+        let rules = room_version
+            .rules()
+            .ok_or_else(|| Status::invalid_argument("unsupported room version"))?;
+        let object: tessera_events::ruma::CanonicalJsonObject =
+            serde_json::from_str(&request.event_json)
+                .map_err(|e| Status::invalid_argument(format!("event_json: {e}")))?;
+        let pdu = tessera_events::Pdu::from_json(object, &rules, Some(&room_id))
+            .map_err(|e| Status::invalid_argument(format!("event_json: {e}")))?;
+        if !serde_json::from_str::<serde_json::Value>(&request.stripped_state_json)
+            .is_ok_and(|v| v.is_array())
+        {
+            return Err(Status::invalid_argument(
+                "stripped_state_json is not a JSON array",
+            ));
+        }
+        let guard = self.enter(&room_id).await?;
+        let work = Work::Invite(Box::new(crate::out_of_band::Invite {
+            pdu,
+            room_version,
+            stripped_state: request.stripped_state_json,
+        }));
+        match self.run(room_id, guard, work).await? {
+            Answer::InviteStored(stored) => Ok(Response::new(StoreInviteResponse { stored })),
+            Answer::Retry(message) => Err(Status::unavailable(message)),
+            _ => Err(Status::internal("unexpected answer")),
+        }
     }
 }

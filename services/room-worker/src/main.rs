@@ -12,6 +12,7 @@ mod api;
 mod engine;
 mod inbound;
 mod load;
+mod out_of_band;
 mod process;
 
 use std::process::ExitCode;

@@ -47,6 +47,8 @@ pub enum Work {
     Staged,
     /// A membership event a remote server built (send_join and friends).
     RemoteMembership(Box<RemoteMembership>),
+    /// An invite to a room this server does not host.
+    Invite(Box<crate::out_of_band::Invite>),
 }
 
 pub struct RemoteMembership {
@@ -62,7 +64,7 @@ pub struct Refusal {
 }
 
 impl Refusal {
-    fn new(errcode: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn new(errcode: &'static str, message: impl Into<String>) -> Self {
         Self {
             errcode,
             message: message.into(),
@@ -76,6 +78,8 @@ pub enum Answer {
     Events(Vec<Outcome>),
     Created(Result<tessera_events::ruma::OwnedRoomId, Refusal>),
     Membership(Result<crate::inbound::MembershipResult, crate::inbound::MembershipRefusal>),
+    /// An invite stored (true) or left to /send (false, the room is hosted here).
+    InviteStored(bool),
     /// Nothing was written; the caller should retry (possibly elsewhere).
     Retry(String),
 }
@@ -102,6 +106,12 @@ pub async fn run_turn(engine: &Engine, room_id: &RoomId, mut jobs: Vec<Job>) {
         let epoch = guard.epoch();
         let answer = match work {
             Work::Create(create) => Some(create_room(engine, room_id, *create, epoch).await),
+            Work::Invite(invite) => Some(
+                match crate::out_of_band::store_invite(engine, room_id, *invite, epoch).await {
+                    Ok(stored) => Answer::InviteStored(stored),
+                    Err(error) => Answer::Retry(error.to_string()),
+                },
+            ),
             Work::RemoteMembership(membership) => Some(match engine.inbound() {
                 Some(inbound) => Answer::Membership(
                     crate::inbound::process_membership(
@@ -191,6 +201,20 @@ async fn submit(engine: &Engine, room_id: &RoomId, jobs: Vec<Job>) {
     };
     let Some(state) = state else {
         for job in jobs {
+            // A leave may reject an invite to a room hosted elsewhere.
+            if let Work::Submit(requests) = &job.work
+                && let [request] = requests.as_slice()
+                && let Some(answer) = crate::out_of_band::reject_invite(
+                    engine,
+                    room_id,
+                    &request.template,
+                    job.guard.epoch(),
+                )
+                .await
+            {
+                job.answer(answer);
+                continue;
+            }
             let n = match &job.work {
                 Work::Submit(requests) => requests.len(),
                 _ => 1,
@@ -342,7 +366,9 @@ fn answer_all(jobs: Vec<Job>, answer: Answer) {
             | Answer::Membership(Err(crate::inbound::MembershipRefusal { message: m, .. })) => {
                 Answer::Retry(m.clone())
             }
-            Answer::Membership(Ok(_)) => Answer::Retry("unexpected answer".to_owned()),
+            Answer::Membership(Ok(_)) | Answer::InviteStored(_) => {
+                Answer::Retry("unexpected answer".to_owned())
+            }
         };
         job.answer(copy);
     }
@@ -422,6 +448,7 @@ async fn commit(
         state_group: room.state_group().map(str::to_owned),
         staged_ids: vec![],
         outliers: vec![],
+        out_of_band: None,
     };
     let _order = engine.partition_lock(partition).lock().await;
     let positions = engine.store.persist(&batch).await?;

@@ -21,6 +21,7 @@ pub mod cluster;
 pub mod events;
 pub mod federation;
 pub mod keys;
+pub mod out_of_band;
 pub mod persist;
 pub mod rooms;
 pub mod schema;

@@ -100,6 +100,19 @@ pub struct Batch {
     pub staged_ids: Vec<i64>,
     /// Events fetched to check these, stored outside the timeline.
     pub outliers: Vec<Outlier>,
+    /// Set for a membership in a room this server does not host: recorded in
+    /// the history (so /sync shows it) and in `out_of_band_memberships`,
+    /// never in the room's current state.
+    pub out_of_band: Option<OutOfBand>,
+}
+
+/// What an out-of-band membership keeps besides its event.
+#[derive(Debug, Clone)]
+pub struct OutOfBand {
+    pub room_version: String,
+    /// The stripped state (JSON array) the inviting server sent, shown with
+    /// an invite; empty for a local rejection.
+    pub stripped_state: String,
 }
 
 impl Batch {
@@ -119,6 +132,7 @@ impl Batch {
             state_group: None,
             staged_ids: vec![],
             outliers: vec![],
+            out_of_band: None,
         }
     }
 }
@@ -183,9 +197,11 @@ WITH lease AS (
 ), removed AS (
     DELETE FROM room_state s USING latest l
     WHERE s.room_id = $5 AND s.type = l.type AND s.state_key = l.state_key AND l.event_id IS NULL
+      AND $50::text IS NULL
 ), current_state AS (
     INSERT INTO room_state (room_id, type, state_key, event_id, membership, pos)
-    SELECT $5, type, state_key, event_id, membership, pos FROM latest WHERE event_id IS NOT NULL
+    SELECT $5, type, state_key, event_id, membership, pos FROM latest
+    WHERE event_id IS NOT NULL AND $50::text IS NULL
     ON CONFLICT (room_id, type, state_key) DO UPDATE
     SET event_id = EXCLUDED.event_id, membership = EXCLUDED.membership, pos = EXCLUDED.pos
 ), redactions AS (
@@ -199,6 +215,10 @@ WITH lease AS (
 ), aliases AS (
     INSERT INTO room_aliases (alias, room_id, creator)
     SELECT a.alias, $5, a.creator FROM lease, unnest($32::text[], $33::text[]) AS a(alias, creator)
+), out_of_band AS (
+    INSERT INTO out_of_band_memberships (event_id, room_id, user_id, room_version, stripped_state)
+    SELECT c.event_id, $5, c.state_key, $50, $51::text::jsonb FROM changes c
+    WHERE $50::text IS NOT NULL AND c.type = 'm.room.member'
 )
 SELECT first FROM lease";
 
@@ -285,6 +305,12 @@ impl Store {
         let outlier_ids: Vec<&str> = batch.outliers.iter().map(|o| o.event_id.as_str()).collect();
         let outlier_jsons: Vec<&str> = batch.outliers.iter().map(|o| o.json.as_str()).collect();
         let outlier_rejected: Vec<bool> = batch.outliers.iter().map(|o| o.rejected).collect();
+        let out_of_band_version = batch.out_of_band.as_ref().map(|o| o.room_version.as_str());
+        let out_of_band_state = batch
+            .out_of_band
+            .as_ref()
+            .map(|o| o.stripped_state.as_str())
+            .unwrap_or("[]");
 
         let client = self.client().await?;
         let statement = client.prepare_cached(PERSIST_SQL).await?;
@@ -341,6 +367,8 @@ impl Store {
                     &outlier_ids,
                     &outlier_jsons,
                     &outlier_rejected,
+                    &out_of_band_version,
+                    &out_of_band_state,
                 ],
             )
             .await

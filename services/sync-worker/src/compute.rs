@@ -377,6 +377,16 @@ async fn stripped_state(
     room_id: &str,
     row: &MembershipRow,
 ) -> Result<Vec<Value>, StoreError> {
+    if let Some(invite) = store.out_of_band_membership(&row.event_id).await? {
+        // An invite to a room hosted elsewhere: what the inviting server told us.
+        let own = invite.pdu().ok();
+        let mut events = match invite.stripped_state {
+            Value::Array(events) => events,
+            _ => Vec::new(),
+        };
+        events.extend(own.map(|pdu| tessera_events::client::stripped_state(&pdu)));
+        return Ok(events);
+    }
     let mut events = Vec::new();
     for stored in store.state_at(room_id, row.pos).await? {
         let Ok(pdu) = stored.pdu() else { continue };

@@ -46,11 +46,15 @@ async fn resolve_room(state: &AppState, room: &str) -> MatrixResult<OwnedRoomId>
     }
 }
 
+fn unknown_room(room_id: &RoomId) -> MatrixError {
+    MatrixError::not_found(format!(
+        "Unknown room {room_id} (joining rooms on other servers needs outbound federation, which this server does not do yet)"
+    ))
+}
+
 async fn require_room(state: &AppState, room_id: &RoomId) -> MatrixResult<()> {
     if state.store.room(room_id.as_str()).await?.is_none() {
-        return Err(MatrixError::not_found(format!(
-            "Unknown room {room_id} (joining rooms on other servers needs federation, which this server does not do yet)"
-        )));
+        return Err(unknown_room(room_id));
     }
     Ok(())
 }
@@ -162,13 +166,24 @@ pub async fn leave(
     MatrixJson(body): MatrixJson<ReasonBody>,
 ) -> MatrixResult<Json<Value>> {
     let room_id = parse_room_id(&room)?;
-    require_room(&state, &room_id).await?;
-    match state
-        .store
-        .membership(room_id.as_str(), auth.user_id.as_str())
-        .await?
-        .as_deref()
-    {
+    let membership = if state.store.room(room_id.as_str()).await?.is_some() {
+        state
+            .store
+            .membership(room_id.as_str(), auth.user_id.as_str())
+            .await?
+    } else {
+        // A room hosted elsewhere: all we may have is an invite from there,
+        // which the room's owner then rejects locally.
+        match state
+            .store
+            .latest_out_of_band(room_id.as_str(), auth.user_id.as_str())
+            .await?
+        {
+            Some(latest) => latest.membership,
+            None => return Err(unknown_room(&room_id)),
+        }
+    };
+    match membership.as_deref() {
         Some("join" | "invite" | "knock") => {}
         Some("leave") => return Ok(Json(json!({}))),
         _ => return Err(MatrixError::forbidden("You are not in this room")),

@@ -94,6 +94,7 @@ async fn gaps_in_redis_are_filled_from_postgres() {
             state_group: None,
             staged_ids: vec![],
             outliers: vec![],
+            out_of_band: None,
         };
         let positions = store.persist(&batch).await.unwrap();
         let entries: Vec<EventEntry> = positions

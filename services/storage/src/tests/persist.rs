@@ -55,6 +55,7 @@ fn batch(epoch: i64, worker: &str, new_room: bool, events: Vec<EventToPersist>) 
         state_group: None,
         staged_ids: vec![],
         outliers: vec![],
+        out_of_band: None,
     }
 }
 

@@ -79,6 +79,27 @@ async fn a_remote_server_joins_and_talks() {
             .any(|e| e["type"] == "m.room.member" && e["state_key"] == bob.as_str()),
         "the remote join is in the timeline"
     );
+    // A quiet room's event, all of whose parents are here, is processed at
+    // once rather than staged.
+    let metrics = cluster.metrics("room-worker-0").await;
+    let counter = |name: &str| {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    assert_eq!(
+        counter("tessera_federation_pdus_direct_total"),
+        1.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        counter("tessera_federation_pdus_staged_total"),
+        0.0,
+        "{metrics}"
+    );
+
     // The same transaction again changes nothing.
     let (status, again) = remote.send("txn1", &[json_of(&message)], &[]).await;
     assert_eq!((status, &again), (200, &answer));
@@ -365,6 +386,11 @@ async fn pdus_arriving_before_their_parents_wait_for_them() {
         "what was on its way was waited for, not fetched"
     );
     assert_eq!(remote.requests_matching("/event/"), 0);
+    let metrics = cluster.metrics("room-worker-0").await;
+    assert!(
+        metrics.contains("tessera_federation_pdus_staged_total 6"),
+        "events whose parents are missing are staged, not processed at once: {metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -23,6 +23,10 @@ use tonic::{Request, Response, Status};
 use crate::engine::{Engine, Job};
 use crate::process::{Answer, CreateRoom, Refusal, Request as EventRequest, Work};
 
+/// A transaction's PDUs for a room with nothing staged are processed at once
+/// (not staged) when there are at most this many: a quiet room's traffic.
+const DIRECT_MAX_PDUS: usize = 8;
+
 pub struct RoomWorkerApi {
     engine: Arc<Engine>,
     ownership: Arc<Ownership>,
@@ -219,7 +223,7 @@ impl RoomWorker for RoomWorkerApi {
         let request = request.into_inner();
         let room_id = RoomId::parse(request.room_id.as_str())
             .map_err(|e| Status::invalid_argument(format!("room_id: {e}")))?;
-        let guard = self.enter(&room_id).await?;
+        let mut guard = self.enter(&room_id).await?;
         let Some(inbound) = self.engine.inbound() else {
             return Err(Status::unavailable(
                 "federation is not configured on this worker",
@@ -240,9 +244,38 @@ impl RoomWorker for RoomWorkerApi {
                 .insert("retry-after-ms", "2000".parse().expect("literal"));
             return Err(status);
         }
+        let mut to_stage = request.pdus;
+        if backlog == 0 && to_stage.len() <= DIRECT_MAX_PDUS {
+            let origin = tessera_events::ruma::OwnedServerName::try_from(request.origin.clone())
+                .map_err(|e| Status::invalid_argument(format!("origin: {e}")))?;
+            let direct = crate::process::Direct {
+                origin,
+                pdus: to_stage
+                    .iter()
+                    .map(|p| (p.event_id.clone(), p.json.clone()))
+                    .collect(),
+            };
+            let answer = self
+                .run(room_id.clone(), guard, Work::Direct(Box::new(direct)))
+                .await;
+            if let Ok(Answer::Unprocessed(left)) = answer {
+                let total = to_stage.len() as u64;
+                to_stage = left
+                    .into_iter()
+                    .filter_map(|i| to_stage.get(i).cloned())
+                    .collect();
+                if to_stage.is_empty() {
+                    return Ok(Response::new(StagePdusResponse {
+                        staged: total,
+                        backlog: 0,
+                    }));
+                }
+            }
+            // Whatever was not processed (or all of it, if that failed) is staged.
+            guard = self.enter(&room_id).await?;
+        }
         let partition = guard.partition();
-        let pdus: Vec<tessera_storage::federation::NewStagedPdu<'_>> = request
-            .pdus
+        let pdus: Vec<tessera_storage::federation::NewStagedPdu<'_>> = to_stage
             .iter()
             .map(|p| tessera_storage::federation::NewStagedPdu {
                 room_id: room_id.as_str(),

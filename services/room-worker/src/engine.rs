@@ -223,6 +223,16 @@ impl Engine {
         );
     }
 
+    /// A turn over the room's staged PDUs begins: from now on, PDUs staged
+    /// for the room may not be in the rows the turn reads, so staging them
+    /// must queue another turn (behind this one) rather than count on it.
+    pub(crate) fn staged_turn_starting(&self, room_id: &RoomId) {
+        self.staged_pending
+            .lock()
+            .expect("staged lock")
+            .remove(room_id);
+    }
+
     /// Decide the next turn after one over staged PDUs.
     pub(crate) fn after_staged_turn(
         &self,
@@ -230,10 +240,6 @@ impl Engine {
         outcome: crate::inbound::StagedOutcome,
     ) {
         use crate::inbound::StagedOutcome;
-        self.staged_pending
-            .lock()
-            .expect("staged lock")
-            .remove(room_id);
         let delay = match outcome {
             StagedOutcome::Done => {
                 // Nothing left: count afresh next time, which also undoes

@@ -1070,6 +1070,75 @@ async fn staged_turn(
     Ok(outcome)
 }
 
+/// PDUs for a room with nothing staged, processed at once instead of staged
+/// when everything they cite is already here: a quiet room's event then costs
+/// one lookup and one commit, not a staging round trip, a commit and a turn.
+/// Answers the indices (into `pdus`) of those it left alone, for the caller
+/// to stage: a PDU whose prev or auth events are missing needs the staged
+/// path's waiting and fetching, which must not hold up the transaction.
+pub async fn process_direct(
+    engine: &Engine,
+    inbound: &Inbound,
+    room_id: &RoomId,
+    origin: &ServerName,
+    pdus: &[(String, String)],
+    epoch: i64,
+) -> Result<Vec<usize>, StoreError> {
+    let all = || (0..pdus.len()).collect();
+    let Some(mut turn) = Turn::start(engine, inbound, &engine.store, room_id).await? else {
+        return Ok(all());
+    };
+    let started = Instant::now();
+    let mut parsed: Vec<(usize, Arc<Pdu>)> = Vec::new();
+    let mut left = Vec::new();
+    for (i, (event_id, json)) in pdus.iter().enumerate() {
+        match parse(event_id, room_id, json, false) {
+            Some(pdu) => parsed.push((i, Arc::new(pdu))),
+            None => left.push(i),
+        }
+    }
+    let cited: Vec<OwnedEventId> = parsed
+        .iter()
+        .flat_map(|(_, p)| {
+            p.prev_events()
+                .iter()
+                .chain(p.auth_events())
+                .cloned()
+                .chain([p.event_id().to_owned()])
+        })
+        .collect();
+    turn.load(cited).await?;
+    parsed.sort_by_key(|(i, pdu)| (pdu.depth(), *i));
+    let mut processed = 0;
+    for (i, pdu) in parsed {
+        if turn.timeline.contains_key(pdu.event_id()) {
+            continue;
+        }
+        let cited_known = pdu
+            .prev_events()
+            .iter()
+            .all(|p| turn.timeline.contains_key(p))
+            && pdu.auth_events().iter().all(|a| turn.pdus.contains_key(a));
+        if !cited_known {
+            left.push(i);
+            continue;
+        }
+        if let Err(error) = turn.process(Arc::clone(&pdu), origin, None).await {
+            tracing::warn!(event_id = %pdu.event_id(), %error, "could not process a PDU; dropping it");
+        }
+        processed += 1;
+    }
+    if processed > 0 {
+        let room = turn.commit(epoch, vec![]).await?;
+        engine.cache_state(room);
+        metrics::histogram!("tessera_federation_pdu_processing_seconds")
+            .record(started.elapsed().as_secs_f64() / processed as f64);
+        metrics::counter!("tessera_federation_pdus_direct_total").increment(processed as u64);
+    }
+    left.sort_unstable();
+    Ok(left)
+}
+
 fn row_age(row: &StagedPdu) -> Duration {
     Duration::from_millis(
         tessera_federation::now_ms().saturating_sub(row.staged_at_ms.max(0) as u64),

@@ -49,6 +49,14 @@ pub enum Work {
     RemoteMembership(Box<RemoteMembership>),
     /// An invite to a room this server does not host.
     Invite(Box<crate::out_of_band::Invite>),
+    /// PDUs for a room with nothing staged, to process at once if they can be.
+    Direct(Box<Direct>),
+}
+
+/// PDUs from one transaction for one room: (event ID, canonical JSON).
+pub struct Direct {
+    pub origin: tessera_events::ruma::OwnedServerName,
+    pub pdus: Vec<(String, String)>,
 }
 
 pub struct RemoteMembership {
@@ -80,6 +88,8 @@ pub enum Answer {
     Membership(Result<crate::inbound::MembershipResult, crate::inbound::MembershipRefusal>),
     /// An invite stored (true) or left to /send (false, the room is hosted here).
     InviteStored(bool),
+    /// The PDUs of a direct job that were not processed (indices), to stage.
+    Unprocessed(Vec<usize>),
     /// Nothing was written; the caller should retry (possibly elsewhere).
     Retry(String),
 }
@@ -112,6 +122,27 @@ pub async fn run_turn(engine: &Engine, room_id: &RoomId, mut jobs: Vec<Job>) {
                     Err(error) => Answer::Retry(error.to_string()),
                 },
             ),
+            Work::Direct(direct) => Some(match engine.inbound() {
+                Some(inbound) => {
+                    match crate::inbound::process_direct(
+                        engine,
+                        inbound,
+                        room_id,
+                        &direct.origin,
+                        &direct.pdus,
+                        epoch,
+                    )
+                    .await
+                    {
+                        Ok(left) => Answer::Unprocessed(left),
+                        Err(error) => {
+                            engine.drop_state(room_id);
+                            Answer::Retry(error.to_string())
+                        }
+                    }
+                }
+                None => Answer::Retry("federation is not configured on this worker".to_owned()),
+            }),
             Work::RemoteMembership(membership) => Some(match engine.inbound() {
                 Some(inbound) => Answer::Membership(
                     crate::inbound::process_membership(
@@ -127,6 +158,7 @@ pub async fn run_turn(engine: &Engine, room_id: &RoomId, mut jobs: Vec<Job>) {
                 None => Answer::Retry("federation is not configured on this worker".to_owned()),
             }),
             Work::Staged => {
+                engine.staged_turn_starting(room_id);
                 if let Some(inbound) = engine.inbound() {
                     let outcome = match engine.bulk_lane_for(room_id) {
                         Some(lane) => bulk_staged_turn(engine, lane, room_id, epoch).await,
@@ -366,7 +398,7 @@ fn answer_all(jobs: Vec<Job>, answer: Answer) {
             | Answer::Membership(Err(crate::inbound::MembershipRefusal { message: m, .. })) => {
                 Answer::Retry(m.clone())
             }
-            Answer::Membership(Ok(_)) | Answer::InviteStored(_) => {
+            Answer::Membership(Ok(_)) | Answer::InviteStored(_) | Answer::Unprocessed(_) => {
                 Answer::Retry("unexpected answer".to_owned())
             }
         };

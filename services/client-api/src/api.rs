@@ -33,6 +33,7 @@ pub fn router(state: AppState, admin: Option<Router>) -> Router {
     let mut r: Router<AppState> = Router::new()
         .route("/_matrix/client/versions", get(misc::versions))
         .route("/.well-known/matrix/client", get(misc::well_known))
+        .route("/.well-known/matrix/server", get(misc::well_known_server))
         .route(
             "/_matrix/client/v1/register/m.login.registration_token/validity",
             get(register::token_validity),

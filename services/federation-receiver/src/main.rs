@@ -46,7 +46,13 @@ async fn run(started: Started) -> anyhow::Result<()> {
         partitions: config.cluster.partitions,
     })
     .await?;
-    let key = Arc::new(tessera_federation::keys::cluster_signing_key(&store).await?);
+    let key = Arc::new(
+        tessera_federation::keys::cluster_signing_key(
+            &store,
+            config.federation.signing_key_path.as_deref(),
+        )
+        .await?,
+    );
     let server_name =
         OwnedServerName::try_from(config.server_name.clone()).context("server_name")?;
     let keyring = Arc::new(KeyRing::for_server(

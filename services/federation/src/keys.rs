@@ -57,14 +57,30 @@ type Cached = HashMap<(String, String), (String, u64)>;
 pub enum SigningKeyError {
     #[error("cannot read or store the signing key: {0}")]
     Store(#[from] tessera_storage::StoreError),
-    #[error("the stored signing key is invalid: {0}")]
+    #[error("the signing key is invalid: {0}")]
     Invalid(String),
 }
 
-/// The cluster's signing key: the one in Postgres, or a new one generated
-/// and stored there by the first process that asks (under a lock, so every
-/// process ends up with the same key).
-pub async fn cluster_signing_key(store: &Store) -> Result<SigningKey, SigningKeyError> {
+/// The cluster's signing key: the one in `key_file` (Synapse's format) when
+/// configured, stored in Postgres so that every process serves it; else the
+/// one in Postgres, or a new one generated and stored there by the first
+/// process that asks (under a lock, so every process ends up with the same
+/// key).
+pub async fn cluster_signing_key(
+    store: &Store,
+    key_file: Option<&std::path::Path>,
+) -> Result<SigningKey, SigningKeyError> {
+    if let Some(path) = key_file {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            SigningKeyError::Invalid(format!("cannot read {}: {e}", path.display()))
+        })?;
+        let (key, document) = SigningKey::from_synapse_format(&text)
+            .map_err(|e| SigningKeyError::Invalid(format!("{}: {e}", path.display())))?;
+        store
+            .import_signing_key(&key.key_id(), &document, &key.public_key_base64())
+            .await?;
+        return Ok(key);
+    }
     let stored = store
         .signing_key(|| {
             let (document, version) = SigningKey::generate();

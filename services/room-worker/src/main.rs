@@ -39,12 +39,22 @@ async fn run(started: Started) -> anyhow::Result<()> {
         url: &config.database.url,
         pool_size: config.database.pool_size,
         connect_timeout: Duration::from_secs(config.database.connect_timeout_secs),
-        migrate: config.database.migrate_on_start,
+        migrate: config.database.migrate_on_start || started.migrate_only,
         server_name: &config.server_name,
         partitions: config.cluster.partitions,
     })
     .await?;
-    let key = Arc::new(tessera_federation::keys::cluster_signing_key(&store).await?);
+    if started.migrate_only {
+        tracing::info!("the database schema is migrated and compatible with this release");
+        return Ok(());
+    }
+    let key = Arc::new(
+        tessera_federation::keys::cluster_signing_key(
+            &store,
+            config.federation.signing_key_path.as_deref(),
+        )
+        .await?,
+    );
 
     let publisher = Publisher::connect(
         &config.redis.url,

@@ -177,12 +177,22 @@ impl Default for LimitsConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct ClientApiConfig {
     pub listen: SocketAddr,
+    /// The URL clients reach the server at, given in
+    /// `/.well-known/matrix/client` (default `http://<server_name>`), as
+    /// Synapse's `public_baseurl`.
+    pub public_baseurl: Option<String>,
+    /// When set, `/.well-known/matrix/server` answers `{"m.server": <this>}`
+    /// (such as `matrix.example.com:443`), delegating federation for the
+    /// server name there; unset, that path is not served.
+    pub well_known_server: Option<String>,
 }
 
 impl Default for ClientApiConfig {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:8081".parse().expect("literal address"),
+            public_baseurl: None,
+            well_known_server: None,
         }
     }
 }
@@ -262,6 +272,11 @@ pub struct FederationConfig {
     pub missing_prev_wait_ms: u64,
     /// Staged PDUs a room-worker processes for one room in one turn.
     pub staged_batch: i64,
+    /// A signing key file in Synapse's `signing.key` format (`ed25519
+    /// <version> <unpadded base64 seed>`), to keep a server's key, such as
+    /// one moving from Synapse. Unset: the cluster generates a key on first
+    /// start and keeps it in Postgres.
+    pub signing_key_path: Option<std::path::PathBuf>,
 }
 
 impl Default for FederationConfig {
@@ -275,6 +290,7 @@ impl Default for FederationConfig {
             origin_pdu_burst: 20_000,
             missing_prev_wait_ms: 1_000,
             staged_batch: 200,
+            signing_key_path: None,
         }
     }
 }

@@ -20,11 +20,21 @@ struct CommonArgs {
     /// Path of the TOML configuration file shared by every role.
     #[arg(long, env = "TESSERA_CONFIG")]
     config: Option<PathBuf>,
+    /// Load and check the configuration, then exit (0 when it is valid).
+    #[arg(long)]
+    check_config: bool,
+    /// Apply the database migrations (or refuse an incompatible database),
+    /// then exit; what the Helm chart's pre-upgrade Job runs. Only
+    /// `tessera-room-worker` takes it.
+    #[arg(long)]
+    migrate_only: bool,
 }
 
 /// What a role's main function receives.
 pub struct Started {
     pub role: &'static str,
+    /// `--migrate-only`: migrate the database and exit, nothing else.
+    pub migrate_only: bool,
     pub config: Config,
     pub shutdown: Shutdown,
     pub health: Arc<Health>,
@@ -62,6 +72,14 @@ where
         }
     };
     telemetry::init_tracing(&config.log);
+    if args.check_config {
+        println!("{role}: the configuration is valid");
+        return ExitCode::SUCCESS;
+    }
+    if args.migrate_only && role != "room-worker" {
+        tracing::error!(role, "--migrate-only is for tessera-room-worker");
+        return ExitCode::FAILURE;
+    }
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -78,7 +96,7 @@ where
         let shutdown = Shutdown::new();
         shutdown.listen_for_signals();
         let health = Arc::new(Health::default());
-        if let Some(addr) = config.admin.listen {
+        if let Some(addr) = config.admin.listen.filter(|_| !args.migrate_only) {
             let (health, metrics, shutdown) = (health.clone(), metrics.clone(), shutdown.clone());
             tokio::spawn(async move {
                 if let Err(error) = admin::serve(addr, health, metrics, shutdown.clone()).await {
@@ -90,6 +108,7 @@ where
         tracing::info!(role, version = env!("CARGO_PKG_VERSION"), "starting");
         main(Started {
             role,
+            migrate_only: args.migrate_only,
             config,
             shutdown,
             health,

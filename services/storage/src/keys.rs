@@ -49,4 +49,19 @@ impl Store {
         tx.commit().await?;
         Ok(key)
     }
+
+    /// Make a configured key the current one: stored if new, and newer than
+    /// any generated key, so that processes without the key file use it too.
+    pub async fn import_signing_key(&self, key_id: &str, pkcs8: &[u8], public: &str) -> Result<()> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "INSERT INTO server_signing_keys (key_id, pkcs8, public_key) VALUES ($1, $2, $3)
+                 ON CONFLICT (key_id) DO UPDATE SET created_at = now(), expired_ts = NULL
+                 WHERE server_signing_keys.created_at < (SELECT max(created_at) FROM server_signing_keys)",
+                &[&key_id, &pkcs8, &public],
+            )
+            .await?;
+        Ok(())
+    }
 }

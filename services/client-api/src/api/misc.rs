@@ -21,8 +21,23 @@ pub async fn versions() -> Json<Value> {
 }
 
 pub async fn well_known(State(state): State<AppState>) -> Json<Value> {
-    let base = format!("http://{}", state.config.server_name);
+    let base = state
+        .config
+        .client_api
+        .public_baseurl
+        .clone()
+        .unwrap_or_else(|| format!("http://{}", state.config.server_name));
     Json(json!({ "m.homeserver": { "base_url": base } }))
+}
+
+/// `/.well-known/matrix/server`: where other servers reach us, when configured.
+pub async fn well_known_server(State(state): State<AppState>) -> MatrixResult<Json<Value>> {
+    match &state.config.client_api.well_known_server {
+        Some(server) => Ok(Json(json!({ "m.server": server }))),
+        None => Err(tessera_matrix_http::MatrixError::not_found(
+            "this server does not delegate federation (client_api.well_known_server is unset)",
+        )),
+    }
 }
 
 pub async fn capabilities(_auth: Authed) -> Json<Value> {

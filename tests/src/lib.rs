@@ -252,6 +252,8 @@ shared_secret = "{shared_secret}"
 
 [client_api]
 listen = "127.0.0.1:{api_port}"
+public_baseurl = "https://client.tessera.test"
+well_known_server = "federation.tessera.test:443"
 
 [gateway]
 listen = "127.0.0.1:{gateway_port}"

@@ -45,6 +45,9 @@ async fn send(api: &Api, user: &TestUser, room: &str, txn: &str, body: &str) -> 
     }
 }
 
+/// Acknowledged (event ID, body) per room, in acknowledgement order.
+type Acked = HashMap<String, Vec<(String, String)>>;
+
 /// Partitions whose owner differs between two snapshots of the lease table.
 fn moved(before: &HashMap<u32, Option<String>>, after: &HashMap<u32, Option<String>>) -> usize {
     after
@@ -84,8 +87,8 @@ async fn room_workers_scale_1_3_1_under_load_without_losing_duplicating_or_reord
         .map(|n| cluster.pid(n))
         .collect();
 
-    // The load: acknowledged (event ID, body) per room, in acknowledgement order.
-    let acked: Arc<Mutex<HashMap<String, Vec<(String, String)>>>> = Arc::default();
+    // The load.
+    let acked: Arc<Mutex<Acked>> = Arc::default();
     let retries: Arc<Mutex<usize>> = Arc::default();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut senders = Vec::new();

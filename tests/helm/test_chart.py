@@ -264,5 +264,23 @@ class ContainerFiles(unittest.TestCase):
                         self.assertIn(container["command"][0], built)
 
 
+class Dashboard(unittest.TestCase):
+    def test_every_metric_on_the_dashboard_is_one_the_code_exports(self):
+        import json
+
+        dashboard = json.loads((ROOT / "deploy" / "grafana-dashboard.json").read_text())
+        exported = set()
+        for source in (ROOT / "services").glob("*/src/**/*.rs"):
+            exported |= set(re.findall(r'"(tessera_[a-z_]+)"', source.read_text()))
+        used = set()
+        for panel in dashboard["panels"]:
+            for target in panel.get("targets", []):
+                for name in re.findall(r"\b(tessera_[a-z_]+)", target["expr"]):
+                    # Histograms are queried through their _bucket series.
+                    used.add(re.sub(r"_bucket$", "", name))
+        self.assertTrue(used, "the dashboard queries metrics")
+        self.assertEqual(used - exported, set(), "metrics the code does not export")
+
+
 if __name__ == "__main__":
     unittest.main()

@@ -6,6 +6,7 @@
 //! `cargo build --workspace --bins`, which `scripts/test` does).
 
 pub mod client;
+pub mod collector;
 pub mod fake_remote;
 
 use std::collections::HashMap;
@@ -32,6 +33,8 @@ pub struct Spec {
     /// Start a federation-receiver (TLS, self-signed); the server name is then
     /// `127.0.0.1:<its port>` so other servers can find it.
     pub federation: Option<FederationSpec>,
+    /// Export traces from every process to this OTLP/gRPC endpoint.
+    pub otlp_endpoint: Option<String>,
 }
 
 /// Federation settings for a test cluster.
@@ -88,6 +91,7 @@ impl Default for Spec {
             pool_size: 6,
             log_filter: "info,ruma_state_res=warn".to_owned(),
             federation: None,
+            otlp_endpoint: None,
         }
     }
 }
@@ -262,6 +266,7 @@ sync_workers = {sync_list:?}
 
 [log]
 filter = "{log_filter}"
+{telemetry_section}
 {federation_section}"#,
                 redis = redis_url(),
                 partitions = spec.partitions,
@@ -270,6 +275,12 @@ filter = "{log_filter}"
                 pool_size = spec.pool_size,
                 log_filter = spec.log_filter,
                 sync_list = sync_urls,
+                telemetry_section = match &spec.otlp_endpoint {
+                    Some(endpoint) => format!(
+                        "[telemetry]\notlp_endpoint = \"{endpoint}\"\nexport_interval_ms = 200\n"
+                    ),
+                    None => String::new(),
+                },
             ),
         )
         .expect("write config");

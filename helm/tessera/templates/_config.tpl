@@ -57,6 +57,12 @@ signing_key_path = "/etc/tessera-keys/signing.key"
 [log]
 filter = {{ .Values.log.filter | quote }}
 format = {{ .Values.log.format | quote }}
+
+[telemetry]
+sample_ratio = {{ .Values.telemetry.sampleRatio | float64 }}
+{{- with .Values.telemetry.otlpEndpoint }}
+otlp_endpoint = {{ . | quote }}
+{{- end }}
 {{- range $section, $settings := .Values.extraConfig }}
 
 [{{ $section }}]

@@ -15,6 +15,12 @@ use tessera_proto::room_worker::{
     SubmitEventsRequest, SubmitEventsResponse,
 };
 use tessera_storage::Store;
+
+/// The interceptor that puts the caller's trace context into each call.
+type Injector = fn(tonic::Request<()>) -> Result<tonic::Request<()>, Status>;
+/// A room-worker client whose calls carry the caller's trace context.
+type TracedClient =
+    RoomWorkerClient<tonic::service::interceptor::InterceptedService<Channel, Injector>>;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
@@ -56,7 +62,7 @@ impl RoomRouter {
         room_id: &str,
         request: SubmitEventsRequest,
     ) -> Result<SubmitEventsResponse, RouteError> {
-        self.call(room_id, |mut client| {
+        self.call(room_id, "SubmitEvents", |mut client| {
             let request = request.clone();
             async move { client.submit_events(request).await }
         })
@@ -68,7 +74,7 @@ impl RoomRouter {
         room_id: &str,
         request: CreateRoomRequest,
     ) -> Result<CreateRoomResponse, RouteError> {
-        self.call(room_id, |mut client| {
+        self.call(room_id, "CreateRoom", |mut client| {
             let request = request.clone();
             async move { client.create_room(request).await }
         })
@@ -80,7 +86,7 @@ impl RoomRouter {
         room_id: &str,
         request: StagePdusRequest,
     ) -> Result<StagePdusResponse, RouteError> {
-        self.call(room_id, |mut client| {
+        self.call(room_id, "StagePdus", |mut client| {
             let request = request.clone();
             async move { client.stage_pdus(request).await }
         })
@@ -92,7 +98,7 @@ impl RoomRouter {
         room_id: &str,
         request: RemoteMembershipRequest,
     ) -> Result<RemoteMembershipResponse, RouteError> {
-        self.call(room_id, |mut client| {
+        self.call(room_id, "SubmitRemoteMembership", |mut client| {
             let request = request.clone();
             async move { client.submit_remote_membership(request).await }
         })
@@ -104,7 +110,7 @@ impl RoomRouter {
         room_id: &str,
         request: StoreInviteRequest,
     ) -> Result<StoreInviteResponse, RouteError> {
-        self.call(room_id, |mut client| {
+        self.call(room_id, "StoreInvite", |mut client| {
             let request = request.clone();
             async move { client.store_invite(request).await }
         })
@@ -130,9 +136,16 @@ impl RoomRouter {
         Ok(channel)
     }
 
-    async fn call<T, F, Fut>(&self, room_id: &str, f: F) -> Result<T, RouteError>
+    /// Call the partition's owner (`method` names the call in metrics),
+    /// following redirects and retrying unavailable owners within the budget.
+    async fn call<T, F, Fut>(
+        &self,
+        room_id: &str,
+        method: &'static str,
+        f: F,
+    ) -> Result<T, RouteError>
     where
-        F: Fn(RoomWorkerClient<Channel>) -> Fut,
+        F: Fn(TracedClient) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
         let partition = partition_of(room_id, self.partitions);
@@ -152,8 +165,22 @@ impl RoomRouter {
                 },
             };
             if let Some(addr) = addr {
-                let client = RoomWorkerClient::new(self.channel(&addr)?);
-                match tokio::time::timeout(self.attempt_timeout, f(client)).await {
+                let client = RoomWorkerClient::with_interceptor(
+                    self.channel(&addr)?,
+                    tessera_runtime::traces::inject_grpc as Injector,
+                );
+                let started = Instant::now();
+                let result = tokio::time::timeout(self.attempt_timeout, f(client)).await;
+                let code = match &result {
+                    Ok(Ok(_)) => "0".to_owned(),
+                    Ok(Err(status)) => (status.code() as i32).to_string(),
+                    Err(_) => "timeout".to_owned(),
+                };
+                metrics::counter!("tessera_grpc_client_requests_total", "method" => method, "code" => code)
+                    .increment(1);
+                metrics::histogram!("tessera_grpc_client_request_seconds", "method" => method)
+                    .record(started.elapsed().as_secs_f64());
+                match result {
                     Ok(Ok(response)) => return Ok(response.into_inner()),
                     Ok(Err(status)) => match status.code() {
                         Code::FailedPrecondition => {

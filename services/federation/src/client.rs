@@ -153,6 +153,9 @@ impl FederationClient {
                 .header(http::header::CONTENT_TYPE, "application/json")
                 .body(bytes);
         }
+        let mut trace_headers = http::HeaderMap::new();
+        tessera_runtime::traces::inject_headers(&mut trace_headers);
+        request = request.headers(trace_headers);
         let started = std::time::Instant::now();
         let response = request
             .send()

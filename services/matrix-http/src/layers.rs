@@ -4,6 +4,8 @@
 
 use std::time::Instant;
 
+use tracing::Instrument;
+
 use axum::extract::{MatchedPath, Request};
 use axum::http::{HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
@@ -34,7 +36,8 @@ pub async fn cors(request: Request, next: Next) -> Response {
 
 /// Count and time every request by endpoint (the route pattern), method and
 /// status: `tessera_http_server_requests_total` and
-/// `tessera_http_server_response_time_seconds`.
+/// `tessera_http_server_response_time_seconds`; and run it in a span that
+/// continues the caller's trace (`traceparent`), when traces are exported.
 pub async fn metrics(request: Request, next: Next) -> Response {
     let servlet = request
         .extensions()
@@ -42,10 +45,18 @@ pub async fn metrics(request: Request, next: Next) -> Response {
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| "unmatched".to_owned());
     let method = request.method().to_string();
+    let span = tracing::info_span!(
+        "http",
+        otel.name = %format!("{method} {servlet}"),
+        otel.kind = "server",
+        http.request.method = %method,
+        http.route = %servlet,
+    );
+    tessera_runtime::traces::set_parent_from_headers(&span, request.headers());
     let started = Instant::now();
     metrics::gauge!("tessera_http_server_in_flight_requests", "servlet" => servlet.clone())
         .increment(1.0);
-    let response = next.run(request).await;
+    let response = next.run(request).instrument(span).await;
     metrics::gauge!("tessera_http_server_in_flight_requests", "servlet" => servlet.clone())
         .decrement(1.0);
     let code = response.status().as_u16().to_string();

@@ -52,6 +52,13 @@ impl Publisher {
             return;
         }
         let key = self.keys.partition(partition);
+        // Readers measure their lag from the publish time, and continue the
+        // committing turn's trace from its traceparent.
+        let published_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or_default();
+        let traceparent = tessera_runtime::traces::current_traceparent();
         let mut pipe = redis::pipe();
         for entry in entries {
             let mut cmd = redis::cmd("XADD");
@@ -61,6 +68,10 @@ impl Publisher {
                 .arg(self.max_len)
                 .arg(format!("{}-0", entry.pos));
             crate::reader::write_entry_fields(entry, &mut cmd);
+            cmd.arg("ts").arg(published_ms);
+            if let Some(traceparent) = &traceparent {
+                cmd.arg("tp").arg(traceparent);
+            }
             pipe.add_command(cmd).ignore();
         }
         let mut conn = self.redis.clone();

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use redis::streams::StreamReadReply;
 use tessera_storage::Store;
 use tessera_storage::events::PartitionEntry;
+use tracing::Instrument;
 
 use crate::keys::StreamKeys;
 
@@ -53,6 +54,42 @@ fn parse_entry(pos: i64, map: &HashMap<String, redis::Value>) -> Option<EventEnt
         membership: get("m"),
         rejected: get("x").is_some(),
     })
+}
+
+/// The entries of one stream read, the first trace context among them, and
+/// the replication lag (publish to read) of each recorded in
+/// `tessera_replication_lag_seconds`.
+fn parse_stream(ids: &[redis::streams::StreamId]) -> (Vec<EventEntry>, Option<String>) {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default();
+    let mut traceparent = None;
+    let mut entries = Vec::with_capacity(ids.len());
+    for id in ids {
+        let field = |k: &str| {
+            id.map
+                .get(k)
+                .and_then(|v| redis::from_redis_value::<String>(v.clone()).ok())
+        };
+        if traceparent.is_none() {
+            traceparent = field("tp");
+        }
+        if let Some(published) = field("ts").and_then(|t| t.parse::<u64>().ok()) {
+            metrics::histogram!("tessera_replication_lag_seconds")
+                .record(now_ms.saturating_sub(published) as f64 / 1000.0);
+        }
+        if let Some(entry) = id
+            .id
+            .split('-')
+            .next()
+            .and_then(|pos| pos.parse().ok())
+            .and_then(|pos| parse_entry(pos, &id.map))
+        {
+            entries.push(entry);
+        }
+    }
+    (entries, traceparent)
 }
 
 /// Where a reader delivers events.
@@ -167,15 +204,23 @@ impl StreamReader {
                         let Some(partition) = self.partition_of_key(&stream.key) else {
                             continue;
                         };
-                        let entries: Vec<EventEntry> = stream
-                            .ids
-                            .iter()
-                            .filter_map(|id| {
-                                let pos = id.id.split('-').next()?.parse().ok()?;
-                                parse_entry(pos, &id.map)
-                            })
-                            .collect();
-                        if let Err(error) = self.deliver(partition, entries, &*sink).await {
+                        let (entries, traceparent) = parse_stream(&stream.ids);
+                        let span = tracing::info_span!(
+                            "replication.deliver",
+                            partition,
+                            entries = entries.len(),
+                        );
+                        if let Some(traceparent) = &traceparent {
+                            tessera_runtime::traces::set_parent_from_traceparent(
+                                &span,
+                                traceparent,
+                            );
+                        }
+                        if let Err(error) = self
+                            .deliver(partition, entries, &*sink)
+                            .instrument(span)
+                            .await
+                        {
                             tracing::warn!(partition, %error, "cannot fill a gap from Postgres; retrying");
                         }
                     }

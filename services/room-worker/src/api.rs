@@ -94,6 +94,7 @@ impl RoomWorkerApi {
                 work,
                 reply: Some(reply),
                 guard,
+                span: tracing::Span::current(),
             },
         );
         answer

@@ -24,6 +24,7 @@ use tessera_events::ruma::{OwnedRoomId, OwnedServerName, RoomId};
 use tessera_replication::Publisher;
 use tessera_storage::Store;
 use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument;
 
 use crate::process;
 
@@ -59,6 +60,8 @@ pub struct Job {
     pub reply: Option<oneshot::Sender<process::Answer>>,
     /// Held until the answer is sent, so a handoff waits for this job.
     pub guard: PartitionGuard,
+    /// The span of the request that asked for it: the turn continues its trace.
+    pub span: tracing::Span,
 }
 
 impl Job {
@@ -219,6 +222,7 @@ impl Engine {
                 work: process::Work::Staged,
                 reply: None,
                 guard,
+                span: tracing::Span::current(),
             },
         );
     }
@@ -380,7 +384,15 @@ impl Engine {
             let jobs = self.take_turn(&room_id);
             if !jobs.is_empty() {
                 let count = jobs.len();
-                process::run_turn(&self, &room_id, jobs).await;
+                let span = tracing::info_span!(
+                    parent: &jobs[0].span,
+                    "room_turn",
+                    room = %room_id,
+                    jobs = count,
+                );
+                process::run_turn(&self, &room_id, jobs)
+                    .instrument(span)
+                    .await;
                 metrics::gauge!("tessera_room_worker_queued_jobs").decrement(count as f64);
             }
             self.end_turn(room_id);

@@ -171,6 +171,7 @@ async fn run(started: Started) -> anyhow::Result<()> {
         let stop = server_stop.clone();
         tokio::spawn(async move {
             tonic::transport::Server::builder()
+                .layer(tessera_runtime::traces::GrpcServerLayer)
                 .add_service(RoomWorkerServer::new(service))
                 .serve_with_incoming_shutdown(
                     tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),

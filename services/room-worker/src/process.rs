@@ -11,6 +11,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
+use tracing::Instrument;
+
 use tessera_events::Pdu;
 use tessera_events::build::{BuildError, EventTemplate, build_create_event, v12_room_id};
 use tessera_events::room_state::{Applied, CreateError, RoomState};
@@ -112,7 +114,9 @@ fn refusal_for(error: &CreateError) -> Refusal {
 pub async fn run_turn(engine: &Engine, room_id: &RoomId, mut jobs: Vec<Job>) {
     let started = Instant::now();
     if jobs.len() == 1 && !matches!(jobs[0].work, Work::Submit(_)) {
-        let Job { work, reply, guard } = jobs.remove(0);
+        let Job {
+            work, reply, guard, ..
+        } = jobs.remove(0);
         let epoch = guard.epoch();
         let answer = match work {
             Work::Create(create) => Some(create_room(engine, room_id, *create, epoch).await),
@@ -202,10 +206,14 @@ async fn bulk_staged_turn(
     };
     let store = lane.store.clone();
     let room_id = room_id.to_owned();
+    let span = tracing::Span::current();
     lane.runtime
-        .spawn(async move {
-            crate::inbound::process_staged(&engine, &inbound, &store, &room_id, epoch).await
-        })
+        .spawn(
+            async move {
+                crate::inbound::process_staged(&engine, &inbound, &store, &room_id, epoch).await
+            }
+            .instrument(span),
+        )
         .await
         .unwrap_or_else(|error| {
             tracing::error!(%error, "a bulk turn panicked");

@@ -35,6 +35,7 @@ pub struct Config {
     pub gateway: GatewayConfig,
     pub admin: AdminConfig,
     pub log: LogConfig,
+    pub telemetry: TelemetryConfig,
 }
 
 impl Default for Config {
@@ -54,6 +55,7 @@ impl Default for Config {
             gateway: GatewayConfig::default(),
             admin: AdminConfig::default(),
             log: LogConfig::default(),
+            telemetry: TelemetryConfig::default(),
         }
     }
 }
@@ -363,6 +365,30 @@ impl Default for LogConfig {
     }
 }
 
+/// OpenTelemetry traces, exported over OTLP (gRPC) when an endpoint is set.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// The OTLP/gRPC collector, such as `http://otel-collector:4317`. Unset
+    /// (the default): no traces are recorded or exported.
+    pub otlp_endpoint: Option<String>,
+    /// The share of traces kept (0.0 to 1.0) for requests that arrive
+    /// without a sampling decision; a `traceparent` header's decision wins.
+    pub sample_ratio: f64,
+    /// How often finished spans are sent, in milliseconds.
+    pub export_interval_ms: u64,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: None,
+            sample_ratio: 1.0,
+            export_interval_ms: 5000,
+        }
+    }
+}
+
 /// Why a configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -432,6 +458,11 @@ impl Config {
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return Err(ConfigError::Semantic(
                 "log.format must be \"text\" or \"json\"".to_owned(),
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.telemetry.sample_ratio) {
+            return Err(ConfigError::Semantic(
+                "telemetry.sample_ratio must be between 0.0 and 1.0".to_owned(),
             ));
         }
         Ok(())

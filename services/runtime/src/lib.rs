@@ -10,6 +10,7 @@
 //! - [`shutdown`]: SIGTERM/SIGINT handling and a cancellation token that tasks watch.
 //! - [`start`]: the common start-up sequence a binary's `main` calls.
 //! - [`bulk`]: low-priority threads for CPU-heavy bulk work.
+//! - [`traces`]: OpenTelemetry export and trace context across HTTP, gRPC and Redis.
 
 pub mod admin;
 pub mod bulk;
@@ -17,6 +18,7 @@ pub mod config;
 pub mod shutdown;
 pub mod start;
 pub mod telemetry;
+pub mod traces;
 
 pub use config::Config;
 pub use shutdown::Shutdown;

@@ -71,14 +71,10 @@ where
             return ExitCode::FAILURE;
         }
     };
-    telemetry::init_tracing(&config.log);
     if args.check_config {
+        telemetry::init_tracing(&config.log);
         println!("{role}: the configuration is valid");
         return ExitCode::SUCCESS;
-    }
-    if args.migrate_only && role != "room-worker" {
-        tracing::error!(role, "--migrate-only is for tessera-room-worker");
-        return ExitCode::FAILURE;
     }
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -87,10 +83,29 @@ where
     {
         Ok(rt) => rt,
         Err(error) => {
+            telemetry::init_tracing(&config.log);
             tracing::error!(role, "cannot start the async runtime: {error}");
             return ExitCode::FAILURE;
         }
     };
+    // The OTLP exporter's connection lives on the runtime.
+    let exporter = {
+        let _entered = runtime.enter();
+        telemetry::init_tracing_with_traces(&config.log, &config.telemetry, role)
+    };
+    let exporter = match exporter {
+        Ok(exporter) => exporter,
+        Err(error) => {
+            telemetry::init_tracing(&config.log);
+            tracing::error!(role, "cannot start the trace exporter: {error:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if args.migrate_only && role != "room-worker" {
+        tracing::error!(role, "--migrate-only is for tessera-room-worker");
+        return ExitCode::FAILURE;
+    }
+
     let result = runtime.block_on(async move {
         let metrics = telemetry::install_metrics()?;
         let shutdown = Shutdown::new();
@@ -116,6 +131,9 @@ where
         })
         .await
     });
+    if let Some(exporter) = exporter {
+        runtime.block_on(crate::traces::shutdown(exporter));
+    }
     match result {
         Ok(()) => {
             tracing::info!(role, "stopped");

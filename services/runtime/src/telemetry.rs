@@ -8,18 +8,34 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::prelude::*;
 
-use crate::config::LogConfig;
+use crate::config::{LogConfig, TelemetryConfig};
 
 /// Install the global tracing subscriber. `RUST_LOG`, when set, wins over the
 /// configured filter. Safe to call twice (the second call is a no-op), which lets
 /// the start-up path install a default before the config is known.
 pub fn init_tracing(log: &LogConfig) {
+    let _ = init_tracing_with_traces(log, &TelemetryConfig::default(), "");
+}
+
+/// As [`init_tracing`], plus the OpenTelemetry exporter when
+/// `telemetry.otlp_endpoint` is set (call inside the tokio runtime then).
+/// Returns the exporter, to flush at exit.
+pub fn init_tracing_with_traces(
+    log: &LogConfig,
+    telemetry: &TelemetryConfig,
+    role: &str,
+) -> anyhow::Result<Option<crate::traces::Exporter>> {
     let filter = std::env::var("RUST_LOG")
         .ok()
         .and_then(|f| EnvFilter::try_new(f).ok())
         .or_else(|| EnvFilter::try_new(&log.filter).ok())
         .unwrap_or_else(|| EnvFilter::new("info"));
     let registry = tracing_subscriber::registry().with(filter);
+    let (traces, exporter) = match crate::traces::exporter_layer(telemetry, role)? {
+        Some((layer, exporter)) => (Some(layer), Some(exporter)),
+        None => (None, None),
+    };
+    let registry = registry.with(traces);
     let result = if log.format == "json" {
         registry
             .with(
@@ -40,6 +56,7 @@ pub fn init_tracing(log: &LogConfig) {
     if result.is_ok() {
         install_panic_hook();
     }
+    Ok(exporter)
 }
 
 /// Panics are bugs; make sure they reach the log with their location, not only

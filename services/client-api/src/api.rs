@@ -2,6 +2,7 @@
 //! Synapse-compatible admin endpoints operators script against.
 
 mod account_data;
+mod admin;
 mod aliases;
 mod create_room;
 mod membership;
@@ -53,6 +54,11 @@ pub fn router(state: AppState, admin: Option<Router>) -> Router {
         .route(
             "/_synapse/admin/v1/registration_tokens/{token}",
             axum::routing::delete(register::delete_token),
+        )
+        .route("/_synapse/admin/v2/users", get(admin::list_users))
+        .route(
+            "/_synapse/admin/v1/deactivate/{user_id}",
+            post(admin::deactivate),
         );
     let routes: Vec<(&str, MethodRouter<AppState>)> = vec![
         ("/login", get(session::login_flows).post(session::login)),

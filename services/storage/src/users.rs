@@ -17,6 +17,18 @@ pub struct UserRow {
     pub avatar_url: Option<String>,
 }
 
+/// A user as the admin API lists them.
+#[derive(Debug, Clone)]
+pub struct ListedUser {
+    pub user_id: String,
+    pub admin: bool,
+    pub deactivated: bool,
+    pub user_type: Option<String>,
+    pub displayname: Option<String>,
+    pub avatar_url: Option<String>,
+    pub created_ms: i64,
+}
+
 /// Who an access token belongs to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenOwner {
@@ -146,6 +158,64 @@ impl Store {
         )
         .await?;
         Ok(())
+    }
+
+    /// Users for the admin API: `limit` from `offset`, newest or oldest first,
+    /// deactivated ones only when asked; and how many there are in all.
+    pub async fn list_users(
+        &self,
+        offset: i64,
+        limit: i64,
+        newest_first: bool,
+        include_deactivated: bool,
+    ) -> Result<(Vec<ListedUser>, i64)> {
+        let order = if newest_first { "DESC" } else { "ASC" };
+        let sql = format!(
+            "SELECT user_id, admin, deactivated, user_type, displayname, avatar_url,
+                    (extract(epoch FROM created_at) * 1000)::bigint, count(*) OVER ()
+             FROM users WHERE $3 OR NOT deactivated
+             ORDER BY created_at {order}, user_id {order} OFFSET $1 LIMIT $2"
+        );
+        let rows = self
+            .query(&sql, &[&offset, &limit, &include_deactivated])
+            .await?;
+        let total = match rows.first() {
+            Some(row) => row.get(7),
+            None => self
+                .query_opt(
+                    "SELECT count(*) FROM users WHERE $1 OR NOT deactivated",
+                    &[&include_deactivated],
+                )
+                .await?
+                .map(|r| r.get(0))
+                .unwrap_or(0),
+        };
+        let users = rows
+            .iter()
+            .map(|r| ListedUser {
+                user_id: r.get(0),
+                admin: r.get(1),
+                deactivated: r.get(2),
+                user_type: r.get(3),
+                displayname: r.get(4),
+                avatar_url: r.get(5),
+                created_ms: r.get(6),
+            })
+            .collect();
+        Ok((users, total))
+    }
+
+    /// Deactivate an account: it can no longer log in, and every device and
+    /// access token goes. False when there is no such user.
+    pub async fn deactivate_user(&self, user_id: &str) -> Result<bool> {
+        let updated = self
+            .execute(
+                "UPDATE users SET deactivated = true WHERE user_id = $1",
+                &[&user_id],
+            )
+            .await?;
+        self.delete_all_devices(user_id).await?;
+        Ok(updated > 0)
     }
 
     /// `/logout/all`: every device and token of the user goes.

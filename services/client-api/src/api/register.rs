@@ -416,7 +416,7 @@ pub async fn admin_register(
 
 // --- Synapse-compatible registration token admin API ---
 
-fn require_admin(auth: &Authed) -> MatrixResult<()> {
+pub(crate) fn require_admin(auth: &Authed) -> MatrixResult<()> {
     if auth.admin {
         Ok(())
     } else {

@@ -230,23 +230,12 @@ impl RoomWorker for RoomWorkerApi {
                 "federation is not configured on this worker",
             ));
         };
-        let backlog = self
-            .engine
-            .staged_backlog(&room_id)
-            .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
-        if backlog >= inbound.max_staged_per_room {
-            metrics::counter!("tessera_federation_backpressure_total", "reason" => "room_backlog")
-                .increment(1);
-            let mut status =
-                Status::resource_exhausted(format!("room {room_id} has {backlog} PDUs waiting"));
-            status
-                .metadata_mut()
-                .insert("retry-after-ms", "2000".parse().expect("literal"));
-            return Err(status);
-        }
         let mut to_stage = request.pdus;
-        if backlog == 0 && to_stage.len() <= DIRECT_MAX_PDUS {
+        // A room with nothing staged (counted empty, or not counted since its
+        // last turn drained it) tries the direct path first, with no query.
+        if self.engine.known_backlog(&room_id).unwrap_or(0) == 0
+            && to_stage.len() <= DIRECT_MAX_PDUS
+        {
             let origin = tessera_events::ruma::OwnedServerName::try_from(request.origin.clone())
                 .map_err(|e| Status::invalid_argument(format!("origin: {e}")))?;
             let direct = crate::process::Direct {
@@ -274,6 +263,21 @@ impl RoomWorker for RoomWorkerApi {
             }
             // Whatever was not processed (or all of it, if that failed) is staged.
             guard = self.enter(&room_id).await?;
+        }
+        let backlog = self
+            .engine
+            .staged_backlog(&room_id)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        if backlog >= inbound.max_staged_per_room {
+            metrics::counter!("tessera_federation_backpressure_total", "reason" => "room_backlog")
+                .increment(1);
+            let mut status =
+                Status::resource_exhausted(format!("room {room_id} has {backlog} PDUs waiting"));
+            status
+                .metadata_mut()
+                .insert("retry-after-ms", "2000".parse().expect("literal"));
+            return Err(status);
         }
         let partition = guard.partition();
         let pdus: Vec<tessera_storage::federation::NewStagedPdu<'_>> = to_stage

@@ -306,6 +306,16 @@ impl Engine {
         groups.insert(id.to_owned(), state);
     }
 
+    /// The room's backlog if this worker has counted it (none once a turn
+    /// drained it, until it is counted again).
+    pub fn known_backlog(&self, room_id: &RoomId) -> Option<i64> {
+        self.backlogs
+            .lock()
+            .expect("backlogs lock")
+            .get(room_id)
+            .copied()
+    }
+
     /// PDUs staged for the room and not processed yet.
     pub async fn staged_backlog(
         &self,

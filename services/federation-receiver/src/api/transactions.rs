@@ -240,10 +240,19 @@ pub async fn send(
     }
 
     let response = json!({ "pdus": results });
-    state
-        .store
-        .store_federation_txn(origin.as_str(), &txn, &response)
-        .await?;
+    // The record only lets a repeated transaction be answered without being
+    // processed again; processing it again would change nothing (its PDUs
+    // are known by then), so the answer does not wait for the record's
+    // commit, which under load is a WAL flush behind everyone else's.
+    let (store, origin_name, record) = (state.store.clone(), origin.to_string(), response.clone());
+    tokio::spawn(async move {
+        if let Err(error) = store
+            .store_federation_txn(&origin_name, &txn, &record)
+            .await
+        {
+            tracing::warn!(origin = %origin_name, %error, "cannot record a transaction's answer");
+        }
+    });
     metrics::counter!("tessera_federation_server_transactions_total", "result" => "ok")
         .increment(1);
     Ok(Json(response))

@@ -60,9 +60,9 @@ pub async fn metrics(request: Request, next: Next) -> Response {
     metrics::gauge!("tessera_http_server_in_flight_requests", "servlet" => servlet.clone())
         .decrement(1.0);
     let code = response.status().as_u16().to_string();
-    metrics::counter!("tessera_http_server_requests_total", "servlet" => servlet.clone(), "method" => method.clone(), "code" => code)
+    metrics::counter!("tessera_http_server_requests_total", "servlet" => servlet.clone(), "method" => method.clone(), "code" => code.clone())
         .increment(1);
-    metrics::histogram!("tessera_http_server_response_time_seconds", "servlet" => servlet, "method" => method)
+    metrics::histogram!("tessera_http_server_response_time_seconds", "servlet" => servlet, "method" => method, "code" => code)
         .record(started.elapsed().as_secs_f64());
     response
 }

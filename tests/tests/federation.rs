@@ -481,6 +481,24 @@ async fn events_the_current_state_forbids_are_soft_failed() {
         assert_eq!(status, 404, "/{endpoint}: {body}");
         assert_eq!(body["errcode"], "M_NOT_FOUND");
     }
+    // Sent again in another transaction (its parents are still the room's
+    // head, as nothing was built on it), it is accepted and stored once.
+    assert_eq!(
+        remote
+            .send("after-ban-again", &[json_of(&message)], &[])
+            .await,
+        (200, json!({ "pdus": { message.event_id().as_str(): {} } }))
+    );
+    let copies: i64 = db(&cluster)
+        .await
+        .query_one(
+            "SELECT count(*) FROM events WHERE event_id = $1",
+            &[&message.event_id().as_str()],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(copies, 1);
 }
 
 /// A request to our federation API with a hand-made Authorization header.

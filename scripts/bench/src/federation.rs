@@ -67,6 +67,9 @@ struct Args {
     /// Milliseconds between two quiet messages (round-robin over the quiet rooms).
     #[arg(long, default_value_t = 50)]
     quiet_interval_ms: u64,
+    /// The Tessera cluster's `federation.staged_batch` (default: the shipped one).
+    #[arg(long, default_value_t = tessera_runtime::config::FederationConfig::default().staged_batch)]
+    staged_batch: i64,
 }
 
 /// Where events showed up in the local user's /sync.
@@ -103,6 +106,7 @@ async fn target(args: &Args) -> anyhow::Result<Target> {
                 max_staged_per_room: 100_000,
                 origin_pdus_per_second: args.origin_rate,
                 origin_pdu_burst: args.origin_burst,
+                staged_batch: args.staged_batch,
                 ..FederationSpec::default()
             }),
             ..Spec::default()

@@ -135,6 +135,22 @@ fn template(
     ))
 }
 
+fn room_id_from_request(room_id: &str) -> Result<OwnedRoomId, Status> {
+    RoomId::parse(room_id).map_err(|e| Status::invalid_argument(format!("room_id: {e}")))
+}
+
+/// A PDU handed over as canonical JSON (checked by the caller already).
+fn pdu_from_request(
+    event_json: &str,
+    rules: &tessera_events::ruma::room_version_rules::RoomVersionRules,
+    room_id: &RoomId,
+) -> Result<tessera_events::Pdu, Status> {
+    let object: tessera_events::ruma::CanonicalJsonObject = serde_json::from_str(event_json)
+        .map_err(|e| Status::invalid_argument(format!("event_json: {e}")))?;
+    tessera_events::Pdu::from_json(object, rules, Some(room_id))
+        .map_err(|e| Status::invalid_argument(format!("event_json: {e}")))
+}
+
 fn refusal(r: Refusal) -> ProtoRefusal {
     ProtoRefusal {
         errcode: r.errcode.to_owned(),
@@ -149,8 +165,7 @@ impl RoomWorker for RoomWorkerApi {
         request: Request<SubmitEventsRequest>,
     ) -> Result<Response<SubmitEventsResponse>, Status> {
         let request = request.into_inner();
-        let room_id = RoomId::parse(request.room_id.as_str())
-            .map_err(|e| Status::invalid_argument(format!("room_id: {e}")))?;
+        let room_id = room_id_from_request(&request.room_id)?;
         let requests = request
             .events
             .into_iter()
@@ -182,8 +197,7 @@ impl RoomWorker for RoomWorkerApi {
         request: Request<CreateRoomRequest>,
     ) -> Result<Response<CreateRoomResponse>, Status> {
         let request = request.into_inner();
-        let room_id = RoomId::parse(request.room_id.as_str())
-            .map_err(|e| Status::invalid_argument(format!("room_id: {e}")))?;
+        let room_id = room_id_from_request(&request.room_id)?;
         let version = RoomVersionId::try_from(request.room_version.as_str())
             .map_err(|e| Status::invalid_argument(format!("room_version: {e}")))?;
         let create = template(
@@ -222,8 +236,7 @@ impl RoomWorker for RoomWorkerApi {
         request: Request<StagePdusRequest>,
     ) -> Result<Response<StagePdusResponse>, Status> {
         let request = request.into_inner();
-        let room_id = RoomId::parse(request.room_id.as_str())
-            .map_err(|e| Status::invalid_argument(format!("room_id: {e}")))?;
+        let room_id = room_id_from_request(&request.room_id)?;
         let mut guard = self.enter(&room_id).await?;
         let Some(inbound) = self.engine.inbound() else {
             return Err(Status::unavailable(
@@ -317,8 +330,7 @@ impl RoomWorker for RoomWorkerApi {
         request: Request<RemoteMembershipRequest>,
     ) -> Result<Response<RemoteMembershipResponse>, Status> {
         let request = request.into_inner();
-        let room_id = RoomId::parse(request.room_id.as_str())
-            .map_err(|e| Status::invalid_argument(format!("room_id: {e}")))?;
+        let room_id = room_id_from_request(&request.room_id)?;
         let origin = tessera_events::ruma::OwnedServerName::try_from(request.origin.clone())
             .map_err(|e| Status::invalid_argument(format!("origin: {e}")))?;
         let room = self
@@ -331,11 +343,7 @@ impl RoomWorker for RoomWorkerApi {
             .ok()
             .and_then(|v| v.rules())
             .ok_or_else(|| Status::internal("unsupported room version"))?;
-        let object: tessera_events::ruma::CanonicalJsonObject =
-            serde_json::from_str(&request.event_json)
-                .map_err(|e| Status::invalid_argument(format!("event_json: {e}")))?;
-        let pdu = tessera_events::Pdu::from_json(object, &rules, Some(&room_id))
-            .map_err(|e| Status::invalid_argument(format!("event_json: {e}")))?;
+        let pdu = pdu_from_request(&request.event_json, &rules, &room_id)?;
         let guard = self.enter(&room_id).await?;
         let work =
             Work::RemoteMembership(Box::new(crate::process::RemoteMembership { origin, pdu }));
@@ -366,18 +374,13 @@ impl RoomWorker for RoomWorkerApi {
         request: Request<StoreInviteRequest>,
     ) -> Result<Response<StoreInviteResponse>, Status> {
         let request = request.into_inner();
-        let room_id = RoomId::parse(request.room_id.as_str())
-            .map_err(|e| Status::invalid_argument(format!("room_id: {e}")))?;
+        let room_id = room_id_from_request(&request.room_id)?;
         let room_version = RoomVersionId::try_from(request.room_version.as_str())
             .map_err(|e| Status::invalid_argument(format!("room_version: {e}")))?;
         let rules = room_version
             .rules()
             .ok_or_else(|| Status::invalid_argument("unsupported room version"))?;
-        let object: tessera_events::ruma::CanonicalJsonObject =
-            serde_json::from_str(&request.event_json)
-                .map_err(|e| Status::invalid_argument(format!("event_json: {e}")))?;
-        let pdu = tessera_events::Pdu::from_json(object, &rules, Some(&room_id))
-            .map_err(|e| Status::invalid_argument(format!("event_json: {e}")))?;
+        let pdu = pdu_from_request(&request.event_json, &rules, &room_id)?;
         if !serde_json::from_str::<serde_json::Value>(&request.stripped_state_json)
             .is_ok_and(|v| v.is_array())
         {

@@ -102,6 +102,20 @@ struct Turn<'e> {
     outlier_ids: HashSet<OwnedEventId>,
 }
 
+/// The events some PDUs cite (prev and auth events) and the PDUs' own IDs:
+/// what a turn loads before processing them.
+fn cited_and_own<'a>(pdus: impl IntoIterator<Item = &'a Pdu>) -> Vec<OwnedEventId> {
+    pdus.into_iter()
+        .flat_map(|p| {
+            p.prev_events()
+                .iter()
+                .chain(p.auth_events())
+                .cloned()
+                .chain([p.event_id().to_owned()])
+        })
+        .collect()
+}
+
 fn canonical(pdu: &Pdu) -> String {
     pdu.canonical_string()
 }
@@ -158,6 +172,15 @@ impl<'e> Turn<'e> {
             outliers: Vec::new(),
             outlier_ids: HashSet::new(),
         }))
+    }
+
+    /// Whether every prev event of `pdu` is in this turn's timeline and
+    /// every auth event among its known events (nothing to wait for or fetch).
+    fn cites_only_known(&self, pdu: &Pdu) -> bool {
+        pdu.prev_events()
+            .iter()
+            .all(|e| self.timeline.contains_key(e))
+            && pdu.auth_events().iter().all(|e| self.pdus.contains_key(e))
     }
 
     /// Load events we have stored (timeline or outliers) that this turn has not seen.
@@ -803,15 +826,7 @@ impl<'e> Turn<'e> {
             .iter()
             .zip(&positions)
             .zip(hidden)
-            .map(|((e, pos), hidden)| EventEntry {
-                pos: *pos,
-                room_id: batch.room_id.clone(),
-                event_id: e.event_id.clone(),
-                kind: e.kind.clone(),
-                state_key: e.state_key.clone(),
-                membership: e.membership.clone(),
-                rejected: hidden,
-            })
+            .map(|((e, pos), hidden)| e.entry(&batch.room_id, *pos, hidden))
             .collect();
         metrics::counter!("tessera_room_worker_persisted_events_total")
             .increment(entries.len() as u64);
@@ -913,17 +928,8 @@ async fn staged_turn(
             }
         }
     }
-    let wanted: Vec<OwnedEventId> = parsed
-        .iter()
-        .flat_map(|(_, p)| {
-            p.prev_events()
-                .iter()
-                .chain(p.auth_events())
-                .cloned()
-                .chain([p.event_id().to_owned()])
-        })
-        .collect();
-    turn.load(wanted).await?;
+    turn.load(cited_and_own(parsed.iter().map(|(_, p)| &**p)))
+        .await?;
     parsed.sort_by_key(|(row, pdu)| (pdu.depth(), row.id));
     let in_batch: HashSet<OwnedEventId> = parsed
         .iter()
@@ -1101,24 +1107,9 @@ pub async fn process_direct(
     // state, all in memory: then nothing is read. A repeat of a stored event
     // is then caught by the commit's unique key, and the caller stages the
     // PDUs instead, which skips known events.
-    let all_in_memory = parsed.iter().all(|(_, p)| {
-        p.prev_events()
-            .iter()
-            .all(|e| turn.timeline.contains_key(e))
-            && p.auth_events().iter().all(|e| turn.pdus.contains_key(e))
-    });
-    if !all_in_memory {
-        let cited: Vec<OwnedEventId> = parsed
-            .iter()
-            .flat_map(|(_, p)| {
-                p.prev_events()
-                    .iter()
-                    .chain(p.auth_events())
-                    .cloned()
-                    .chain([p.event_id().to_owned()])
-            })
-            .collect();
-        turn.load(cited).await?;
+    if !parsed.iter().all(|(_, p)| turn.cites_only_known(p)) {
+        turn.load(cited_and_own(parsed.iter().map(|(_, p)| &**p)))
+            .await?;
     }
     parsed.sort_by_key(|(i, pdu)| (pdu.depth(), *i));
     let mut processed = 0;
@@ -1126,12 +1117,7 @@ pub async fn process_direct(
         if turn.timeline.contains_key(pdu.event_id()) {
             continue;
         }
-        let cited_known = pdu
-            .prev_events()
-            .iter()
-            .all(|p| turn.timeline.contains_key(p))
-            && pdu.auth_events().iter().all(|a| turn.pdus.contains_key(a));
-        if !cited_known {
+        if !turn.cites_only_known(&pdu) {
             left.push(i);
             continue;
         }
@@ -1177,15 +1163,9 @@ pub async fn process_membership(
         return Err(refuse("M_NOT_FOUND", format!("unknown room {room_id}")));
     };
     let pdu = Arc::new(pdu);
-    turn.load(
-        pdu.prev_events()
-            .iter()
-            .chain(pdu.auth_events())
-            .cloned()
-            .chain([pdu.event_id().to_owned()]),
-    )
-    .await
-    .map_err(unavailable)?;
+    turn.load(cited_and_own([&*pdu]))
+        .await
+        .map_err(unavailable)?;
     if turn.timeline.contains_key(pdu.event_id()) {
         return Err(refuse(
             "M_FORBIDDEN",

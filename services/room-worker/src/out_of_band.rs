@@ -13,7 +13,6 @@ use tessera_events::Pdu;
 use tessera_events::build::{EventTemplate, Placement, build_event};
 use tessera_events::ruma::events::StateEventType;
 use tessera_events::ruma::{RoomId, RoomVersionId};
-use tessera_replication::EventEntry;
 use tessera_storage::StoreError;
 use tessera_storage::persist::{Batch, EventToPersist, OutOfBand, StateChange};
 
@@ -153,9 +152,9 @@ async fn persist(
         json: pdu.canonical_string(),
         state_changes: vec![StateChange {
             kind: pdu.kind().to_string(),
-            state_key: state_key.clone(),
+            state_key,
             event_id: Some(pdu.event_id().to_string()),
-            membership: membership.clone(),
+            membership,
         }],
         origin: Some(pdu.sender().server_name().to_string()),
         ..EventToPersist::default()
@@ -163,15 +162,7 @@ async fn persist(
     batch.out_of_band = Some(out_of_band);
     let _order = engine.partition_lock(partition).lock().await;
     let positions = engine.store.persist(&batch).await?;
-    let entries = [EventEntry {
-        pos: positions[0],
-        room_id: room_id.to_string(),
-        event_id: pdu.event_id().to_string(),
-        kind: pdu.kind().to_string(),
-        state_key: Some(state_key),
-        membership,
-        rejected: false,
-    }];
+    let entries = [batch.events[0].entry(room_id.as_str(), positions[0], false)];
     engine.publisher.publish(partition, &entries).await;
     Ok(())
 }

@@ -492,18 +492,11 @@ async fn commit(
     };
     let _order = engine.partition_lock(partition).lock().await;
     let positions = engine.store.persist(&batch).await?;
-    let entries: Vec<EventEntry> = accepted
+    let entries: Vec<EventEntry> = batch
+        .events
         .iter()
         .zip(&positions)
-        .map(|(a, pos)| EventEntry {
-            pos: *pos,
-            room_id: room.room_id().to_string(),
-            event_id: a.pdu.event_id().to_string(),
-            kind: a.pdu.kind().to_string(),
-            state_key: a.pdu.state_key().map(str::to_owned),
-            membership: a.pdu.membership(),
-            rejected: false,
-        })
+        .map(|(e, pos)| e.entry(&batch.room_id, *pos, false))
         .collect();
     metrics::counter!("tessera_room_worker_persisted_events_total").increment(entries.len() as u64);
     engine.publisher.publish(partition, &entries).await;

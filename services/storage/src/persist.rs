@@ -61,6 +61,22 @@ pub struct EventToPersist {
     pub origin: Option<String>,
 }
 
+impl EventToPersist {
+    /// What replication carries about this event once persisted at `pos`;
+    /// `hidden` for events clients never see (rejected or soft-failed).
+    pub fn entry(&self, room_id: &str, pos: i64, hidden: bool) -> crate::events::PartitionEntry {
+        crate::events::PartitionEntry {
+            pos,
+            room_id: room_id.to_owned(),
+            event_id: self.event_id.clone(),
+            kind: self.kind.clone(),
+            state_key: self.state_key.clone(),
+            membership: self.membership.clone(),
+            rejected: hidden,
+        }
+    }
+}
+
 /// A new state group: its parent (None for a full snapshot) and the slots
 /// that differ from it (`None` event: slot removed).
 #[derive(Debug, Clone)]

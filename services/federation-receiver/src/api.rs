@@ -122,3 +122,37 @@ pub async fn room_for(
     }
     Ok(version)
 }
+
+/// An event sent whole in a request about `event` (send_join and friends,
+/// invites): format, signatures and content hash checked (a bad signature
+/// is `M_FORBIDDEN`; a bad hash gives the redacted event), and its ID must
+/// be the path's.
+pub async fn checked_event(
+    state: &AppState,
+    object: tessera_events::ruma::CanonicalJsonObject,
+    rules: &tessera_events::ruma::room_version_rules::RoomVersionRules,
+    room_id: &tessera_events::ruma::RoomId,
+    event: &str,
+) -> Result<tessera_federation::pdu::Checked, MatrixError> {
+    let checked = tessera_federation::pdu::check(&state.keyring, object, rules, Some(room_id))
+        .await
+        .map_err(|e| MatrixError::forbidden(e.to_string()))?;
+    if checked.pdu.event_id().as_str() != event {
+        return Err(MatrixError::bad_json(format!(
+            "the event's ID is {}, not {event}",
+            checked.pdu.event_id()
+        )));
+    }
+    Ok(checked)
+}
+
+/// An event reduced to the stripped state the spec shows with invites and
+/// knocks: type, state key, sender and content.
+pub fn stripped_event(event: &serde_json::Value) -> serde_json::Value {
+    serde_json::json!({
+        "type": event["type"],
+        "state_key": event["state_key"],
+        "sender": event["sender"],
+        "content": event["content"],
+    })
+}

@@ -42,6 +42,16 @@ impl MatrixError {
     pub fn bad_json(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "M_BAD_JSON", message)
     }
+    /// The server-server API's answer for a room version a server lacks,
+    /// naming the version in `room_version`.
+    pub fn incompatible_room_version(version: &str, message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "M_INCOMPATIBLE_ROOM_VERSION",
+            message,
+        )
+        .with("room_version", Value::String(version.to_owned()))
+    }
     pub fn not_json(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "M_NOT_JSON", message)
     }

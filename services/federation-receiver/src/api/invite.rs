@@ -32,33 +32,23 @@ pub async fn invite(
         .ok()
         .and_then(|v| v.rules().map(|rules| (v, rules)));
     let Some((version, rules)) = rules else {
-        return Err(MatrixError::new(
-            axum::http::StatusCode::BAD_REQUEST,
-            "M_INCOMPATIBLE_ROOM_VERSION",
+        return Err(MatrixError::incompatible_room_version(
+            version_name,
             format!("this server does not support room version {version_name}"),
-        )
-        .with("room_version", json!(version_name)));
+        ));
     };
     let Some(event_value) = body.get("event").filter(|e| e.is_object()) else {
         return Err(MatrixError::bad_json("event must be an object"));
     };
     let object: CanonicalJsonObject = serde_json::from_value(event_value.clone())
         .map_err(|e| tessera_matrix_http::extract::json_error(&e))?;
-    let checked = tessera_federation::pdu::check(&state.keyring, object, &rules, Some(&room_id))
-        .await
-        .map_err(|e| MatrixError::forbidden(e.to_string()))?;
+    let checked = super::checked_event(&state, object, &rules, &room_id, &event).await?;
     if checked.redacted {
         return Err(MatrixError::bad_json(
             "the invite's content hash does not match its content",
         ));
     }
     let pdu = checked.pdu;
-    if pdu.event_id().as_str() != event {
-        return Err(MatrixError::bad_json(format!(
-            "the event's ID is {}, not {event}",
-            pdu.event_id()
-        )));
-    }
     check_invite(&state, &pdu, &room_id, origin).await?;
 
     // A room we host: its ACL applies, and the invite reaches it through
@@ -165,13 +155,6 @@ fn stripped_state(given: Option<&Value>) -> Vec<Value> {
         .flatten()
         .filter(|e| e["type"].is_string() && e["state_key"].is_string() && e["content"].is_object())
         .take(MAX_STRIPPED_STATE)
-        .map(|e| {
-            json!({
-                "type": e["type"],
-                "state_key": e["state_key"],
-                "sender": e["sender"],
-                "content": e["content"],
-            })
-        })
+        .map(super::stripped_event)
         .collect()
 }

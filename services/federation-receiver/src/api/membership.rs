@@ -47,12 +47,10 @@ async fn make(
         ));
     }
     if membership == "join" && !versions(query).iter().any(|v| v == version.as_str()) {
-        return Err(MatrixError::new(
-            axum::http::StatusCode::BAD_REQUEST,
-            "M_INCOMPATIBLE_ROOM_VERSION",
+        return Err(MatrixError::incompatible_room_version(
+            version.as_str(),
             format!("the room is version {version}, which the requesting server does not support"),
-        )
-        .with("room_version", json!(version.as_str())));
+        ));
     }
     let room_id = RoomId::parse(room).map_err(|e| MatrixError::invalid_param(e.to_string()))?;
     let row = state
@@ -199,16 +197,9 @@ async fn submit(
     let object: CanonicalJsonObject = serde_json::from_slice(&signed.body)
         .map_err(|e| tessera_matrix_http::extract::json_error(&e))?;
     let room_id = RoomId::parse(room).map_err(|e| MatrixError::invalid_param(e.to_string()))?;
-    let checked = tessera_federation::pdu::check(&state.keyring, object, &rules, Some(&room_id))
-        .await
-        .map_err(|e| MatrixError::forbidden(e.to_string()))?;
-    let pdu = checked.pdu;
-    if pdu.event_id().as_str() != event {
-        return Err(MatrixError::bad_json(format!(
-            "the event's ID is {}, not {event}",
-            pdu.event_id()
-        )));
-    }
+    let pdu = super::checked_event(state, object, &rules, &room_id, event)
+        .await?
+        .pdu;
     if pdu.kind().to_string() != "m.room.member"
         || pdu.state_key() != Some(pdu.sender().as_str())
         || pdu.membership().as_deref() != Some(membership)
@@ -384,8 +375,12 @@ pub async fn send_knock(
     ];
     let stripped: Vec<Value> = parse_all(&accepted.state)
         .into_iter()
-        .filter(|e| e.get("type").and_then(Value::as_str).is_some_and(|t| STRIPPED.contains(&t)))
-        .map(|e| json!({ "type": e["type"], "state_key": e["state_key"], "sender": e["sender"], "content": e["content"] }))
+        .filter(|e| {
+            e.get("type")
+                .and_then(Value::as_str)
+                .is_some_and(|t| STRIPPED.contains(&t))
+        })
+        .map(|e| super::stripped_event(&e))
         .collect();
     Ok(Json(json!({ "knock_room_state": stripped })))
 }

@@ -24,10 +24,7 @@ pub use keys::KeyRing;
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    tessera_runtime::now_ms()
 }
 
 /// Install the TLS crypto provider (ring) once per process; reqwest and the

@@ -15,10 +15,7 @@ pub struct Viewer<'a> {
 }
 
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    tessera_runtime::now_ms()
 }
 
 /// Render one stored event; `None` (and a log line) if it does not parse.

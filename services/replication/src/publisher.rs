@@ -54,10 +54,7 @@ impl Publisher {
         let key = self.keys.partition(partition);
         // Readers measure their lag from the publish time, and continue the
         // committing turn's trace from its traceparent.
-        let published_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or_default();
+        let published_ms = tessera_runtime::now_ms();
         let traceparent = tessera_runtime::traces::current_traceparent();
         let mut pipe = redis::pipe();
         for entry in entries {

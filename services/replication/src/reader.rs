@@ -60,10 +60,7 @@ fn parse_entry(pos: i64, map: &HashMap<String, redis::Value>) -> Option<EventEnt
 /// the replication lag (publish to read) of each recorded in
 /// `tessera_replication_lag_seconds`.
 fn parse_stream(ids: &[redis::streams::StreamId]) -> (Vec<EventEntry>, Option<String>) {
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or_default();
+    let now_ms = tessera_runtime::now_ms();
     let mut traceparent = None;
     let mut entries = Vec::with_capacity(ids.len());
     for id in ids {

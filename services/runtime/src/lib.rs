@@ -23,6 +23,14 @@ pub mod traces;
 pub use config::Config;
 pub use shutdown::Shutdown;
 
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 /// A listener whose connections send small writes at once (`TCP_NODELAY`):
 /// request/response traffic on loopback otherwise waits on delayed ACKs.
 pub fn nodelay(

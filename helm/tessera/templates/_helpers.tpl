@@ -32,6 +32,23 @@ app.kubernetes.io/instance: {{ .root.Release.Name }}
 app.kubernetes.io/component: {{ .role }}
 {{- end }}
 
+{{/*
+The roles this release runs, as a JSON list: name, binary, the values key of
+their settings, and whether they serve HTTP (and so may autoscale). The
+federation-receiver only with federation.enabled.
+*/}}
+{{- define "tessera.roles" -}}
+{{- $roles := list
+  (dict "name" "room-worker" "binary" "tessera-room-worker" "key" "roomWorker" "http" false)
+  (dict "name" "client-api" "binary" "tessera-client-api" "key" "clientApi" "http" true)
+  (dict "name" "sync-worker" "binary" "tessera-sync-worker" "key" "syncWorker" "http" true)
+}}
+{{- if .Values.federation.enabled }}
+{{- $roles = append $roles (dict "name" "federation-receiver" "binary" "tessera-federation-receiver" "key" "federationReceiver" "http" true) }}
+{{- end }}
+{{- toJson $roles }}
+{{- end }}
+
 {{- define "tessera.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create }}
 {{- default (include "tessera.fullname" .) .Values.serviceAccount.name }}

@@ -186,10 +186,36 @@ impl Api {
         value
     }
 
+    /// The bodies of a room's messages, oldest first (forward `/messages`
+    /// from the start, up to 1,000 events).
+    pub async fn message_bodies(&self, user: &TestUser, room: &str) -> Vec<String> {
+        let history = self
+            .ok(
+                Method::GET,
+                &format!(
+                    "/_matrix/client/v3/rooms/{}/messages?dir=f&limit=1000",
+                    enc(room)
+                ),
+                user,
+                None,
+            )
+            .await;
+        bodies(history["chunk"].as_array().expect("chunk"))
+    }
+
     pub async fn sync(&self, user: &TestUser, since: Option<&str>, timeout_ms: u64) -> Value {
         self.sync_at(&self.sync_base.clone(), user, since, timeout_ms)
             .await
     }
+}
+
+/// The bodies of the `m.room.message` events among `events`, in order.
+pub fn bodies(events: &[Value]) -> Vec<String> {
+    events
+        .iter()
+        .filter(|e| e["type"] == "m.room.message")
+        .map(|e| e["content"]["body"].as_str().unwrap_or_default().to_owned())
+        .collect()
 }
 
 /// Percent-encode a path segment (room IDs and aliases carry `!`, `#`, `:`).

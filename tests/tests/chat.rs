@@ -3,16 +3,8 @@
 
 use reqwest::Method;
 use serde_json::{Value, json};
-use tessera_tests::client::{enc, timeline};
+use tessera_tests::client::{bodies, enc, timeline};
 use tessera_tests::{Spec, TestCluster};
-
-fn bodies(events: &[Value]) -> Vec<String> {
-    events
-        .iter()
-        .filter(|e| e["type"] == "m.room.message")
-        .map(|e| e["content"]["body"].as_str().unwrap_or_default().to_owned())
-        .collect()
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn two_users_chat_and_page_back() {
@@ -128,18 +120,7 @@ async fn two_users_chat_and_page_back() {
         "paging reaches the create event"
     );
     // Forward pagination from the start sees everything in order.
-    let forward = api
-        .ok(
-            Method::GET,
-            &format!(
-                "/_matrix/client/v3/rooms/{}/messages?dir=f&limit=100",
-                enc(&room)
-            ),
-            &bob,
-            None,
-        )
-        .await;
-    assert_eq!(bodies(forward["chunk"].as_array().unwrap()), sent);
+    assert_eq!(api.message_bodies(&bob, &room).await, sent);
 
     // The next incremental sync is empty and waits; a new message wakes it.
     let next = sync["next_batch"].as_str().unwrap().to_owned();

@@ -204,24 +204,7 @@ async fn room_workers_scale_1_3_1_under_load_without_losing_duplicating_or_reord
             .filter(|(a, b)| **a != *b)
             .count();
         // The room's stored history agrees with what /sync delivered.
-        let history = api
-            .ok(
-                Method::GET,
-                &format!(
-                    "/_matrix/client/v3/rooms/{}/messages?dir=f&limit=1000",
-                    enc(room)
-                ),
-                &alice,
-                None,
-            )
-            .await;
-        let bodies: Vec<String> = history["chunk"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|e| e["type"] == "m.room.message")
-            .map(|e| e["content"]["body"].as_str().unwrap().to_owned())
-            .collect();
+        let bodies = api.message_bodies(&alice, room).await;
         let sent_bodies: Vec<String> = sent.iter().map(|(_, b)| b.clone()).collect();
         assert_eq!(bodies, sent_bodies, "history of {room}");
     }

@@ -89,24 +89,7 @@ async fn workers_join_and_leave_at_runtime_without_losing_messages() {
 
     // Every message is there exactly once, in order, in its room.
     for (r, room) in rooms.iter().enumerate() {
-        let history = api
-            .ok(
-                Method::GET,
-                &format!(
-                    "/_matrix/client/v3/rooms/{}/messages?dir=f&limit=100",
-                    enc(room)
-                ),
-                &alice,
-                None,
-            )
-            .await;
-        let got: Vec<String> = history["chunk"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|e| e["type"] == "m.room.message")
-            .map(|e| e["content"]["body"].as_str().unwrap().to_owned())
-            .collect();
+        let got = api.message_bodies(&alice, room).await;
         let want: Vec<String> = (0..90)
             .filter(|i| i % rooms.len() == r)
             .map(|i| format!("m{i}"))

@@ -74,6 +74,50 @@ pub struct OpenOptions<'a> {
     pub partitions: u32,
 }
 
+/// Makes a pool's connections on the runtime that opened the pool, and
+/// drives them there, whichever task asks the pool for one more.
+///
+/// Why: a connection's socket is registered with the reactor of the runtime
+/// it was made on, and its driver task runs there. A pool opened on a
+/// process's main runtime but grown from a task of its low-priority bulk
+/// runtime (see `tessera_runtime::bulk`) would hand quiet requests a
+/// connection whose every reply waits for a busy, low-priority thread: under
+/// a flood that turned a one-row lookup into tens of milliseconds.
+struct HomeRuntimeConnect(tokio::runtime::Handle);
+
+impl deadpool_postgres::Connect for HomeRuntimeConnect {
+    fn connect(
+        &self,
+        pg_config: &tokio_postgres::Config,
+    ) -> futures::future::BoxFuture<
+        '_,
+        std::result::Result<
+            (tokio_postgres::Client, tokio::task::JoinHandle<()>),
+            tokio_postgres::Error,
+        >,
+    > {
+        let (home, pg_config) = (self.0.clone(), pg_config.clone());
+        Box::pin(async move {
+            let driver_home = home.clone();
+            let connecting = home.spawn(async move {
+                let (client, connection) = pg_config.connect(tokio_postgres::NoTls).await?;
+                let driver = driver_home.spawn(async move {
+                    if let Err(error) = connection.await {
+                        tracing::warn!(%error, "database connection closed");
+                    }
+                });
+                Ok((client, driver))
+            });
+            match connecting.await {
+                Ok(connected) => connected,
+                Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+                // The home runtime is shutting down, and the process with it.
+                Err(_) => std::future::pending().await,
+            }
+        })
+    }
+}
+
 /// The connection pool and every query, grouped by module as `impl Store` blocks.
 #[derive(Clone)]
 pub struct Store {
@@ -95,12 +139,19 @@ impl Store {
             config.get_options().unwrap_or_default()
         );
         config.options(options.trim_end());
+        // The role's binary name, so that `pg_stat_activity` tells which
+        // processes hold the connections.
         if config.get_application_name().is_none() {
-            config.application_name("tessera");
+            let binary = std::env::current_exe()
+                .ok()
+                .and_then(|path| path.file_stem().map(|s| s.to_string_lossy().into_owned()))
+                .filter(|name| name.starts_with("tessera"))
+                .unwrap_or_else(|| "tessera".to_owned());
+            config.application_name(&binary);
         }
-        let manager = Manager::from_config(
+        let manager = Manager::from_connect(
             config,
-            tokio_postgres::NoTls,
+            HomeRuntimeConnect(tokio::runtime::Handle::current()),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },

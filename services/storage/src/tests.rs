@@ -2,4 +2,5 @@
 
 mod cluster;
 mod persist;
+mod pool;
 mod schema;

@@ -1,0 +1,57 @@
+//! The pool's connections live on the runtime that opened it.
+
+use std::time::Duration;
+
+use crate::Store;
+use crate::test_util;
+
+/// A connection the pool makes for a task of another runtime must still be
+/// driven by the pool's own runtime: here the other runtime is never run
+/// again once it has made one, so a connection driven there would never
+/// answer.
+#[test]
+fn connections_made_for_another_runtime_are_driven_by_the_pools_own() {
+    let home = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let store = home.block_on(async {
+        let url = test_util::create_database().await;
+        Store::connect(&url, 2, Duration::from_secs(5))
+            .await
+            .unwrap()
+    });
+
+    // Another runtime takes both connections at once, so the pool makes its
+    // second one there; then that runtime is never polled again.
+    let other = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    other.block_on(async {
+        let (a, b) = tokio::join!(store.client(), store.client());
+        let (a, b) = (a.unwrap(), b.unwrap());
+        a.simple_query("SELECT 1").await.unwrap();
+        b.simple_query("SELECT 1").await.unwrap();
+    });
+
+    // Both connections answer on the home runtime. The bound only turns a
+    // hang into a failure; it is not a measure of speed.
+    home.block_on(async {
+        let (a, b) = tokio::join!(store.client(), store.client());
+        let (a, b) = (a.unwrap(), b.unwrap());
+        let both = async {
+            let (ra, rb) = tokio::join!(
+                a.query_one("SELECT 1::int", &[]),
+                b.query_one("SELECT 2::int", &[])
+            );
+            (ra.unwrap().get::<_, i32>(0), rb.unwrap().get::<_, i32>(0))
+        };
+        let answered = tokio::time::timeout(Duration::from_secs(30), both)
+            .await
+            .expect("a connection made for the other runtime never answered");
+        assert_eq!(answered, (1, 2));
+    });
+    drop(other);
+}

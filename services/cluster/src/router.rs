@@ -27,6 +27,23 @@ use tonic::{Code, Status};
 use crate::directory::OwnerDirectory;
 use crate::partition::partition_of;
 
+/// Spawns a channel's tasks (its buffer, its HTTP/2 connection) on the
+/// runtime the router was made on. By default tonic spawns them wherever the
+/// first call happens; a process whose first call to a room-worker came from
+/// its low-priority bulk runtime would then have every later call, quiet
+/// ones included, wait for that runtime's busy threads.
+#[derive(Clone)]
+struct HomeRuntime(tokio::runtime::Handle);
+
+impl<F> hyper::rt::Executor<F> for HomeRuntime
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    fn execute(&self, future: F) {
+        self.0.spawn(future);
+    }
+}
+
 /// Why a call did not land.
 #[derive(Debug, thiserror::Error)]
 pub enum RouteError {
@@ -40,6 +57,9 @@ pub enum RouteError {
 
 pub struct RoomRouter {
     directory: OwnerDirectory,
+    /// The runtime the router was made on, where every channel's connection
+    /// lives (see [`HomeRuntime`]).
+    home: HomeRuntime,
     partitions: u32,
     channels: Mutex<HashMap<String, Channel>>,
     budget: Duration,
@@ -50,6 +70,7 @@ impl RoomRouter {
     pub fn new(store: Store, partitions: u32) -> Self {
         Self {
             directory: OwnerDirectory::new(store),
+            home: HomeRuntime(tokio::runtime::Handle::current()),
             partitions,
             channels: Mutex::new(HashMap::new()),
             budget: Duration::from_secs(20),
@@ -131,6 +152,7 @@ impl RoomRouter {
             .map_err(|e| RouteError::Unavailable(format!("bad room-worker address {addr}: {e}")))?
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true)
+            .executor(self.home.clone())
             .connect_lazy();
         channels.insert(addr.to_owned(), channel.clone());
         Ok(channel)

@@ -92,10 +92,13 @@ async fn run(started: Started) -> anyhow::Result<()> {
     let bulk_runtime = tessera_runtime::bulk::low_priority_runtime("bulk-turns", cores)
         .context("cannot start the bulk lane")?;
     let bulk_store = {
-        let (url, pool_size) = (config.database.url.clone(), config.database.pool_size);
+        let (url, connections) = (
+            config.database.url.clone(),
+            config.room_worker.bulk_connections.max(1),
+        );
         let timeout = Duration::from_secs(config.database.connect_timeout_secs);
         bulk_runtime
-            .spawn(async move { Store::connect(&url, (pool_size / 2).max(2), timeout).await })
+            .spawn(async move { Store::connect(&url, connections, timeout).await })
             .await
             .context("the bulk lane stopped")??
     };

@@ -215,6 +215,12 @@ pub struct RoomWorkerConfig {
     pub batch_size: usize,
     /// How long SIGTERM waits for in-flight work before handing partitions over anyway.
     pub drain_timeout_ms: u64,
+    /// Postgres connections of the bulk lane (backlogged rooms' turns and a
+    /// flood's staging). Their statements run at the database's normal
+    /// priority whatever the lane's threads do, so this caps how much of
+    /// the database a flood can use at once: one connection, at most one
+    /// backend's CPU per worker, leaves the rest to quiet rooms.
+    pub bulk_connections: usize,
 }
 
 impl Default for RoomWorkerConfig {
@@ -226,6 +232,7 @@ impl Default for RoomWorkerConfig {
             concurrency: 8,
             batch_size: 50,
             drain_timeout_ms: 20_000,
+            bulk_connections: 1,
         }
     }
 }

@@ -327,7 +327,12 @@ impl<'e> Turn<'e> {
             .into_iter()
             .chain([(StateEventType::RoomCreate, String::new())])
         {
-            if let Some(id) = state.get(&key) {
+            // The checks need the events themselves, not their place in the
+            // timeline (which `load` also wants): the room's current state is
+            // in memory, so the usual event reads nothing.
+            if let Some(id) = state.get(&key)
+                && !self.pdus.contains_key(id)
+            {
                 needed.push(id.clone());
             }
         }

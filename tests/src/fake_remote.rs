@@ -373,6 +373,17 @@ impl FakeRemote {
         pdu
     }
 
+    /// A text message in a joined room, as [`Self::build`] makes it.
+    pub fn text(&self, room_id: &str, sender: &UserId, body: &str) -> Arc<Pdu> {
+        self.build(
+            room_id,
+            sender,
+            "m.room.message",
+            None,
+            json!({ "msgtype": "m.text", "body": body }),
+        )
+    }
+
     /// A new event that skips the auth rules (for events that must fail them),
     /// built on the room's current extremities without applying it.
     pub fn build_unchecked(

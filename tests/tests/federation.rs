@@ -55,13 +55,7 @@ async fn a_remote_server_joins_and_talks() {
     let remote = FakeRemote::start(&cluster.server_name).await;
     let bob = remote.user("bob");
     remote.join(&room, &bob).await.expect("join");
-    let message = remote.build(
-        &room,
-        &bob,
-        "m.room.message",
-        None,
-        json!({ "msgtype": "m.text", "body": "hello from afar" }),
-    );
+    let message = remote.text(&room, &bob, "hello from afar");
     let (status, answer) = remote.send("txn1", &[json_of(&message)], &[]).await;
     assert_eq!(status, 200, "{answer}");
     assert_eq!(
@@ -444,13 +438,7 @@ async fn events_the_current_state_forbids_are_soft_failed() {
     )
     .await;
     let mut since = api.initial_token(&alice).await;
-    let message = remote.build(
-        &room,
-        &bob,
-        "m.room.message",
-        None,
-        json!({ "msgtype": "m.text", "body": "after the ban" }),
-    );
+    let message = remote.text(&room, &bob, "after the ban");
     assert_eq!(
         remote.send("after-ban", &[json_of(&message)], &[]).await.0,
         200
@@ -951,13 +939,7 @@ async fn bad_federation_requests_get_matrix_errors() {
     let (status, keys) = raw(&cluster, Method::GET, "/_matrix/key/v2/server", None, None).await;
     assert_eq!(status, 200);
     assert_eq!(keys["server_name"], ours);
-    let message = remote.build(
-        &room,
-        &bob,
-        "m.room.message",
-        None,
-        json!({ "msgtype": "m.text", "body": "still fine" }),
-    );
+    let message = remote.text(&room, &bob, "still fine");
     let (status, answer) = remote.send("after-bad", &[json_of(&message)], &[]).await;
     assert_eq!(
         (status, &answer["pdus"][message.event_id().as_str()]),
@@ -983,15 +965,7 @@ fn messages(
     prefix: &str,
 ) -> Vec<std::sync::Arc<tessera_events::Pdu>> {
     (0..count)
-        .map(|i| {
-            remote.build(
-                room,
-                user,
-                "m.room.message",
-                None,
-                json!({ "msgtype": "m.text", "body": format!("{prefix}{i}") }),
-            )
-        })
+        .map(|i| remote.text(room, user, &format!("{prefix}{i}")))
         .collect()
 }
 
@@ -1055,13 +1029,7 @@ async fn a_flooded_room_does_not_hold_back_a_quiet_one() {
         200
     );
     // Now one message in the quiet room.
-    let hello = talker.build(
-        &quiet,
-        &friend,
-        "m.room.message",
-        None,
-        json!({ "msgtype": "m.text", "body": "hi" }),
-    );
+    let hello = talker.text(&quiet, &friend, "hi");
     assert_eq!(talker.send("hello", &[json_of(&hello)], &[]).await.0, 200);
     let client = db(&cluster).await;
     let mut busy_done_when_quiet_done = None;
@@ -1286,13 +1254,7 @@ async fn backpressure_slows_only_the_busy_origin_and_room() {
     calm.join(&quiet, &c).await.unwrap();
     let message =
         |remote: &FakeRemote, room: &str, user: &tessera_events::ruma::UserId, i: usize| {
-            json_of(&remote.build(
-                room,
-                user,
-                "m.room.message",
-                None,
-                json!({ "msgtype": "m.text", "body": format!("{user} {i}") }),
-            ))
+            json_of(&remote.text(room, user, &format!("{user} {i}")))
         };
     let assert_429 = |(status, body): (u16, Value), what: &str| {
         assert_eq!(status, 429, "{what}: {body}");
@@ -1315,13 +1277,7 @@ async fn backpressure_slows_only_the_busy_origin_and_room() {
     assert_eq!(calm.send("c1", &[calm_hello], &[]).await.0, 200);
 
     // Per room: 60 staged events that wait for a parent that never comes.
-    let _gap = backlogged.build(
-        &busy,
-        &b,
-        "m.room.message",
-        None,
-        json!({ "msgtype": "m.text", "body": "never sent" }),
-    );
+    let _gap = backlogged.text(&busy, &b, "never sent");
     let waiting = messages(&backlogged, &busy, &b, 60, "w ");
     stage_directly(&cluster, &busy, backlogged.server_name.as_str(), &waiting).await;
     assert_429(

@@ -108,13 +108,7 @@ async fn trace_context_crosses_http_grpc_and_redis() {
     let remote = FakeRemote::start(&cluster.server_name).await;
     let bob = remote.user("bob");
     remote.join(&room, &bob).await.expect("join");
-    let message = remote.build(
-        &room,
-        &bob,
-        "m.room.message",
-        None,
-        json!({ "msgtype": "m.text", "body": "from afar, traced" }),
-    );
+    let message = remote.text(&room, &bob, "from afar, traced");
     let (status, _) = remote.send("traced-txn", &[json_of(&message)], &[]).await;
     assert_eq!(status, 200);
     let spans = spans_until(&collector, "the PDU's spans in every role", |spans| {

@@ -336,15 +336,7 @@ async fn main() -> anyhow::Result<()> {
     }
     eprintln!("   rooms joined; building {} flood events", args.flood);
     let flood: Vec<Value> = (0..args.flood)
-        .map(|i| {
-            json_of(&flooder.build(
-                &busy,
-                &spammer,
-                "m.room.message",
-                None,
-                json!({ "msgtype": "m.text", "body": format!("flood {i}") }),
-            ))
-        })
+        .map(|i| json_of(&flooder.text(&busy, &spammer, &format!("flood {i}"))))
         .collect();
 
     let seen = Arc::new(Mutex::new(Seen::default()));
@@ -391,13 +383,7 @@ async fn main() -> anyhow::Result<()> {
                 let room = &rooms[i % rooms.len()];
                 let (talker, friend) = &talkers[i % talkers.len()];
                 let body = format!("quiet {i}");
-                let pdu = talker.build(
-                    room,
-                    friend,
-                    "m.room.message",
-                    None,
-                    json!({ "msgtype": "m.text", "body": body }),
-                );
+                let pdu = talker.text(room, friend, &body);
                 let during_flood = flood_started.lock().unwrap().is_some();
                 let started = Instant::now();
                 sent.lock()

@@ -109,7 +109,7 @@ pub async fn deactivate(
     require_admin(&auth)?;
     let user_id = UserId::parse(user.as_str())
         .map_err(|e| MatrixError::invalid_param(format!("Invalid user ID: {e}")))?;
-    if user_id.server_name() != state.config.server_name.as_str() {
+    if !state.is_local(&user_id) {
         return Err(MatrixError::invalid_param(
             "Can only deactivate local users",
         ));

@@ -94,7 +94,7 @@ async fn run(started: Started) -> anyhow::Result<()> {
     let bulk_store = {
         let (url, connections) = (
             config.database.url.clone(),
-            config.room_worker.bulk_connections.max(1),
+            config.room_worker.bulk_connections,
         );
         let timeout = Duration::from_secs(config.database.connect_timeout_secs);
         bulk_runtime

@@ -898,6 +898,8 @@ async fn staged_turn(
     room_id: &RoomId,
     epoch: i64,
 ) -> Result<StagedOutcome, StoreError> {
+    // In the bulk lane, a turn and each PDU in it wait for urgent work.
+    tessera_runtime::bulk::yield_to_urgent().await;
     let staged = store
         .staged_for_room(room_id.as_str(), inbound.staged_batch)
         .await?;
@@ -947,6 +949,7 @@ async fn staged_turn(
         StagedOutcome::Done
     };
     for (row, pdu) in parsed {
+        tessera_runtime::bulk::yield_to_urgent().await;
         let id = pdu.event_id().to_owned();
         if turn.timeline.contains_key(&id) {
             done.push(row.id);

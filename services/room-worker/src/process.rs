@@ -113,6 +113,10 @@ fn refusal_for(error: &CreateError) -> Refusal {
 
 pub async fn run_turn(engine: &Engine, room_id: &RoomId, mut jobs: Vec<Job>) {
     let started = Instant::now();
+    // A backlogged room's turn runs in the bulk lane, which defers to every
+    // other turn (see `tessera_runtime::bulk`).
+    let _urgent = (jobs.len() != 1 || !matches!(jobs[0].work, Work::Staged))
+        .then(tessera_runtime::bulk::urgent);
     if jobs.len() == 1 && !matches!(jobs[0].work, Work::Submit(_)) {
         let Job {
             work, reply, guard, ..
@@ -167,6 +171,7 @@ pub async fn run_turn(engine: &Engine, room_id: &RoomId, mut jobs: Vec<Job>) {
                     let outcome = match engine.bulk_lane_for(room_id) {
                         Some(lane) => bulk_staged_turn(engine, lane, room_id, epoch).await,
                         None => {
+                            let _urgent = tessera_runtime::bulk::urgent();
                             crate::inbound::process_staged(
                                 engine,
                                 inbound,

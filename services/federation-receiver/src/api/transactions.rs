@@ -56,6 +56,8 @@ const LARGE_TRANSACTION_BYTES: u64 = 8 * 1024;
 /// flood is a stream of them. They run on the low-priority runtime, so that
 /// when the cores are short, a quiet room's small transaction is handled
 /// first, and when they are not, the flood still gets every cycle left over.
+/// A small one is urgent while it is handled: large ones pause between
+/// PDUs until it is answered (see `tessera_runtime::bulk`).
 pub async fn large_transactions_at_low_priority(
     State(state): State<AppState>,
     request: axum::extract::Request,
@@ -69,6 +71,7 @@ pub async fn large_transactions_at_low_priority(
         .and_then(|v| v.parse::<u64>().ok())
         .is_some_and(|length| length < LARGE_TRANSACTION_BYTES);
     if small {
+        let _urgent = tessera_runtime::bulk::urgent();
         return next.run(request).await;
     }
     match state.bulk.spawn(next.run(request)).await {
@@ -139,6 +142,7 @@ pub async fn send(
     let mut admitted = Vec::new();
     let mut acl_verdicts = HashMap::new();
     for (index, pdu) in pdus.into_iter().enumerate() {
+        tessera_runtime::bulk::yield_to_urgent().await;
         match admit_pdu(&state, origin.as_str(), index, pdu, &mut acl_verdicts).await {
             Ok(pdu) => admitted.push(pdu),
             Err(dropped) => {
@@ -147,8 +151,9 @@ pub async fn send(
             }
         }
     }
-    let verified = verify_all(admitted);
-    for (index, room, result) in verified {
+    for admitted in admitted {
+        tessera_runtime::bulk::yield_to_urgent().await;
+        let (index, room, result) = verify(admitted);
         let outcome = match result {
             Ok(checked) => sender_may_send(&state, origin.as_str(), &room, checked).await,
             Err(error) => Err(error),
@@ -168,6 +173,7 @@ pub async fn send(
         .increment(results.len() as u64);
 
     // Stage every room's group at its owner, concurrently.
+    tessera_runtime::bulk::yield_to_urgent().await;
     let staging = groups.into_iter().map(|(room_id, pdus)| {
         let state = state.clone();
         let origin = origin.to_string();
@@ -362,23 +368,17 @@ fn drop_reason(drop: &tessera_federation::pdu::PduDrop) -> &'static str {
     }
 }
 
-/// Signatures, content hashes and event IDs: the CPU-heavy part.
-fn verify_all(admitted: Vec<Admitted>) -> Vec<(usize, String, Result<Checked, Dropped>)> {
-    admitted
-        .into_iter()
-        .map(|a| {
-            let result =
-                pdu::verify_reporting(a.prepared.object, &a.keys, &a.rules, Some(&a.room_id))
-                    .map_err(|(event_id, drop)| {
-                        (
-                            event_id.map(|e| e.to_string()),
-                            drop_reason(&drop),
-                            drop.to_string(),
-                        )
-                    });
-            (a.index, a.room, result)
-        })
-        .collect()
+/// Signatures, content hash and event ID: the CPU-heavy part.
+fn verify(a: Admitted) -> (usize, String, Result<Checked, Dropped>) {
+    let result = pdu::verify_reporting(a.prepared.object, &a.keys, &a.rules, Some(&a.room_id))
+        .map_err(|(event_id, drop)| {
+            (
+                event_id.map(|e| e.to_string()),
+                drop_reason(&drop),
+                drop.to_string(),
+            )
+        });
+    (a.index, a.room, result)
 }
 
 /// A verified PDU may come from `origin` if its sender is from there, or if

@@ -297,6 +297,23 @@ async fn count_visible(http: &reqwest::Client, base: &str, user: &TestUser, room
     count
 }
 
+/// A runtime owned by async code: dropped without blocking.
+struct OwnRuntime(Option<tokio::runtime::Runtime>);
+
+impl OwnRuntime {
+    fn handle(&self) -> tokio::runtime::Handle {
+        self.0.as_ref().expect("until dropped").handle().clone()
+    }
+}
+
+impl Drop for OwnRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
 fn rss(pids: &[u32]) -> f64 {
     pids.iter().filter_map(|p| rss_mib(*p)).sum()
 }
@@ -316,11 +333,31 @@ async fn main() -> anyhow::Result<()> {
         join(&http, &target.client_url, &target.bob, &room).await?;
         quiet_rooms.push(room);
     }
-    let flooder = FakeRemote::start(&target.server_name).await;
-    let spammer: OwnedUserId = flooder.user("spammer");
-    flooder
-        .join(&busy, &spammer)
-        .await
+    // The flooding server lives on a runtime of its own (its HTTP server,
+    // connections and sending): serializing and signing 50-PDU transactions
+    // would otherwise hold the threads that time the quiet messages and read
+    // /sync, and the load generator's own queueing would count as latency.
+    let flood_owner = OwnRuntime(Some(
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("bench-flood")
+            .enable_all()
+            .build()?,
+    ));
+    let flood_runtime = flood_owner.handle();
+    let (flooder, spammer) = flood_runtime
+        .spawn({
+            let (server_name, busy) = (target.server_name.clone(), busy.clone());
+            async move {
+                let flooder = FakeRemote::start(&server_name).await;
+                let spammer: OwnedUserId = flooder.user("spammer");
+                let joined = flooder.join(&busy, &spammer).await;
+                joined
+                    .map(|_| (flooder, spammer))
+                    .map_err(|e| e.to_string())
+            }
+        })
+        .await?
         .map_err(|e| anyhow::anyhow!("flooder join: {e}"))?;
     // One remote server per quiet room, as in a real federation, so that no
     // origin has more than a transaction or two in flight.
@@ -361,18 +398,16 @@ async fn main() -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     // Quiet traffic for the whole run.
-    let flood_started: Arc<Mutex<Option<Instant>>> = Arc::default();
-    let quiet_sent: Arc<Mutex<Vec<(String, Instant, bool)>>> = Arc::default();
+    let quiet_sent: Arc<Mutex<Vec<(String, Instant)>>> = Arc::default();
     let quiet_acked: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let quiet_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let interval_ms = args.quiet_interval_ms.max(1);
     let quiet = {
-        let (talkers, rooms, sent, stop, flood_started, acked) = (
+        let (talkers, rooms, sent, stop, acked) = (
             talkers.clone(),
             quiet_rooms.clone(),
             Arc::clone(&quiet_sent),
             Arc::clone(&quiet_stop),
-            Arc::clone(&flood_started),
             Arc::clone(&quiet_acked),
         );
         tokio::spawn(async move {
@@ -384,11 +419,8 @@ async fn main() -> anyhow::Result<()> {
                 let (talker, friend) = &talkers[i % talkers.len()];
                 let body = format!("quiet {i}");
                 let pdu = talker.text(room, friend, &body);
-                let during_flood = flood_started.lock().unwrap().is_some();
                 let started = Instant::now();
-                sent.lock()
-                    .unwrap()
-                    .push((body.clone(), started, during_flood));
+                sent.lock().unwrap().push((body.clone(), started));
                 let (talker, txn, acked) =
                     (Arc::clone(talker), format!("quiet-{i}"), Arc::clone(&acked));
                 tokio::spawn(async move {
@@ -407,7 +439,6 @@ async fn main() -> anyhow::Result<()> {
         "   flood phase: {} PDUs, 50 a transaction, 4 in flight",
         args.flood
     );
-    *flood_started.lock().unwrap() = Some(Instant::now());
     let flood_start = Instant::now();
     let rss_samples: Arc<Mutex<Vec<f64>>> = Arc::default();
     let sampler = {
@@ -423,17 +454,21 @@ async fn main() -> anyhow::Result<()> {
             }
         })
     };
-    use futures::StreamExt;
-    let retries: usize = futures::stream::iter(flood.chunks(50).enumerate().map(|(i, chunk)| {
-        let flooder = Arc::clone(&flooder);
-        let chunk = chunk.to_vec();
-        async move { send_with_retry(&flooder, &format!("flood-{i}"), &chunk).await - 1 }
-    }))
-    .buffer_unordered(4)
-    .collect::<Vec<_>>()
-    .await
-    .into_iter()
-    .sum();
+    let retries: usize = flood_runtime
+        .spawn({
+            use futures::StreamExt;
+            let flooder = Arc::clone(&flooder);
+            let chunks: Vec<Vec<Value>> = flood.chunks(50).map(<[Value]>::to_vec).collect();
+            futures::stream::iter(chunks.into_iter().enumerate().map(move |(i, chunk)| {
+                let flooder = Arc::clone(&flooder);
+                async move { send_with_retry(&flooder, &format!("flood-{i}"), &chunk).await - 1 }
+            }))
+            .buffer_unordered(4)
+            .collect::<Vec<_>>()
+        })
+        .await?
+        .into_iter()
+        .sum();
     let flood_sent = flood_start.elapsed();
     eprintln!(
         "   flood sent in {:.1} s ({retries} retries); waiting for it to show up",
@@ -485,11 +520,25 @@ async fn main() -> anyhow::Result<()> {
     let seen = seen.lock().unwrap();
     let seen_by_bob = seen_by_bob.lock().unwrap();
     let sent = quiet_sent.lock().unwrap();
+    // Quiet messages sent before the flood started are "idle"; those sent
+    // from its start until its last event was visible are "during"; later
+    // ones (the flood drained) count in neither.
+    let flood_end = seen
+        .flood_progress
+        .last()
+        .map_or(flood_start, |(_, at)| *at);
+    let in_phase = |at: &Instant, during: bool| {
+        if during {
+            (flood_start..=flood_end).contains(at)
+        } else {
+            *at < flood_start
+        }
+    };
     let latencies = |seen: &Seen, during: bool| -> (Vec<f64>, usize) {
         let mut values: Vec<f64> = sent
             .iter()
-            .filter(|(_, _, d)| *d == during)
-            .filter_map(|(body, at, _)| {
+            .filter(|(_, at)| in_phase(at, during))
+            .filter_map(|(body, at)| {
                 seen.quiet
                     .get(body)
                     .map(|arrived| arrived.duration_since(*at).as_secs_f64() * 1000.0)
@@ -498,7 +547,7 @@ async fn main() -> anyhow::Result<()> {
         values.sort_by(f64::total_cmp);
         let missing = sent
             .iter()
-            .filter(|(b, _, d)| *d == during && !seen.quiet.contains_key(b))
+            .filter(|(b, at)| in_phase(at, during) && !seen.quiet.contains_key(b))
             .count();
         (values, missing)
     };
@@ -510,8 +559,8 @@ async fn main() -> anyhow::Result<()> {
     let ack_latencies = |during: bool| -> Vec<f64> {
         let mut values: Vec<f64> = sent
             .iter()
-            .filter(|(_, _, d)| *d == during)
-            .filter_map(|(body, at, _)| {
+            .filter(|(_, at)| in_phase(at, during))
+            .filter_map(|(body, at)| {
                 acked
                     .get(body)
                     .map(|a| a.duration_since(*at).as_secs_f64() * 1000.0)

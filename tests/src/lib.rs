@@ -429,6 +429,16 @@ filter = "{log_filter}"
     }
 
     /// A process's Prometheus metrics text.
+    /// Stop every process, then drop the cluster's database (benchmarks,
+    /// which run outside `scripts/test` and its clean-up).
+    pub async fn remove(self) {
+        let database = self.db_url.clone();
+        drop(self);
+        if let Err(error) = tessera_storage::test_util::drop_database(&database).await {
+            eprintln!("could not drop the cluster's database {database}: {error}");
+        }
+    }
+
     pub async fn metrics(&self, name: &str) -> String {
         let port = self.processes[name].admin_port;
         self.http

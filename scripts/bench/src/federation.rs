@@ -91,7 +91,7 @@ struct Target {
     /// In the quiet rooms only.
     bob: TestUser,
     pids: Vec<u32>,
-    _cluster: Option<TestCluster>,
+    cluster: Option<TestCluster>,
 }
 
 async fn target(args: &Args) -> anyhow::Result<Target> {
@@ -123,7 +123,7 @@ async fn target(args: &Args) -> anyhow::Result<Target> {
             alice,
             bob,
             pids,
-            _cluster: Some(cluster),
+            cluster: Some(cluster),
         });
     }
     let client_url = args
@@ -146,7 +146,7 @@ async fn target(args: &Args) -> anyhow::Result<Target> {
         alice,
         bob,
         pids: args.pid.clone(),
-        _cluster: None,
+        cluster: None,
     })
 }
 
@@ -324,7 +324,7 @@ async fn main() -> anyhow::Result<()> {
     let http = tessera_tests::http_client_builder()
         .timeout(Duration::from_secs(120))
         .build()?;
-    let target = target(&args).await?;
+    let mut target = target(&args).await?;
     eprintln!("== target {} ({})", args.target, target.server_name);
     let busy = create_room(&http, &target.client_url, &target.alice).await?;
     let mut quiet_rooms = Vec::new();
@@ -508,12 +508,17 @@ async fn main() -> anyhow::Result<()> {
     let _ = syncer.await;
     let _ = bob_syncer.await;
     let visible = count_visible(&http, &target.client_url, &target.alice, &busy).await;
-    if let (Some(cluster), Ok(dir)) = (&target._cluster, std::env::var("BENCH_METRICS_DIR")) {
+    if let (Some(cluster), Ok(dir)) = (&target.cluster, std::env::var("BENCH_METRICS_DIR")) {
         let mut names = vec!["federation-receiver".to_owned(), "sync-worker-0".to_owned()];
         names.extend(cluster.live_room_workers());
         for name in names {
             std::fs::write(format!("{dir}/{name}.prom"), cluster.metrics(&name).await)?;
         }
+    }
+
+    // The cluster's processes stop, then its database goes.
+    if let Some(cluster) = target.cluster.take() {
+        cluster.remove().await;
     }
 
     // Figures.

@@ -299,7 +299,7 @@ async fn measure(args: &Args, room_workers: usize) -> anyhow::Result<Report> {
     let throughput = acked.load(Ordering::Relaxed) as f64 / tp_started.elapsed().as_secs_f64();
     let mut ack_ms = ack_ms.lock().await.clone();
     ack_ms.sort_by(f64::total_cmp);
-    drop(cluster);
+    cluster.remove().await;
     Ok(Report {
         room_workers,
         sent: total as usize,

@@ -32,6 +32,25 @@ pub async fn create_database() -> String {
     }
 }
 
+/// Drop a database made by [`create_database`], closing its connections
+/// (benchmarks clean up after themselves; `scripts/test` does it for tests).
+pub async fn drop_database(url: &str) -> Result<(), tokio_postgres::Error> {
+    let Some((_, name)) = url.rsplit_once('/') else {
+        return Ok(());
+    };
+    let name = name.split('?').next().unwrap_or(name);
+    if !name.starts_with("tessera_t_")
+        || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    {
+        return Ok(());
+    }
+    let (client, connection) = tokio_postgres::connect(&admin_url(), tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    client
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .await
+}
+
 /// A migrated store on a new database.
 pub async fn store() -> Store {
     let url = create_database().await;

@@ -428,7 +428,6 @@ filter = "{log_filter}"
         lines[lines.len().saturating_sub(40)..].join("\n")
     }
 
-    /// A process's Prometheus metrics text.
     /// Stop every process, then drop the cluster's database (benchmarks,
     /// which run outside `scripts/test` and its clean-up).
     pub async fn remove(self) {
@@ -439,6 +438,7 @@ filter = "{log_filter}"
         }
     }
 
+    /// A process's Prometheus metrics text.
     pub async fn metrics(&self, name: &str) -> String {
         let port = self.processes[name].admin_port;
         self.http

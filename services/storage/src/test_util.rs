@@ -18,10 +18,9 @@ pub fn admin_url() -> String {
 pub async fn create_database() -> String {
     let name = format!("tessera_t_{:016x}", rand::thread_rng().r#gen::<u64>());
     let admin = admin_url();
-    let (client, connection) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
+    let client = admin_client()
         .await
         .unwrap_or_else(|e| panic!("tests need Postgres at {admin}: {e}"));
-    tokio::spawn(connection);
     client
         .batch_execute(&format!("CREATE DATABASE {name}"))
         .await
@@ -44,11 +43,17 @@ pub async fn drop_database(url: &str) -> Result<(), tokio_postgres::Error> {
     {
         return Ok(());
     }
-    let (client, connection) = tokio_postgres::connect(&admin_url(), tokio_postgres::NoTls).await?;
-    tokio::spawn(connection);
-    client
+    admin_client()
+        .await?
         .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
         .await
+}
+
+/// A connection to [`admin_url`], driven in the background.
+async fn admin_client() -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, connection) = tokio_postgres::connect(&admin_url(), tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    Ok(client)
 }
 
 /// A migrated store on a new database.

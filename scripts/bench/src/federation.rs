@@ -70,6 +70,11 @@ struct Args {
     /// The Tessera cluster's `federation.staged_batch` (default: the shipped one).
     #[arg(long, default_value_t = tessera_runtime::config::FederationConfig::default().staged_batch)]
     staged_batch: i64,
+    /// Write every quiet message's timing to this CSV file: when it was sent
+    /// (ms from the flood's start, negative before it), when its transaction
+    /// was answered and when bob and alice saw it (ms after sending).
+    #[arg(long)]
+    samples_csv: Option<std::path::PathBuf>,
 }
 
 /// Where events showed up in the local user's /sync.
@@ -101,6 +106,7 @@ async fn target(args: &Args) -> anyhow::Result<Target> {
             room_workers: args.room_workers,
             partitions: 256,
             pool_size: 16,
+            min_connections: tessera_runtime::config::DatabaseConfig::default().min_connections,
             log_filter: "warn".to_owned(),
             federation: Some(FederationSpec {
                 max_staged_per_room: 100_000,
@@ -575,6 +581,29 @@ async fn main() -> anyhow::Result<()> {
         values
     };
     let (idle_ack, during_ack) = (ack_latencies(false), ack_latencies(true));
+    if let Some(path) = &args.samples_csv {
+        let after = |at: &Instant, then: Option<&Instant>| {
+            then.map_or(String::new(), |t| {
+                format!("{:.1}", t.duration_since(*at).as_secs_f64() * 1000.0)
+            })
+        };
+        let mut csv = String::from("sent_ms_from_flood_start,answered_ms,bob_ms,alice_ms\n");
+        for (body, at) in sent.iter() {
+            let offset = if *at >= flood_start {
+                at.duration_since(flood_start).as_secs_f64()
+            } else {
+                -flood_start.duration_since(*at).as_secs_f64()
+            };
+            csv.push_str(&format!(
+                "{:.1},{},{},{}\n",
+                offset * 1000.0,
+                after(at, acked.get(body)),
+                after(at, seen_by_bob.quiet.get(body)),
+                after(at, seen.quiet.get(body)),
+            ));
+        }
+        std::fs::write(path, csv)?;
+    }
     eprintln!(
         "   quiet transaction answered: idle p50 {:.1} p99 {:.1} ms, during the flood p50 {:.1} p99 {:.1} ms",
         percentile(&idle_ack, 50.0),

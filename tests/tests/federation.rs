@@ -102,6 +102,79 @@ async fn a_remote_server_joins_and_talks() {
     assert!(bodies(&timeline(&sync, &room)).is_empty(), "nothing twice");
 }
 
+/// A server the room's `m.room.server_acl` denies is refused, per PDU, in
+/// the transaction's answer; nothing it sent reaches the room. Lifting the
+/// ACL admits it again.
+#[tokio::test(flavor = "multi_thread")]
+async fn pdus_from_a_server_the_acl_denies_are_dropped() {
+    let cluster = TestCluster::start(federated(1)).await;
+    let api = cluster.api();
+    let alice = cluster.register("alice").await;
+    let room = api
+        .create_room(&alice, json!({ "preset": "public_chat" }))
+        .await;
+    let remote = FakeRemote::start(&cluster.server_name).await;
+    let bob = remote.user("bob");
+    remote.join(&room, &bob).await.expect("join");
+    let mut since = api.initial_token(&alice).await;
+
+    // Both servers are on 127.0.0.1; the ACL is only checked for what
+    // arrives over federation, so alice's own server is unaffected.
+    let acl_path = format!(
+        "/_matrix/client/v3/rooms/{}/state/m.room.server_acl/",
+        enc(&room)
+    );
+    let acl = |deny: Vec<&str>| json!({ "allow": ["*"], "deny": deny, "allow_ip_literals": true });
+    api.ok(
+        reqwest::Method::PUT,
+        &acl_path,
+        &alice,
+        Some(acl(vec!["127.0.0.1"])),
+    )
+    .await;
+    // Not applied to the remote's own view of the room, so the next message
+    // does not build on it.
+    let denied = remote.build_unchecked(
+        &room,
+        &bob,
+        "m.room.message",
+        None,
+        json!({ "msgtype": "m.text", "body": "denied" }),
+    );
+    let (status, answer) = remote.send("acl1", &[json_of(&denied)], &[]).await;
+    assert_eq!(status, 200, "{answer}");
+    assert!(
+        answer["pdus"][denied.event_id().as_str()]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("server ACL")),
+        "{answer}"
+    );
+
+    api.ok(reqwest::Method::PUT, &acl_path, &alice, Some(acl(vec![])))
+        .await;
+    let admitted = remote.text(&room, &bob, "admitted");
+    let (status, answer) = remote.send("acl2", &[json_of(&admitted)], &[]).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        answer["pdus"][admitted.event_id().as_str()],
+        json!({}),
+        "{answer}"
+    );
+    let seen = sync_until(&cluster, &alice, &room, &mut since, |events| {
+        bodies(events).contains(&"admitted".to_owned())
+    })
+    .await;
+    assert!(
+        !bodies(&seen).contains(&"denied".to_owned()),
+        "the denied message never reaches the room"
+    );
+    assert!(
+        stored_flags(&cluster, denied.event_id().as_str())
+            .await
+            .is_none()
+    );
+}
+
 /// Whether an event is stored as rejected (and so never shown).
 async fn stored_flags(cluster: &TestCluster, event_id: &str) -> Option<(bool, bool)> {
     let (client, connection) = tokio_postgres::connect(&cluster.db_url, tokio_postgres::NoTls)

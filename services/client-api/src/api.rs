@@ -85,6 +85,11 @@ pub fn router(state: AppState, admin: Option<Router>) -> Router {
             "/rooms/{room}/state/{kind}",
             put(send::put_state_empty_key).get(read::state_event_empty_key),
         ),
+        // An empty state key as clients spell it too (matrix-js-sdk does).
+        (
+            "/rooms/{room}/state/{kind}/",
+            put(send::put_state_empty_key).get(read::state_event_empty_key),
+        ),
         (
             "/rooms/{room}/state/{kind}/{key}",
             put(send::put_state).get(read::state_event),

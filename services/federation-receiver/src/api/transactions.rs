@@ -118,7 +118,14 @@ pub async fn send(
             edus.len()
         )));
     }
-    if let Some(response) = state.store.federation_txn(origin.as_str(), &txn).await? {
+    // The transaction-ID lookup and the server ACLs of the rooms the PDUs
+    // name are independent lookups: made at once, a quiet room's one-PDU
+    // transaction waits for one database round trip here, not two.
+    let (repeat, mut acl_verdicts) = tokio::join!(
+        state.store.federation_txn(origin.as_str(), &txn),
+        acl_verdicts_of(&state, origin.as_str(), &pdus)
+    );
+    if let Some(response) = repeat? {
         metrics::counter!("tessera_federation_server_transactions_total", "result" => "repeat")
             .increment(1);
         return Ok(Json(response));
@@ -140,7 +147,6 @@ pub async fn send(
         (key, json!({ "error": error }))
     };
     let mut admitted = Vec::new();
-    let mut acl_verdicts = HashMap::new();
     for (index, pdu) in pdus.into_iter().enumerate() {
         tessera_runtime::bulk::yield_to_urgent().await;
         match admit_pdu(&state, origin.as_str(), index, pdu, &mut acl_verdicts).await {
@@ -264,7 +270,36 @@ pub async fn send(
     Ok(Json(response))
 }
 
-/// Why a PDU was dropped, with its event ID when it could be computed.
+/// Rooms whose server ACL is looked up before the PDUs are checked, at most:
+/// a transaction names one room or a few; the PDUs of further rooms have
+/// theirs looked up as they come (a hostile transaction naming fifty rooms
+/// must not take fifty pooled connections at once).
+const ACL_PREFETCH_ROOMS: usize = 4;
+
+/// The server ACL verdicts for `origin` in the first few distinct rooms the
+/// PDUs name. A lookup that fails is left out: the PDU's own check looks
+/// again and reports the error.
+async fn acl_verdicts_of(state: &AppState, origin: &str, pdus: &[Value]) -> HashMap<String, bool> {
+    let mut rooms: Vec<&str> = Vec::new();
+    for room in pdus.iter().filter_map(|p| p.get("room_id")?.as_str()) {
+        if !rooms.contains(&room) {
+            if rooms.len() == ACL_PREFETCH_ROOMS {
+                break;
+            }
+            rooms.push(room);
+        }
+    }
+    let lookups = rooms.into_iter().map(|room| async move {
+        let allowed = state.acl_allows(room, origin).await.ok()?;
+        Some((room.to_owned(), allowed))
+    });
+    futures::future::join_all(lookups)
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
 /// Why a PDU was dropped: its event ID when known, a reason for the metrics
 /// (one of a few fixed words) and a message for the transaction's answer.
 type Dropped = (Option<String>, &'static str, String);

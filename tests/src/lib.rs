@@ -29,6 +29,9 @@ pub struct Spec {
     pub lease_ttl_ms: u64,
     pub heartbeat_ms: u64,
     pub pool_size: usize,
+    /// Connections each process opens at start. Tests keep this low: several
+    /// clusters run at once against one Postgres.
+    pub min_connections: usize,
     pub log_filter: String,
     /// Start a federation-receiver (TLS, self-signed); the server name is then
     /// `127.0.0.1:<its port>` so other servers can find it.
@@ -89,6 +92,7 @@ impl Default for Spec {
             lease_ttl_ms: 3000,
             heartbeat_ms: 300,
             pool_size: 6,
+            min_connections: 1,
             log_filter: "info,ruma_state_res=warn".to_owned(),
             federation: None,
             otlp_endpoint: None,
@@ -241,6 +245,7 @@ tls_private_key = "{}"
 [database]
 url = "{db_url}"
 pool_size = {pool_size}
+min_connections = {min_connections}
 
 [redis]
 url = "{redis}"
@@ -273,6 +278,7 @@ filter = "{log_filter}"
                 ttl = spec.lease_ttl_ms,
                 hb = spec.heartbeat_ms,
                 pool_size = spec.pool_size,
+                min_connections = spec.min_connections,
                 log_filter = spec.log_filter,
                 sync_list = sync_urls,
                 telemetry_section = match &spec.otlp_endpoint {

@@ -33,6 +33,7 @@ heartbeat_interval_ms = {{ .Values.cluster.heartbeatIntervalMs }}
 
 [database]
 pool_size = {{ .Values.postgres.poolSize }}
+min_connections = {{ .Values.postgres.minConnections }}
 # The migration Job applies migrations before every install and upgrade.
 migrate_on_start = {{ not .Values.migrations.enabled }}
 

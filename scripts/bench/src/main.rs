@@ -91,6 +91,7 @@ async fn measure(args: &Args, room_workers: usize) -> anyhow::Result<Report> {
         sync_workers: 1,
         partitions: 256,
         pool_size: 16,
+        min_connections: tessera_runtime::config::DatabaseConfig::default().min_connections,
         log_filter: "warn".to_owned(),
         ..Spec::default()
     })

@@ -32,6 +32,7 @@ async fn run(started: Started) -> anyhow::Result<()> {
     let store = Store::open(OpenOptions {
         url: &config.database.url,
         pool_size: config.database.pool_size,
+        min_connections: config.database.min_connections,
         connect_timeout: Duration::from_secs(config.database.connect_timeout_secs),
         migrate: config.database.migrate_on_start,
         server_name: &config.server_name,

@@ -38,6 +38,7 @@ async fn run(started: Started) -> anyhow::Result<()> {
     let store = Store::open(OpenOptions {
         url: &config.database.url,
         pool_size: config.database.pool_size,
+        min_connections: config.database.min_connections,
         connect_timeout: Duration::from_secs(config.database.connect_timeout_secs),
         migrate: config.database.migrate_on_start || started.migrate_only,
         server_name: &config.server_name,
@@ -98,7 +99,11 @@ async fn run(started: Started) -> anyhow::Result<()> {
         );
         let timeout = Duration::from_secs(config.database.connect_timeout_secs);
         bulk_runtime
-            .spawn(async move { Store::connect(&url, connections, timeout).await })
+            .spawn(async move {
+                let store = Store::connect(&url, connections, timeout).await?;
+                store.warm(connections).await;
+                Ok::<_, tessera_storage::StoreError>(store)
+            })
             .await
             .context("the bulk lane stopped")??
     };

@@ -65,8 +65,13 @@ impl Default for Config {
 pub struct DatabaseConfig {
     /// libpq-style connection URL of the one shared Postgres database.
     pub url: String,
-    /// Connections this process keeps open.
+    /// Connections this process keeps open, at most.
     pub pool_size: usize,
+    /// Connections opened at start (at most `pool_size`), so that the first
+    /// burst of load does not also pay for connecting: a new Postgres
+    /// connection costs a backend process, and its first statements are
+    /// prepared afresh, on the cores that burst needs.
+    pub min_connections: usize,
     /// Apply pending migrations at start (under an advisory lock, so exactly one
     /// process applies them). Turn off where a migration job runs them instead.
     pub migrate_on_start: bool,
@@ -79,6 +84,7 @@ impl Default for DatabaseConfig {
         Self {
             url: "postgres://root@127.0.0.1:5432/tessera".to_owned(),
             pool_size: 16,
+            min_connections: 8,
             migrate_on_start: true,
             connect_timeout_secs: 10,
         }

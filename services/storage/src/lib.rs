@@ -66,6 +66,8 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 pub struct OpenOptions<'a> {
     pub url: &'a str,
     pub pool_size: usize,
+    /// Connections opened at once (see [`Store::warm`]).
+    pub min_connections: usize,
     pub connect_timeout: Duration,
     /// Apply pending migrations (under the advisory lock) rather than only
     /// checking compatibility.
@@ -187,6 +189,7 @@ impl Store {
     /// is one this build runs against), and check the cluster's fixed settings.
     pub async fn open(options: OpenOptions<'_>) -> Result<Self> {
         let store = Self::connect(options.url, options.pool_size, options.connect_timeout).await?;
+        store.warm(options.min_connections).await;
         if options.migrate {
             store.migrate().await?;
         } else {
@@ -196,6 +199,21 @@ impl Store {
             .init_cluster(options.server_name, options.partitions)
             .await?;
         Ok(store)
+    }
+
+    /// Open connections until the pool holds `connections` (at most its
+    /// size); they stay open. A connection that cannot be made is only
+    /// logged: the pool makes it again when it is needed.
+    pub async fn warm(&self, connections: usize) {
+        let wanted = connections.min(self.pool.status().max_size);
+        // Held together, so that each is a connection of its own: the idle
+        // ones the pool has are handed out first, then new ones are made.
+        let held = futures::future::join_all((0..wanted).map(|_| self.pool.get())).await;
+        for result in &held {
+            if let Err(error) = result {
+                tracing::warn!(%error, "cannot open a database connection ahead of need");
+            }
+        }
     }
 
     pub(crate) async fn client(&self) -> Result<deadpool_postgres::Object> {

@@ -50,7 +50,7 @@ pub async fn drop_database(url: &str) -> Result<(), tokio_postgres::Error> {
 }
 
 /// A connection to [`admin_url`], driven in the background.
-async fn admin_client() -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+pub async fn admin_client() -> Result<tokio_postgres::Client, tokio_postgres::Error> {
     let (client, connection) = tokio_postgres::connect(&admin_url(), tokio_postgres::NoTls).await?;
     tokio::spawn(connection);
     Ok(client)

@@ -55,3 +55,33 @@ fn connections_made_for_another_runtime_are_driven_by_the_pools_own() {
     });
     drop(other);
 }
+
+/// `warm` opens connections up to the number asked for, never past the
+/// pool's size, and they stay open: Postgres sees that many backends on the
+/// database.
+#[tokio::test]
+async fn warm_opens_connections_ahead_of_need() {
+    let url = test_util::create_database().await;
+    let store = Store::connect(&url, 4, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let database = url.rsplit_once('/').unwrap().1.to_owned();
+    let backends = || async {
+        let admin = test_util::admin_client().await.unwrap();
+        admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1",
+                &[&database],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    assert_eq!(backends().await, 1);
+    store.warm(3).await;
+    assert_eq!(backends().await, 3);
+    store.warm(10).await;
+    assert_eq!(backends().await, 4, "never more than the pool's size");
+    drop(store);
+    test_util::drop_database(&url).await.unwrap();
+}

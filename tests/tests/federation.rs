@@ -42,6 +42,19 @@ fn bodies(events: &[Value]) -> Vec<String> {
         .collect()
 }
 
+/// Send one PDU in a transaction of its own and check that it was accepted;
+/// the transaction's answer.
+async fn send_accepted(remote: &FakeRemote, txn: &str, pdu: &tessera_events::Pdu) -> Value {
+    let (status, answer) = remote.send(txn, &[json_of(pdu)], &[]).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        answer["pdus"][pdu.event_id().as_str()],
+        json!({}),
+        "{answer}"
+    );
+    answer
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_remote_server_joins_and_talks() {
     let cluster = TestCluster::start(federated(1)).await;
@@ -56,13 +69,7 @@ async fn a_remote_server_joins_and_talks() {
     let bob = remote.user("bob");
     remote.join(&room, &bob).await.expect("join");
     let message = remote.text(&room, &bob, "hello from afar");
-    let (status, answer) = remote.send("txn1", &[json_of(&message)], &[]).await;
-    assert_eq!(status, 200, "{answer}");
-    assert_eq!(
-        answer["pdus"][message.event_id().as_str()],
-        json!({}),
-        "{answer}"
-    );
+    let answer = send_accepted(&remote, "txn1", &message).await;
 
     let seen = sync_until(&cluster, &alice, &room, &mut since, |events| {
         bodies(events).contains(&"hello from afar".to_owned())
@@ -153,13 +160,7 @@ async fn pdus_from_a_server_the_acl_denies_are_dropped() {
     api.ok(reqwest::Method::PUT, &acl_path, &alice, Some(acl(vec![])))
         .await;
     let admitted = remote.text(&room, &bob, "admitted");
-    let (status, answer) = remote.send("acl2", &[json_of(&admitted)], &[]).await;
-    assert_eq!(status, 200, "{answer}");
-    assert_eq!(
-        answer["pdus"][admitted.event_id().as_str()],
-        json!({}),
-        "{answer}"
-    );
+    send_accepted(&remote, "acl2", &admitted).await;
     let seen = sync_until(&cluster, &alice, &room, &mut since, |events| {
         bodies(events).contains(&"admitted".to_owned())
     })

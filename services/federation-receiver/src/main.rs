@@ -64,6 +64,11 @@ async fn run(started: Started) -> anyhow::Result<()> {
         &config.federation.trusted_key_servers,
     ));
     let router = RoomRouter::new(store.clone(), config.cluster.partitions);
+    tokio::spawn(prune_transaction_records(
+        store.clone(),
+        Duration::from_secs(config.federation.transaction_retention_hours * 3600),
+        started.shutdown.clone(),
+    ));
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let bulk = tessera_runtime::bulk::low_priority_runtime("bulk-send", cores)
         .context("cannot start the low-priority runtime")?;
@@ -110,4 +115,30 @@ async fn run(started: Started) -> anyhow::Result<()> {
         _ => anyhow::bail!("federation_receiver.tls_certificate and tls_private_key go together"),
     }
     Ok(())
+}
+
+/// Every half hour (and at start), delete the records of inbound
+/// transactions older than the retention. Every replica does it: their
+/// deletes take different rows or none.
+async fn prune_transaction_records(
+    store: Store,
+    retention: Duration,
+    shutdown: tessera_runtime::shutdown::Shutdown,
+) {
+    let mut every = tokio::time::interval(Duration::from_secs(30 * 60));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        match store.prune_federation_txns(retention, 10_000).await {
+            Ok(0) => {}
+            Ok(pruned) => {
+                metrics::counter!("tessera_federation_transactions_pruned_total").increment(pruned);
+                tracing::info!(pruned, "deleted old inbound transaction records");
+            }
+            Err(error) => tracing::warn!(%error, "cannot delete old inbound transaction records"),
+        }
+    }
 }

@@ -287,6 +287,11 @@ pub struct FederationConfig {
     pub missing_prev_wait_ms: u64,
     /// Staged PDUs a room-worker processes for one room in one turn.
     pub staged_batch: i64,
+    /// How long the answer to an inbound transaction is kept to answer the
+    /// origin's retries of it; receivers delete older records every half
+    /// hour. (Synapse keeps a month; here a retry answered after that is
+    /// processed again, which changes nothing, so a day is plenty.)
+    pub transaction_retention_hours: u64,
     /// A signing key file in Synapse's `signing.key` format (`ed25519
     /// <version> <unpadded base64 seed>`), to keep a server's key, such as
     /// one moving from Synapse. Unset: the cluster generates a key on first
@@ -305,6 +310,7 @@ impl Default for FederationConfig {
             origin_pdu_burst: 20_000,
             missing_prev_wait_ms: 1_000,
             staged_batch: 200,
+            transaction_retention_hours: 24,
             signing_key_path: None,
         }
     }

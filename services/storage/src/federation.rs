@@ -104,6 +104,29 @@ impl Store {
         Ok(())
     }
 
+    /// Delete the records of transactions received more than `age` ago, at
+    /// most `batch` at a time (so no delete holds its locks for long);
+    /// returns how many went. An origin that retries so old a transaction
+    /// gets it processed again, which changes nothing: its PDUs are known.
+    pub async fn prune_federation_txns(&self, age: std::time::Duration, batch: i64) -> Result<u64> {
+        let mut pruned = 0;
+        loop {
+            let n = self
+                .execute(
+                    "DELETE FROM federation_transactions WHERE ctid IN (
+                         SELECT ctid FROM federation_transactions
+                         WHERE received_at < now() - make_interval(secs => $1::float8)
+                         LIMIT $2)",
+                    &[&age.as_secs_f64(), &batch],
+                )
+                .await?;
+            pruned += n;
+            if n < batch.max(1) as u64 {
+                return Ok(pruned);
+            }
+        }
+    }
+
     /// Stage PDUs (already checked for format, hashes and signatures). A PDU
     /// already staged or already known is skipped. Returns how many were new.
     pub async fn stage_pdus(&self, pdus: &[NewStagedPdu<'_>]) -> Result<u64> {

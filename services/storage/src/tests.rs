@@ -1,6 +1,7 @@
 //! Storage tests against a real Postgres (one fresh database each).
 
 mod cluster;
+mod federation;
 mod persist;
 mod pool;
 mod schema;

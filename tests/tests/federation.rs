@@ -2,12 +2,14 @@
 //! processes: joining, valid and broken PDUs, out-of-order arrival, soft
 //! failure, and what every federation endpoint says to bad requests.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use tessera_events::ruma::OwnedUserId;
 use tessera_tests::client::{enc, timeline};
 use tessera_tests::fake_remote::{FakeRemote, json_of};
-use tessera_tests::{FederationSpec, Spec, TestCluster, TestUser};
+use tessera_tests::{Api, FederationSpec, Spec, TestCluster, TestUser};
 
 fn federated(room_workers: usize) -> Spec {
     Spec::federated(room_workers)
@@ -40,6 +42,37 @@ fn bodies(events: &[Value]) -> Vec<String> {
         .filter(|e| e["type"] == "m.room.message")
         .filter_map(|e| e["content"]["body"].as_str().map(str::to_owned))
         .collect()
+}
+
+/// A cluster with one room-worker; alice's public room on it; bob, of a
+/// fake remote server, joined to it.
+struct Joined {
+    cluster: TestCluster,
+    api: Api,
+    alice: TestUser,
+    room: String,
+    remote: Arc<FakeRemote>,
+    bob: OwnedUserId,
+}
+
+async fn joined() -> Joined {
+    let cluster = TestCluster::start(federated(1)).await;
+    let api = cluster.api();
+    let alice = cluster.register("alice").await;
+    let room = api
+        .create_room(&alice, json!({ "preset": "public_chat" }))
+        .await;
+    let remote = FakeRemote::start(&cluster.server_name).await;
+    let bob = remote.user("bob");
+    remote.join(&room, &bob).await.expect("join");
+    Joined {
+        cluster,
+        api,
+        alice,
+        room,
+        remote,
+        bob,
+    }
 }
 
 /// Send one PDU in a transaction of its own and check that it was accepted;
@@ -114,15 +147,14 @@ async fn a_remote_server_joins_and_talks() {
 /// ACL admits it again.
 #[tokio::test(flavor = "multi_thread")]
 async fn pdus_from_a_server_the_acl_denies_are_dropped() {
-    let cluster = TestCluster::start(federated(1)).await;
-    let api = cluster.api();
-    let alice = cluster.register("alice").await;
-    let room = api
-        .create_room(&alice, json!({ "preset": "public_chat" }))
-        .await;
-    let remote = FakeRemote::start(&cluster.server_name).await;
-    let bob = remote.user("bob");
-    remote.join(&room, &bob).await.expect("join");
+    let Joined {
+        cluster,
+        api,
+        alice,
+        room,
+        remote,
+        bob,
+    } = joined().await;
     let mut since = api.initial_token(&alice).await;
 
     // Both servers are on 127.0.0.1; the ACL is only checked for what
@@ -204,16 +236,15 @@ async fn wait_stored(cluster: &TestCluster, event_id: &str) -> (bool, bool) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn broken_pdus_are_dropped_redacted_or_rejected() {
-    let cluster = TestCluster::start(federated(1)).await;
-    let api = cluster.api();
-    let alice = cluster.register("alice").await;
-    let room = api
-        .create_room(&alice, json!({ "preset": "public_chat" }))
-        .await;
+    let Joined {
+        cluster,
+        api,
+        alice,
+        room,
+        remote,
+        bob,
+    } = joined().await;
     let mut since = api.initial_token(&alice).await;
-    let remote = FakeRemote::start(&cluster.server_name).await;
-    let bob = remote.user("bob");
-    remote.join(&room, &bob).await.expect("join");
 
     // A bad signature: dropped, with an error for that PDU.
     let forged = remote.build_unchecked(
@@ -423,16 +454,15 @@ async fn broken_pdus_are_dropped_redacted_or_rejected() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn pdus_arriving_before_their_parents_wait_for_them() {
-    let cluster = TestCluster::start(federated(1)).await;
-    let api = cluster.api();
-    let alice = cluster.register("alice").await;
-    let room = api
-        .create_room(&alice, json!({ "preset": "public_chat" }))
-        .await;
+    let Joined {
+        cluster,
+        api,
+        alice,
+        room,
+        remote,
+        bob,
+    } = joined().await;
     let mut since = api.initial_token(&alice).await;
-    let remote = FakeRemote::start(&cluster.server_name).await;
-    let bob = remote.user("bob");
-    remote.join(&room, &bob).await.expect("join");
     let chain = messages(&remote, &room, &bob, 6, "m");
     // The second half first, then the first half in another transaction.
     let late: Vec<Value> = chain[3..].iter().map(|p| json_of(p)).collect();
@@ -463,16 +493,15 @@ async fn pdus_arriving_before_their_parents_wait_for_them() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn missing_parents_are_fetched_from_the_origin() {
-    let cluster = TestCluster::start(federated(1)).await;
-    let api = cluster.api();
-    let alice = cluster.register("alice").await;
-    let room = api
-        .create_room(&alice, json!({ "preset": "public_chat" }))
-        .await;
+    let Joined {
+        cluster,
+        api,
+        alice,
+        room,
+        remote,
+        bob,
+    } = joined().await;
     let mut since = api.initial_token(&alice).await;
-    let remote = FakeRemote::start(&cluster.server_name).await;
-    let bob = remote.user("bob");
-    remote.join(&room, &bob).await.expect("join");
     let chain = messages(&remote, &room, &bob, 4, "g");
     // Only the last one is ever sent: the rest must be fetched.
     assert_eq!(
@@ -489,15 +518,14 @@ async fn missing_parents_are_fetched_from_the_origin() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn events_the_current_state_forbids_are_soft_failed() {
-    let cluster = TestCluster::start(federated(1)).await;
-    let api = cluster.api();
-    let alice = cluster.register("alice").await;
-    let room = api
-        .create_room(&alice, json!({ "preset": "public_chat" }))
-        .await;
-    let remote = FakeRemote::start(&cluster.server_name).await;
-    let bob = remote.user("bob");
-    remote.join(&room, &bob).await.expect("join");
+    let Joined {
+        cluster,
+        api,
+        alice,
+        room,
+        remote,
+        bob,
+    } = joined().await;
     // Alice bans Bob here; the remote does not hear of it and Bob keeps talking
     // on top of what it knows. The state before his message allows it; the
     // current state does not.
@@ -1158,15 +1186,13 @@ async fn a_flooded_room_does_not_hold_back_a_quiet_one() {
 #[tokio::test(flavor = "multi_thread")]
 async fn transactions_staged_out_of_order_are_processed_parents_first() {
     const EVENTS: usize = 1000;
-    let cluster = TestCluster::start(federated(1)).await;
-    let api = cluster.api();
-    let alice = cluster.register("alice").await;
-    let room = api
-        .create_room(&alice, json!({ "preset": "public_chat" }))
-        .await;
-    let remote = FakeRemote::start(&cluster.server_name).await;
-    let bob = remote.user("bob");
-    remote.join(&room, &bob).await.unwrap();
+    let Joined {
+        cluster,
+        room,
+        remote,
+        bob,
+        ..
+    } = joined().await;
     let pdus = messages(&remote, &room, &bob, EVENTS, "m ");
     // Newest transaction first, each of 50 PDUs (more than one turn's batch
     // of rows is waiting on rows staged after it).
@@ -1394,15 +1420,14 @@ async fn backpressure_slows_only_the_busy_origin_and_room() {
 /// allows his room name; his auth events do not, so it is rejected.
 #[tokio::test(flavor = "multi_thread")]
 async fn events_their_own_auth_events_forbid_are_rejected() {
-    let cluster = TestCluster::start(federated(1)).await;
-    let api = cluster.api();
-    let alice = cluster.register("alice").await;
-    let room = api
-        .create_room(&alice, json!({ "preset": "public_chat" }))
-        .await;
-    let remote = FakeRemote::start(&cluster.server_name).await;
-    let bob = remote.user("bob");
-    remote.join(&room, &bob).await.expect("join");
+    let Joined {
+        cluster,
+        api,
+        alice,
+        room,
+        remote,
+        bob,
+    } = joined().await;
     let path = |kind: &str| {
         format!(
             "/_matrix/client/v3/rooms/{}/state/{kind}",

@@ -109,6 +109,7 @@ impl Store {
     /// returns how many went. An origin that retries so old a transaction
     /// gets it processed again, which changes nothing: its PDUs are known.
     pub async fn prune_federation_txns(&self, age: std::time::Duration, batch: i64) -> Result<u64> {
+        let batch = batch.max(1);
         let mut pruned = 0;
         loop {
             let n = self
@@ -121,7 +122,7 @@ impl Store {
                 )
                 .await?;
             pruned += n;
-            if n < batch.max(1) as u64 {
+            if n < batch as u64 {
                 return Ok(pruned);
             }
         }

@@ -16,7 +16,10 @@
 //! - the busy room's end-to-end ingest rate (flood events visible per second
 //!   in `/sync`, overall and per quarter of the flood);
 //! - how many flood events became visible (counted with `/messages` at the end);
-//! - the target's resident memory before and during the flood.
+//! - the target's resident memory before and during the flood;
+//! - storage flush stalls (`tessera_bench::flush_probe`) in each phase, and
+//!   the quiet latencies again without the messages that were on their way
+//!   during one: a diagnosis of the disk, beside the figures, never instead.
 //!
 //! Run through `scripts/bench/federation`, which starts both targets.
 
@@ -26,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use serde_json::{Value, json};
+use tessera_bench::flush_probe::{self, FlushProbe};
 use tessera_bench::{percentile, rss_mib};
 use tessera_events::ruma::OwnedUserId;
 use tessera_tests::client::enc;
@@ -75,6 +79,10 @@ struct Args {
     /// was answered and when bob and alice saw it (ms after sending).
     #[arg(long)]
     samples_csv: Option<std::path::PathBuf>,
+    /// Where the storage flush probe writes its file: a directory on the
+    /// database's disk (default: the temporary directory).
+    #[arg(long)]
+    flush_probe_dir: Option<std::path::PathBuf>,
 }
 
 /// Where events showed up in the local user's /sync.
@@ -402,6 +410,13 @@ async fn main() -> anyhow::Result<()> {
         Arc::clone(&stop),
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
+    let probe_dir = args
+        .flush_probe_dir
+        .clone()
+        .unwrap_or_else(std::env::temp_dir);
+    let probe = FlushProbe::start(&probe_dir)
+        .map_err(|e| anyhow::anyhow!("flush probe in {}: {e}", probe_dir.display()))?;
+    let idle_start = Instant::now();
 
     // Quiet traffic for the whole run.
     let quiet_sent: Arc<Mutex<Vec<(String, Instant)>>> = Arc::default();
@@ -513,6 +528,8 @@ async fn main() -> anyhow::Result<()> {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = syncer.await;
     let _ = bob_syncer.await;
+    let stalls = probe.stalls();
+    drop(probe);
     let visible = count_visible(&http, &target.client_url, &target.alice, &busy).await;
     if let (Some(cluster), Ok(dir)) = (&target.cluster, std::env::var("BENCH_METRICS_DIR")) {
         let mut names = vec!["federation-receiver".to_owned(), "sync-worker-0".to_owned()];
@@ -545,10 +562,17 @@ async fn main() -> anyhow::Result<()> {
             *at < flood_start
         }
     };
-    let latencies = |seen: &Seen, during: bool| -> (Vec<f64>, usize) {
+    // A message's way overlapped a storage stall if one was under way
+    // between its sending and bob's seeing it.
+    let stalled = |body: &String, at: &Instant| {
+        let seen_at = seen_by_bob.quiet.get(body).copied().unwrap_or(*at);
+        flush_probe::longest_overlapping(&stalls, *at, seen_at)
+    };
+    let latencies_of = |seen: &Seen, during: bool, skip_stalled: bool| -> (Vec<f64>, usize) {
         let mut values: Vec<f64> = sent
             .iter()
             .filter(|(_, at)| in_phase(at, during))
+            .filter(|(body, at)| !skip_stalled || stalled(body, at).is_none())
             .filter_map(|(body, at)| {
                 seen.quiet
                     .get(body)
@@ -562,6 +586,7 @@ async fn main() -> anyhow::Result<()> {
             .count();
         (values, missing)
     };
+    let latencies = |seen: &Seen, during: bool| latencies_of(seen, during, false);
     let (idle, idle_missing) = latencies(&seen_by_bob, false);
     let (during, during_missing) = latencies(&seen_by_bob, true);
     let (alice_idle, alice_idle_missing) = latencies(&seen, false);
@@ -587,7 +612,8 @@ async fn main() -> anyhow::Result<()> {
                 format!("{:.1}", t.duration_since(*at).as_secs_f64() * 1000.0)
             })
         };
-        let mut csv = String::from("sent_ms_from_flood_start,answered_ms,bob_ms,alice_ms\n");
+        let mut csv =
+            String::from("sent_ms_from_flood_start,answered_ms,bob_ms,alice_ms,flush_stall_ms\n");
         for (body, at) in sent.iter() {
             let offset = if *at >= flood_start {
                 at.duration_since(flood_start).as_secs_f64()
@@ -595,11 +621,15 @@ async fn main() -> anyhow::Result<()> {
                 -flood_start.duration_since(*at).as_secs_f64()
             };
             csv.push_str(&format!(
-                "{:.1},{},{},{}\n",
+                "{:.1},{},{},{},{}\n",
                 offset * 1000.0,
                 after(at, acked.get(body)),
                 after(at, seen_by_bob.quiet.get(body)),
                 after(at, seen.quiet.get(body)),
+                stalled(body, at).map_or(String::new(), |d| format!(
+                    "{:.1}",
+                    d.as_secs_f64() * 1000.0
+                )),
             ));
         }
         std::fs::write(path, csv)?;
@@ -689,6 +719,37 @@ async fn main() -> anyhow::Result<()> {
         percentile(&alice_during, 50.0),
         percentile(&alice_during, 99.0),
     );
+    {
+        let in_window = |from: Instant, to: Instant| -> Vec<f64> {
+            stalls
+                .iter()
+                .filter(|(start, _)| (from..=to).contains(start))
+                .map(|(_, took)| took.as_secs_f64() * 1000.0)
+                .collect()
+        };
+        let describe = |v: &[f64]| match v.iter().cloned().reduce(f64::max) {
+            Some(max) => format!("{} (longest {max:.0} ms)", v.len()),
+            None => "none".to_owned(),
+        };
+        eprintln!(
+            "   storage flushes of {} ms or more (probe in {}): idle {}, during the flood {}",
+            flush_probe::SLOW.as_millis(),
+            probe_dir.display(),
+            describe(&in_window(idle_start, flood_start)),
+            describe(&in_window(flood_start, flood_end)),
+        );
+        let (idle_clear, _) = latencies_of(&seen_by_bob, false, true);
+        let (during_clear, _) = latencies_of(&seen_by_bob, true, true);
+        eprintln!(
+            "   bob without the messages a storage stall overlapped ({} idle, {} during left out): p50 / p99 idle {:.1} / {:.1} ms, during the flood {:.1} / {:.1} ms",
+            idle.len() - idle_clear.len(),
+            during.len() - during_clear.len(),
+            percentile(&idle_clear, 50.0),
+            percentile(&idle_clear, 99.0),
+            percentile(&during_clear, 50.0),
+            percentile(&during_clear, 99.0),
+        );
+    }
     eprintln!(
         "   flood sent in {:.1} s, last flood event visible after {:.1} s; quiet messages: {} idle, {} during",
         flood_sent.as_secs_f64(),

@@ -182,7 +182,7 @@ async fn sync(
     loop {
         let notify = api.view.register(&keys);
         let snapshot = api.view.positions();
-        let response = compute(&api.store, &api.view, &request, &snapshot).await?;
+        let response = compute(&api.store, &api.view, &request, &snapshot, &keys).await?;
         let done =
             since.is_none() || full_state || response.has_content || Instant::now() >= deadline;
         if done {

@@ -65,11 +65,16 @@ fn filtered(events: Vec<StoredEvent>, filter: &EventFilter) -> Vec<StoredEvent> 
         .collect()
 }
 
+/// `joined_hint`: rooms the user was joined to when last looked at (the
+/// previous response's wait keys; other keys are ignored). Their new events
+/// are read at the same time as the user's memberships instead of after
+/// them; a hint that turns out wrong costs a read that is not used.
 pub async fn compute(
     store: &Store,
     view: &View,
     request: &Request<'_>,
     snapshot: &[i64],
+    joined_hint: &[String],
 ) -> Result<Response, StoreError> {
     let initial = request.since.is_none();
     let zeros = vec![0i64; snapshot.len()];
@@ -92,12 +97,14 @@ pub async fn compute(
     };
 
     // Account data changed since the token (all of it for an initial sync),
-    // and the user's memberships: independent reads, made at once, so that a
+    // the user's memberships, and the new events of the rooms the user was
+    // joined to that have any: independent reads, made at once, so that a
     // woken long-poll waits for one round trip here rather than two.
     let since_user_pos = request.since.map(|(_, u)| u).unwrap_or(0);
-    let (account_rows, memberships) = tokio::try_join!(
+    let (account_rows, memberships, mut prefetched) = tokio::try_join!(
         store.account_data_since(request.user_id, since_user_pos),
-        store.membership_history(request.user_id)
+        store.membership_history(request.user_id),
+        prefetch_timelines(store, view, request, since, &next, joined_hint),
     )?;
     let user_pos = account_rows
         .iter()
@@ -176,6 +183,7 @@ pub async fn compute(
                     check_visibility,
                     rows,
                     &render_list,
+                    prefetched.remove(room_id),
                 )
                 .await?
                 {
@@ -276,6 +284,46 @@ pub async fn compute(
     })
 }
 
+/// The timeline reads `joined_room` will make for the hinted rooms that are
+/// not newly joined (so read from the since position) and have events after
+/// it: same arguments, made ahead. Keyed by room ID.
+async fn prefetch_timelines(
+    store: &Store,
+    view: &View,
+    request: &Request<'_>,
+    since: &[i64],
+    next: &[i64],
+    joined_hint: &[String],
+) -> Result<HashMap<String, Vec<StoredEvent>>, StoreError> {
+    let mut timelines = HashMap::new();
+    if request.since.is_none() || request.full_state {
+        return Ok(timelines);
+    }
+    for room_id in joined_hint.iter().filter(|key| key.starts_with('!')) {
+        if !request.filter.wants_room(room_id) {
+            continue;
+        }
+        let p = tessera_cluster::partition_of(room_id, request.partitions);
+        let (after, upto) = (since[p as usize], next[p as usize]);
+        let has_news = view
+            .room_head_after(room_id, p, after)
+            .is_some_and(|head| head > after);
+        if has_news {
+            let events = store
+                .room_events(
+                    room_id,
+                    after,
+                    upto,
+                    Direction::Backward,
+                    request.timeline_limit + 1,
+                )
+                .await?;
+            timelines.insert(room_id.clone(), events);
+        }
+    }
+    Ok(timelines)
+}
+
 async fn load_visibility(
     store: &Store,
     room_id: &str,
@@ -306,6 +354,7 @@ async fn joined_room(
     check_visibility: bool,
     rows: &[MembershipRow],
     render_list: &impl Fn(&[StoredEvent]) -> Vec<Value>,
+    prefetched: Option<Vec<StoredEvent>>,
 ) -> Result<Option<Map<String, Value>>, StoreError> {
     if !newly
         && let Some(head) = view.room_head_after(room_id, partition, after)
@@ -314,15 +363,21 @@ async fn joined_room(
         return Ok(None);
     }
     let from = if newly { 0 } else { after };
-    let mut timeline = store
-        .room_events(
-            room_id,
-            from,
-            upto,
-            Direction::Backward,
-            request.timeline_limit + 1,
-        )
-        .await?;
+    let mut timeline = match prefetched {
+        // Read with `from == after`, which is only right when not newly joined.
+        Some(events) if !newly => events,
+        _ => {
+            store
+                .room_events(
+                    room_id,
+                    from,
+                    upto,
+                    Direction::Backward,
+                    request.timeline_limit + 1,
+                )
+                .await?
+        }
+    };
     if !newly && timeline.is_empty() {
         return Ok(None);
     }

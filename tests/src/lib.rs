@@ -175,6 +175,23 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// Delete every Redis key under `prefix` (a cluster's streams).
+async fn delete_redis_keys(redis_url: &str, prefix: &str) -> redis::RedisResult<()> {
+    let client = redis::Client::open(redis_url)?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:*"))
+        .query_async(&mut conn)
+        .await?;
+    for batch in keys.chunks(500) {
+        redis::cmd("DEL")
+            .arg(batch)
+            .query_async::<()>(&mut conn)
+            .await?;
+    }
+    Ok(())
+}
+
 pub fn redis_url() -> String {
     std::env::var("TESSERA_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".to_owned())
 }
@@ -434,13 +451,18 @@ filter = "{log_filter}"
         lines[lines.len().saturating_sub(40)..].join("\n")
     }
 
-    /// Stop every process, then drop the cluster's database (benchmarks,
-    /// which run outside `scripts/test` and its clean-up).
+    /// Stop every process, then drop the cluster's database and delete its
+    /// Redis streams (benchmarks, which run outside `scripts/test` and its
+    /// clean-up).
     pub async fn remove(self) {
         let database = self.db_url.clone();
+        let (redis_url, prefix) = (self.redis_url.clone(), self.redis_prefix.clone());
         drop(self);
         if let Err(error) = tessera_storage::test_util::drop_database(&database).await {
             eprintln!("could not drop the cluster's database {database}: {error}");
+        }
+        if let Err(error) = delete_redis_keys(&redis_url, &prefix).await {
+            eprintln!("could not delete the cluster's Redis keys {prefix}:*: {error}");
         }
     }
 

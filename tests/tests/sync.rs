@@ -100,6 +100,14 @@ async fn tokens_survive_worker_switches_restarts_and_redis_loss() {
             "room {room}: every message once, in order"
         );
     }
+
+    // Removing the cluster (as the benchmarks do) leaves nothing behind.
+    let pattern = format!("{}:*", cluster.redis_prefix);
+    let streams: Vec<String> = conn.keys(&pattern).await.unwrap();
+    assert!(!streams.is_empty(), "the cluster wrote no streams");
+    cluster.remove().await;
+    let left: Vec<String> = conn.keys(&pattern).await.unwrap();
+    assert!(left.is_empty(), "Redis keys left: {left:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

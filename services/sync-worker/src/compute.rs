@@ -65,8 +65,8 @@ fn filtered(events: Vec<StoredEvent>, filter: &EventFilter) -> Vec<StoredEvent> 
         .collect()
 }
 
-/// `joined_hint`: rooms the user was joined to when last looked at (the
-/// previous response's wait keys; other keys are ignored). Their new events
+/// `joined_hint`: rooms the user was joined to when last looked at (the keys
+/// the long-poll waits on; keys that are not room IDs are ignored). Their new events
 /// are read at the same time as the user's memberships instead of after
 /// them; a hint that turns out wrong costs a read that is not used.
 pub async fn compute(

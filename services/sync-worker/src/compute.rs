@@ -65,10 +65,11 @@ fn filtered(events: Vec<StoredEvent>, filter: &EventFilter) -> Vec<StoredEvent> 
         .collect()
 }
 
-/// `joined_hint`: rooms the user was joined to when last looked at (the keys
-/// the long-poll waits on; keys that are not room IDs are ignored). Their new events
-/// are read at the same time as the user's memberships instead of after
-/// them; a hint that turns out wrong costs a read that is not used.
+/// `joined_hint`: rooms the user was joined to when last looked at (the
+/// keys the long-poll waits on; keys that are not room IDs are ignored).
+/// Their new events are read at the same time as the user's memberships
+/// instead of after them; a hint that turns out wrong costs a read that is
+/// not used.
 pub async fn compute(
     store: &Store,
     view: &View,
@@ -221,15 +222,7 @@ pub async fn compute(
             {
                 let left_at = now_row.pos;
                 let from = if initial { 0 } else { after };
-                let mut timeline = store
-                    .room_events(
-                        room_id,
-                        from,
-                        left_at,
-                        Direction::Backward,
-                        request.timeline_limit + 1,
-                    )
-                    .await?;
+                let mut timeline = newest_events(store, request, room_id, from, left_at).await?;
                 let limited = timeline.len() as i64 > request.timeline_limit;
                 timeline.truncate(request.timeline_limit as usize);
                 timeline.reverse();
@@ -284,6 +277,28 @@ pub async fn compute(
     })
 }
 
+/// A room's newest events in `(from, upto]`, newest first: one more than
+/// the timeline limit, so that the caller can tell whether it is limited.
+/// Every timeline read goes through here, so a prefetched read is the same
+/// read `joined_room` would make.
+async fn newest_events(
+    store: &Store,
+    request: &Request<'_>,
+    room_id: &str,
+    from: i64,
+    upto: i64,
+) -> Result<Vec<StoredEvent>, StoreError> {
+    store
+        .room_events(
+            room_id,
+            from,
+            upto,
+            Direction::Backward,
+            request.timeline_limit + 1,
+        )
+        .await
+}
+
 /// The timeline reads `joined_room` will make for the hinted rooms that are
 /// not newly joined (so read from the since position) and have events after
 /// it: same arguments, made ahead. Keyed by room ID.
@@ -309,15 +324,7 @@ async fn prefetch_timelines(
             .room_head_after(room_id, p, after)
             .is_some_and(|head| head > after);
         if has_news {
-            let events = store
-                .room_events(
-                    room_id,
-                    after,
-                    upto,
-                    Direction::Backward,
-                    request.timeline_limit + 1,
-                )
-                .await?;
+            let events = newest_events(store, request, room_id, after, upto).await?;
             timelines.insert(room_id.clone(), events);
         }
     }
@@ -366,17 +373,7 @@ async fn joined_room(
     let mut timeline = match prefetched {
         // Read with `from == after`, which is only right when not newly joined.
         Some(events) if !newly => events,
-        _ => {
-            store
-                .room_events(
-                    room_id,
-                    from,
-                    upto,
-                    Direction::Backward,
-                    request.timeline_limit + 1,
-                )
-                .await?
-        }
+        _ => newest_events(store, request, room_id, from, upto).await?,
     };
     if !newly && timeline.is_empty() {
         return Ok(None);

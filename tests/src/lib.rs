@@ -451,6 +451,14 @@ filter = "{log_filter}"
         lines[lines.len().saturating_sub(40)..].join("\n")
     }
 
+    /// Delete every Redis key of this cluster, as a Redis restarted empty
+    /// would lose them.
+    pub async fn wipe_redis(&self) {
+        delete_redis_keys(&self.redis_url, &self.redis_prefix)
+            .await
+            .expect("delete the cluster's Redis keys");
+    }
+
     /// Stop every process, then drop the cluster's database and delete its
     /// Redis streams (benchmarks, which run outside `scripts/test` and its
     /// clean-up).

@@ -66,13 +66,7 @@ async fn tokens_survive_worker_switches_restarts_and_redis_loss() {
         }
         if round == 7 {
             // Redis restarted empty: every stream of this cluster is gone.
-            let keys: Vec<String> = conn
-                .keys(format!("{}:*", cluster.redis_prefix))
-                .await
-                .unwrap();
-            for key in keys {
-                let _: () = conn.del(key).await.unwrap();
-            }
+            cluster.wipe_redis().await;
         }
         // Sync on alternating workers until each has delivered what was sent.
         let worker = &cluster.sync_urls[round % 2];

@@ -576,6 +576,15 @@ filter = "{log_filter}"
         owners
     }
 
+    /// A plain connection to the cluster's database, for a test's own checks.
+    pub async fn db(&self) -> tokio_postgres::Client {
+        let (client, connection) = tokio_postgres::connect(&self.db_url, tokio_postgres::NoTls)
+            .await
+            .expect("connect to the cluster's database");
+        tokio::spawn(connection);
+        client
+    }
+
     pub async fn store(&self) -> tessera_storage::Store {
         tessera_storage::Store::connect(&self.db_url, 2, Duration::from_secs(5))
             .await

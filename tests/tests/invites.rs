@@ -141,10 +141,7 @@ async fn a_remote_invite_reaches_sync_and_can_be_rejected() {
         .await
         .expect("a repeated invite is accepted");
     assert_eq!(again["event"]["signatures"], answer["event"]["signatures"]);
-    let (db, connection) = tokio_postgres::connect(&cluster.db_url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
+    let db = cluster.db().await;
     let stored: i64 = db
         .query_one(
             "SELECT count(*) FROM out_of_band_memberships WHERE room_id = $1",

@@ -113,10 +113,7 @@ async fn incompatible_schema_and_partition_changes_are_refused() {
     assert_eq!(code, Some(1));
     assert!(stderr.contains("created with 16 partitions"), "{stderr}");
     // A schema written by a future, incompatible release.
-    let (client, connection) = tokio_postgres::connect(&cluster.db_url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
+    let client = cluster.db().await;
     client
         .execute("UPDATE schema_compat SET compat_version = 99", &[])
         .await
@@ -145,10 +142,7 @@ async fn migrate_only_migrates_and_exits() {
     .await;
     let config = std::fs::read_to_string(cluster.config_path()).unwrap();
     // A new database on the same server: migrated from nothing, then left alone.
-    let (client, connection) = tokio_postgres::connect(&cluster.db_url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
+    let client = cluster.db().await;
     let db_name = cluster.db_url.rsplit('/').next().unwrap().to_owned();
     let fresh = format!("{db_name}_fresh");
     client

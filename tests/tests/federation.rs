@@ -102,7 +102,17 @@ async fn a_remote_server_joins_and_talks() {
     let bob = remote.user("bob");
     remote.join(&room, &bob).await.expect("join");
     let message = remote.text(&room, &bob, "hello from afar");
-    let answer = send_accepted(&remote, "txn1", &message).await;
+    let receipt = json!({
+        "edu_type": "m.receipt",
+        "content": { room.as_str(): { "m.read": { bob.as_str(): {
+            "event_ids": [message.event_id().as_str()], "data": { "ts": 1 }
+        } } } }
+    });
+    let (status, answer) = remote
+        .send("txn1", &[json_of(&message)], std::slice::from_ref(&receipt))
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["pdus"][message.event_id().as_str()], json!({}));
 
     let seen = sync_until(&cluster, &alice, &room, &mut since, |events| {
         bodies(events).contains(&"hello from afar".to_owned())
@@ -134,12 +144,40 @@ async fn a_remote_server_joins_and_talks() {
         "{metrics}"
     );
 
-    // The same transaction again changes nothing.
-    let (status, again) = remote.send("txn1", &[json_of(&message)], &[]).await;
+    // The same transaction again, once its answer is recorded, changes
+    // nothing: the same answer, no second event, the EDU kept once.
+    let store = cluster.store().await;
+    for _ in 0..100 {
+        if store
+            .federation_txn(remote.server_name.as_str(), "txn1")
+            .await
+            .unwrap()
+            .is_some()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, again) = remote.send("txn1", &[json_of(&message)], &[receipt]).await;
     assert_eq!((status, &again), (200, &answer));
     tokio::time::sleep(Duration::from_millis(300)).await;
     let sync = api.sync(&alice, Some(&since), 0).await;
     assert!(bodies(&timeline(&sync, &room)).is_empty(), "nothing twice");
+    assert_eq!(received_edus(&cluster, "m.receipt").await, 1);
+}
+
+/// How many EDUs of `edu_type` the receivers have kept.
+async fn received_edus(cluster: &TestCluster, edu_type: &str) -> i64 {
+    cluster
+        .db()
+        .await
+        .query_one(
+            "SELECT count(*) FROM received_edus WHERE edu_type = $1",
+            &[&edu_type],
+        )
+        .await
+        .unwrap()
+        .get(0)
 }
 
 /// A server the room's `m.room.server_acl` denies is refused, per PDU, in
@@ -210,11 +248,9 @@ async fn pdus_from_a_server_the_acl_denies_are_dropped() {
 
 /// Whether an event is stored as rejected (and so never shown).
 async fn stored_flags(cluster: &TestCluster, event_id: &str) -> Option<(bool, bool)> {
-    let (client, connection) = tokio_postgres::connect(&cluster.db_url, tokio_postgres::NoTls)
+    let row = cluster
+        .db()
         .await
-        .unwrap();
-    tokio::spawn(connection);
-    let row = client
         .query_opt(
             "SELECT rejected, soft_failed FROM events WHERE event_id = $1",
             &[&event_id],
@@ -579,7 +615,8 @@ async fn events_the_current_state_forbids_are_soft_failed() {
             .await,
         (200, json!({ "pdus": { message.event_id().as_str(): {} } }))
     );
-    let copies: i64 = db(&cluster)
+    let copies: i64 = cluster
+        .db()
         .await
         .query_one(
             "SELECT count(*) FROM events WHERE event_id = $1",
@@ -1049,14 +1086,6 @@ async fn bad_federation_requests_get_matrix_errors() {
     );
 }
 
-async fn db(cluster: &TestCluster) -> tokio_postgres::Client {
-    let (client, connection) = tokio_postgres::connect(&cluster.db_url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
-    client
-}
-
 /// `count` messages from `user` in `room`, built (and signed) by `remote`,
 /// each on the previous one; bodies are `prefix` and the index.
 fn messages(
@@ -1078,7 +1107,7 @@ async fn stage_directly(
     origin: &str,
     pdus: &[std::sync::Arc<tessera_events::Pdu>],
 ) {
-    let client = db(cluster).await;
+    let client = cluster.db().await;
     let partition = tessera_cluster::partition_of(room, cluster.spec().partitions) as i32;
     let ids: Vec<String> = pdus.iter().map(|p| p.event_id().to_string()).collect();
     let jsons: Vec<String> = pdus.iter().map(|p| p.canonical_string()).collect();
@@ -1133,7 +1162,7 @@ async fn a_flooded_room_does_not_hold_back_a_quiet_one() {
     // Now one message in the quiet room.
     let hello = talker.text(&quiet, &friend, "hi");
     assert_eq!(talker.send("hello", &[json_of(&hello)], &[]).await.0, 200);
-    let client = db(&cluster).await;
+    let client = cluster.db().await;
     let mut busy_done_when_quiet_done = None;
     for _ in 0..3000 {
         let quiet_done = client
@@ -1206,7 +1235,7 @@ async fn transactions_staged_out_of_order_are_processed_parents_first() {
             .0,
         200
     );
-    let client = db(&cluster).await;
+    let client = cluster.db().await;
     let mut order = Vec::new();
     for _ in 0..600 {
         order = client
@@ -1279,7 +1308,7 @@ async fn staged_pdus_survive_a_killed_room_worker_exactly_once() {
         .unwrap()
         .worker_id;
     cluster.kill(&owner).await;
-    let client = db(&cluster).await;
+    let client = cluster.db().await;
     for _ in 0..600 {
         let staged: i64 = client
             .query_one(

@@ -35,6 +35,22 @@ pub struct RoomWorkerApi {
 }
 
 impl RoomWorkerApi {
+    /// Whether the room's server ACL admits `origin`: from the state in
+    /// memory once the room has been processed here, else from Postgres.
+    async fn server_acl_admits(&self, room_id: &RoomId, origin: &str) -> Result<bool, Status> {
+        let acl = match self.engine.cached_server_acl(room_id) {
+            Some(acl) => acl.map(|pdu| pdu.content_value()),
+            None => self
+                .store
+                .state_event(room_id.as_str(), "m.room.server_acl", "")
+                .await
+                .map_err(|e| Status::unavailable(e.to_string()))?
+                .and_then(|event| event.pdu().ok())
+                .map(|pdu| pdu.content_value()),
+        };
+        Ok(tessera_events::server_acl::allows(acl.as_ref(), origin))
+    }
+
     pub fn new(
         engine: Arc<Engine>,
         ownership: Arc<Ownership>,
@@ -243,6 +259,15 @@ impl RoomWorker for RoomWorkerApi {
                 "federation is not configured on this worker",
             ));
         };
+        // The ACL is checked here, where the room's current state is in
+        // memory, rather than at the federation-receiver, which would read
+        // it from Postgres on every transaction's way in.
+        if !self.server_acl_admits(&room_id, &request.origin).await? {
+            return Err(Status::permission_denied(format!(
+                "the room's server ACL denies {}",
+                request.origin
+            )));
+        }
         let mut to_stage = request.pdus;
         // A room with nothing staged (counted empty, or not counted since its
         // last turn drained it) tries the direct path first, with no query.

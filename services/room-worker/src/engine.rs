@@ -19,7 +19,9 @@ use std::sync::{Arc, Mutex};
 
 use tessera_cluster::PartitionGuard;
 use tessera_events::keys::SigningKey;
+use tessera_events::pdu::Pdu;
 use tessera_events::room_state::RoomState;
+use tessera_events::ruma::events::StateEventType;
 use tessera_events::ruma::{OwnedRoomId, OwnedServerName, RoomId};
 use tessera_replication::Publisher;
 use tessera_storage::Store;
@@ -365,6 +367,14 @@ impl Engine {
             .expect("states lock")
             .get(room_id)
             .cloned()
+    }
+
+    /// The room's `m.room.server_acl` event if its state is in memory
+    /// (`Some(None)`: the room has none); `None` when it is not cached.
+    pub(crate) fn cached_server_acl(&self, room_id: &RoomId) -> Option<Option<Arc<Pdu>>> {
+        let states = self.states.lock().expect("states lock");
+        let state = states.get(room_id)?;
+        Some(state.get(&StateEventType::RoomServerAcl, "").cloned())
     }
 
     pub(crate) fn cache_state(&self, state: RoomState) {

@@ -1,10 +1,11 @@
 //! `PUT /_matrix/federation/v1/send/{txnId}`: the spec's limits, per-origin
-//! rate limit, then each PDU's checks (room known, server ACL, format,
-//! signatures, content hash), grouped by room and staged at each room's
-//! owner. Answered when every group is staged; processing goes on per room.
-//! The same transaction ID from the same origin gets the same answer.
+//! rate limit, then each PDU's checks (room known, format, signatures,
+//! content hash), grouped by room and staged at each room's owner, which
+//! also applies the room's server ACL. Answered when every group is staged;
+//! processing goes on per room. The same transaction ID from the same origin
+//! gets the same answer.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use axum::Json;
 use axum::extract::{Path, State};
@@ -118,110 +119,22 @@ pub async fn send(
             edus.len()
         )));
     }
-    // The transaction-ID lookup and the server ACLs of the rooms the PDUs
-    // name are independent lookups: made at once, a quiet room's one-PDU
-    // transaction waits for one database round trip here, not two.
-    let (repeat, mut acl_verdicts) = tokio::join!(
+    // A repeated transaction is rare, and staging its PDUs again changes
+    // nothing (their owner skips known events), so the lookup runs beside
+    // the PDUs' checks and staging rather than ahead of them: a quiet room's
+    // one-PDU transaction waits for its owner, not also for a read before
+    // that. Only the EDUs wait for the verdict, so a repeat never delivers
+    // them twice.
+    let (repeat, staged) = tokio::join!(
         state.store.federation_txn(origin.as_str(), &txn),
-        acl_verdicts_of(&state, origin.as_str(), &pdus)
+        check_and_stage(&state, origin.as_str(), pdus)
     );
     if let Some(response) = repeat? {
         metrics::counter!("tessera_federation_server_transactions_total", "result" => "repeat")
             .increment(1);
         return Ok(Json(response));
     }
-    if let Err(retry_after_ms) = state.take_tokens(origin.as_str(), pdus.len().max(1) as u64) {
-        metrics::counter!("tessera_federation_backpressure_total", "reason" => "origin_rate")
-            .increment(1);
-        return Err(MatrixError::limit_exceeded(retry_after_ms));
-    }
-
-    // Check each PDU; group the good ones by room.
-    let mut results: Map<String, Value> = Map::new();
-    let mut groups: BTreeMap<String, Vec<StagedPdu>> = BTreeMap::new();
-    let drop_pdu = |index: usize, (event_id, reason, error): Dropped| {
-        metrics::counter!("tessera_federation_server_pdus_dropped_total", "reason" => reason)
-            .increment(1);
-        let key = event_id.unwrap_or_else(|| format!("(pdu {index})"));
-        tracing::info!(%origin, pdu = %key, %error, "dropped a PDU");
-        (key, json!({ "error": error }))
-    };
-    let mut admitted = Vec::new();
-    for (index, pdu) in pdus.into_iter().enumerate() {
-        tessera_runtime::bulk::yield_to_urgent().await;
-        match admit_pdu(&state, origin.as_str(), index, pdu, &mut acl_verdicts).await {
-            Ok(pdu) => admitted.push(pdu),
-            Err(dropped) => {
-                let (key, value) = drop_pdu(index, dropped);
-                results.insert(key, value);
-            }
-        }
-    }
-    for admitted in admitted {
-        tessera_runtime::bulk::yield_to_urgent().await;
-        let (index, room, result) = verify(admitted);
-        let outcome = match result {
-            Ok(checked) => sender_may_send(&state, origin.as_str(), &room, checked).await,
-            Err(error) => Err(error),
-        };
-        match outcome {
-            Ok(staged) => {
-                results.insert(staged.event_id.clone(), json!({}));
-                groups.entry(room).or_default().push(staged);
-            }
-            Err(dropped) => {
-                let (key, value) = drop_pdu(index, dropped);
-                results.insert(key, value);
-            }
-        }
-    }
-    metrics::counter!("tessera_federation_server_received_pdus_total")
-        .increment(results.len() as u64);
-
-    // Stage every room's group at its owner, concurrently.
-    tessera_runtime::bulk::yield_to_urgent().await;
-    let staging = groups.into_iter().map(|(room_id, pdus)| {
-        let state = state.clone();
-        let origin = origin.to_string();
-        async move {
-            let request = StagePdusRequest {
-                room_id: room_id.clone(),
-                origin,
-                pdus,
-            };
-            (
-                room_id,
-                state
-                    .router
-                    .stage_pdus(&request.room_id.clone(), request)
-                    .await,
-            )
-        }
-    });
-    for (room_id, result) in futures::future::join_all(staging).await {
-        match result {
-            Ok(_) => {}
-            Err(RouteError::Rejected(status))
-                if status.code() == tonic::Code::ResourceExhausted =>
-            {
-                metrics::counter!("tessera_federation_server_transactions_total", "result" => "backpressure").increment(1);
-                let retry = status
-                    .metadata()
-                    .get("retry-after-ms")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(2000);
-                tracing::info!(%origin, room = %room_id, "room backlog over the limit: 429");
-                return Err(MatrixError::limit_exceeded(retry));
-            }
-            Err(error) => {
-                tracing::warn!(%origin, room = %room_id, %error, "cannot stage PDUs; the origin will retry");
-                return Err(MatrixError::unavailable(
-                    "the room's owner is unavailable; retry the transaction",
-                ));
-            }
-        }
-    }
+    let results = staged?;
 
     // EDUs take their own path: kept until the features that consume them exist.
     let edus: Vec<(String, Value)> = edus
@@ -270,34 +183,115 @@ pub async fn send(
     Ok(Json(response))
 }
 
-/// Rooms whose server ACL is looked up before the PDUs are checked, at most:
-/// a transaction names one room or a few; the PDUs of further rooms have
-/// theirs looked up as they come (a hostile transaction naming fifty rooms
-/// must not take fifty pooled connections at once).
-const ACL_PREFETCH_ROOMS: usize = 4;
+/// Checks each PDU, hands each room's good ones to the room's owner (all
+/// rooms at once) and gives the transaction's answer for every PDU. A room
+/// whose server ACL denies the origin is refused by its owner, which holds
+/// the room's current state.
+async fn check_and_stage(
+    state: &AppState,
+    origin: &str,
+    pdus: Vec<Value>,
+) -> Result<Map<String, Value>, MatrixError> {
+    if let Err(retry_after_ms) = state.take_tokens(origin, pdus.len().max(1) as u64) {
+        metrics::counter!("tessera_federation_backpressure_total", "reason" => "origin_rate")
+            .increment(1);
+        return Err(MatrixError::limit_exceeded(retry_after_ms));
+    }
 
-/// The server ACL verdicts for `origin` in the first few distinct rooms the
-/// PDUs name. A lookup that fails is left out: the PDU's own check looks
-/// again and reports the error.
-async fn acl_verdicts_of(state: &AppState, origin: &str, pdus: &[Value]) -> HashMap<String, bool> {
-    let mut rooms: Vec<&str> = Vec::new();
-    for room in pdus.iter().filter_map(|p| p.get("room_id")?.as_str()) {
-        if !rooms.contains(&room) {
-            if rooms.len() == ACL_PREFETCH_ROOMS {
-                break;
+    // Check each PDU; group the good ones by room.
+    let mut results: Map<String, Value> = Map::new();
+    let mut groups: BTreeMap<String, Vec<StagedPdu>> = BTreeMap::new();
+    let drop_pdu = |key: String, reason: &'static str, error: String| {
+        metrics::counter!("tessera_federation_server_pdus_dropped_total", "reason" => reason)
+            .increment(1);
+        tracing::info!(%origin, pdu = %key, %error, "dropped a PDU");
+        (key, json!({ "error": error }))
+    };
+    let dropped = |index: usize, (event_id, reason, error): Dropped| {
+        drop_pdu(
+            event_id.unwrap_or_else(|| format!("(pdu {index})")),
+            reason,
+            error,
+        )
+    };
+    let mut admitted = Vec::new();
+    for (index, pdu) in pdus.into_iter().enumerate() {
+        tessera_runtime::bulk::yield_to_urgent().await;
+        match admit_pdu(state, index, pdu).await {
+            Ok(pdu) => admitted.push(pdu),
+            Err(reason) => {
+                let (key, value) = dropped(index, reason);
+                results.insert(key, value);
             }
-            rooms.push(room);
         }
     }
-    let lookups = rooms.into_iter().map(|room| async move {
-        let allowed = state.acl_allows(room, origin).await.ok()?;
-        Some((room.to_owned(), allowed))
+    for admitted in admitted {
+        tessera_runtime::bulk::yield_to_urgent().await;
+        let (index, room, result) = verify(admitted);
+        let outcome = match result {
+            Ok(checked) => sender_may_send(state, origin, &room, checked).await,
+            Err(error) => Err(error),
+        };
+        match outcome {
+            Ok(staged) => {
+                results.insert(staged.event_id.clone(), json!({}));
+                groups.entry(room).or_default().push(staged);
+            }
+            Err(reason) => {
+                let (key, value) = dropped(index, reason);
+                results.insert(key, value);
+            }
+        }
+    }
+    metrics::counter!("tessera_federation_server_received_pdus_total")
+        .increment(results.len() as u64);
+
+    // Stage every room's group at its owner, concurrently.
+    tessera_runtime::bulk::yield_to_urgent().await;
+    let staging = groups.into_iter().map(|(room_id, pdus)| {
+        let event_ids: Vec<String> = pdus.iter().map(|p| p.event_id.clone()).collect();
+        let request = StagePdusRequest {
+            room_id: room_id.clone(),
+            origin: origin.to_owned(),
+            pdus,
+        };
+        async move {
+            let result = state.router.stage_pdus(&room_id, request).await;
+            (room_id, event_ids, result)
+        }
     });
-    futures::future::join_all(lookups)
-        .await
-        .into_iter()
-        .flatten()
-        .collect()
+    for (room_id, event_ids, result) in futures::future::join_all(staging).await {
+        match result {
+            Ok(_) => {}
+            Err(RouteError::Rejected(status)) if status.code() == tonic::Code::PermissionDenied => {
+                for event_id in event_ids {
+                    let (key, value) =
+                        drop_pdu(event_id, "server_acl", status.message().to_owned());
+                    results.insert(key, value);
+                }
+            }
+            Err(RouteError::Rejected(status))
+                if status.code() == tonic::Code::ResourceExhausted =>
+            {
+                metrics::counter!("tessera_federation_server_transactions_total", "result" => "backpressure").increment(1);
+                let retry = status
+                    .metadata()
+                    .get("retry-after-ms")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(2000);
+                tracing::info!(%origin, room = %room_id, "room backlog over the limit: 429");
+                return Err(MatrixError::limit_exceeded(retry));
+            }
+            Err(error) => {
+                tracing::warn!(%origin, room = %room_id, %error, "cannot stage PDUs; the origin will retry");
+                return Err(MatrixError::unavailable(
+                    "the room's owner is unavailable; retry the transaction",
+                ));
+            }
+        }
+    }
+    Ok(results)
 }
 
 /// Why a PDU was dropped: its event ID when known, a reason for the metrics
@@ -314,14 +308,8 @@ struct Admitted {
     keys: PublicKeyMap,
 }
 
-/// The checks that need lookups: room known here, server ACL, format, keys.
-async fn admit_pdu(
-    state: &AppState,
-    origin: &str,
-    index: usize,
-    pdu: Value,
-    acl_verdicts: &mut HashMap<String, bool>,
-) -> Result<Admitted, Dropped> {
+/// The checks that need lookups: room known here, format, keys.
+async fn admit_pdu(state: &AppState, index: usize, pdu: Value) -> Result<Admitted, Dropped> {
     let object: CanonicalJsonObject = serde_json::from_value(pdu)
         .map_err(|e| (None, "format", format!("not a canonical JSON object: {e}")))?;
     let room = match object.get("room_id") {
@@ -355,27 +343,6 @@ async fn admit_pdu(
             .map(|e| e.to_string())
             .ok()
     };
-    // Once per room and transaction: a transaction's PDUs mostly share a room.
-    let allowed = match acl_verdicts.get(&room) {
-        Some(allowed) => *allowed,
-        None => match state.acl_allows(&room, origin).await {
-            Ok(allowed) => *acl_verdicts.entry(room.clone()).or_insert(allowed),
-            Err(error) => {
-                return Err((
-                    event_id(),
-                    "unavailable",
-                    format!("cannot check the server ACL: {error}"),
-                ));
-            }
-        },
-    };
-    if !allowed {
-        return Err((
-            event_id(),
-            "server_acl",
-            format!("the room's server ACL denies {origin}"),
-        ));
-    }
     let room_id =
         OwnedRoomId::try_from(room.as_str()).map_err(|e| (event_id(), "format", e.to_string()))?;
     let failed = |error: tessera_federation::pdu::PduDrop, id: Option<String>| {

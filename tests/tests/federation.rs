@@ -101,6 +101,7 @@ async fn a_remote_server_joins_and_talks() {
     let remote = FakeRemote::start(&cluster.server_name).await;
     let bob = remote.user("bob");
     remote.join(&room, &bob).await.expect("join");
+    let loaded_after_join = metric(&cluster, "tessera_room_worker_events_loaded_total").await;
     let message = remote.text(&room, &bob, "hello from afar");
     let receipt = json!({
         "edu_type": "m.receipt",
@@ -124,24 +125,19 @@ async fn a_remote_server_joins_and_talks() {
         "the remote join is in the timeline"
     );
     // A quiet room's event, all of whose parents are here, is processed at
-    // once rather than staged.
-    let metrics = cluster.metrics("room-worker-0").await;
-    let counter = |name: &str| {
-        metrics
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
+    // once rather than staged, from the room's state in memory.
     assert_eq!(
-        counter("tessera_federation_pdus_direct_total"),
-        1.0,
-        "{metrics}"
+        metric(&cluster, "tessera_federation_pdus_direct_total").await,
+        1.0
     );
     assert_eq!(
-        counter("tessera_federation_pdus_staged_total"),
-        0.0,
-        "{metrics}"
+        metric(&cluster, "tessera_federation_pdus_staged_total").await,
+        0.0
+    );
+    assert_eq!(
+        metric(&cluster, "tessera_room_worker_events_loaded_total").await,
+        loaded_after_join,
+        "the event was checked and its room moved on without reading stored events back"
     );
 
     // The same transaction again, once its answer is recorded, changes
@@ -164,6 +160,16 @@ async fn a_remote_server_joins_and_talks() {
     let sync = api.sync(&alice, Some(&since), 0).await;
     assert!(bodies(&timeline(&sync, &room)).is_empty(), "nothing twice");
     assert_eq!(received_edus(&cluster, "m.receipt").await, 1);
+}
+
+/// A counter of the cluster's only room-worker (0 before its first increment).
+async fn metric(cluster: &TestCluster, name: &str) -> f64 {
+    let metrics = cluster.metrics("room-worker-0").await;
+    metrics
+        .lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .unwrap_or(0.0)
 }
 
 /// How many EDUs of `edu_type` the receivers have kept.

@@ -198,7 +198,9 @@ impl<'e> Turn<'e> {
         if wanted.is_empty() {
             return Ok(());
         }
-        for known in self.store.known_events(&wanted).await? {
+        let known = self.store.known_events(&wanted).await?;
+        metrics::counter!("tessera_room_worker_events_loaded_total").increment(known.len() as u64);
+        for known in known {
             let room_id = self.room.room_id().to_owned();
             let Some(pdu) = parse(&known.event_id, &room_id, &known.json, known.rejected) else {
                 continue;
@@ -726,9 +728,16 @@ impl<'e> Turn<'e> {
                     membership,
                 });
             }
-            self.load(new_current.values().cloned())
-                .await
-                .map_err(|e| e.to_string())?;
+            // Only the events themselves are needed here. (`load` also wants
+            // every event's place in the timeline, which current state
+            // events rarely have in a turn: asking it would read the whole
+            // current state from Postgres for every accepted event.)
+            let unseen: Vec<OwnedEventId> = new_current
+                .values()
+                .filter(|e| !self.pdus.contains_key(*e))
+                .cloned()
+                .collect();
+            self.load(unseen).await.map_err(|e| e.to_string())?;
             let state_pdus: Vec<Arc<Pdu>> = new_current
                 .values()
                 .filter_map(|e| self.pdus.get(e).cloned())

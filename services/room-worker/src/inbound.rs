@@ -602,7 +602,12 @@ impl<'e> Turn<'e> {
             },
         };
         let rejected = rejection.is_some();
-        let soft_failed = !rejected && {
+        // Against the current state (soft failure): when the state before
+        // the event is the current state (the usual event, built on the
+        // room's head), that is the check just passed, so it is not run again.
+        let before_is_current =
+            group_before.is_some() && group_before.as_deref() == self.room.state_group();
+        let soft_failed = !rejected && !before_is_current && {
             let current = self.current.clone();
             self.allowed_by(&pdu, &current).await.is_err()
         };

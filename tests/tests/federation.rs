@@ -1410,6 +1410,17 @@ async fn backpressure_slows_only_the_busy_origin_and_room() {
     );
     let calm_hello = message(&calm, &quiet, &c, 0);
     assert_eq!(calm.send("c1", &[calm_hello], &[]).await.0, 200);
+    // EDUs take tokens too: 40 of them are more than the 29 calm has left,
+    // and none is kept.
+    let typing = json!({
+        "edu_type": "m.typing",
+        "content": { "room_id": quiet.as_str(), "user_id": c.as_str(), "typing": true }
+    });
+    assert_429(
+        calm.send("c-edus", &[], &vec![typing; 40]).await,
+        "a transaction of more EDUs than the origin's tokens",
+    );
+    assert_eq!(received_edus(&cluster, "m.typing").await, 0);
 
     // Per room: 60 staged events that wait for a parent that never comes.
     let _gap = backlogged.text(&busy, &b, "never sent");

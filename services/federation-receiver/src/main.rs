@@ -117,9 +117,16 @@ async fn run(started: Started) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// EDUs whose meaning expires within seconds (who is typing, who is
+/// online): kept for an hour at most, so that a stream of them cannot
+/// fill the database while nothing consumes them. Receipts, device lists
+/// and to-device messages are kept.
+const EPHEMERAL_EDUS: [&str; 2] = ["m.typing", "m.presence"];
+const EPHEMERAL_EDU_RETENTION: Duration = Duration::from_secs(3600);
+
 /// Every half hour (and at start), delete the records of inbound
-/// transactions older than the retention. Every replica does it: their
-/// deletes take different rows or none.
+/// transactions older than the retention, and ephemeral EDUs older than an
+/// hour. Every replica does it: their deletes take different rows or none.
 async fn prune_transaction_records(
     store: Store,
     retention: Duration,
@@ -139,6 +146,17 @@ async fn prune_transaction_records(
                 tracing::info!(pruned, "deleted old inbound transaction records");
             }
             Err(error) => tracing::warn!(%error, "cannot delete old inbound transaction records"),
+        }
+        match store
+            .prune_received_edus(&EPHEMERAL_EDUS, EPHEMERAL_EDU_RETENTION, 10_000)
+            .await
+        {
+            Ok(0) => {}
+            Ok(pruned) => {
+                metrics::counter!("tessera_federation_edus_pruned_total").increment(pruned);
+                tracing::info!(pruned, "deleted old typing and presence EDUs");
+            }
+            Err(error) => tracing::warn!(%error, "cannot delete old typing and presence EDUs"),
         }
     }
 }

@@ -279,7 +279,8 @@ pub struct FederationConfig {
     /// it are answered 429 (only that room's origins are slowed).
     pub max_staged_per_room: i64,
     /// Sustained PDUs per second accepted from one origin (per receiver), and
-    /// the burst above it; beyond them the origin gets 429.
+    /// the burst above it, an EDU counting as a PDU; beyond them the origin
+    /// gets 429.
     pub origin_pdus_per_second: u64,
     pub origin_pdu_burst: u64,
     /// How long a PDU whose prev_events are missing waits for them to arrive

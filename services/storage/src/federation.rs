@@ -110,20 +110,51 @@ impl Store {
     /// gets it processed again, which changes nothing: its PDUs are known.
     pub async fn prune_federation_txns(&self, age: std::time::Duration, batch: i64) -> Result<u64> {
         let batch = batch.max(1);
-        let mut pruned = 0;
+        self.delete_in_batches(
+            "DELETE FROM federation_transactions WHERE ctid IN (
+                 SELECT ctid FROM federation_transactions
+                 WHERE received_at < now() - make_interval(secs => $1::float8)
+                 LIMIT $2)",
+            &[&age.as_secs_f64(), &batch],
+            batch,
+        )
+        .await
+    }
+
+    /// Delete kept EDUs of the given types received more than `age` ago,
+    /// `batch` rows a statement; how many went.
+    pub async fn prune_received_edus(
+        &self,
+        edu_types: &[&str],
+        age: std::time::Duration,
+        batch: i64,
+    ) -> Result<u64> {
+        let batch = batch.max(1);
+        self.delete_in_batches(
+            "DELETE FROM received_edus WHERE id IN (
+                 SELECT id FROM received_edus
+                 WHERE edu_type = ANY($3) AND received_at < now() - make_interval(secs => $1::float8)
+                 LIMIT $2)",
+            &[&age.as_secs_f64(), &batch, &edu_types],
+            batch,
+        )
+        .await
+    }
+
+    /// Run a delete of at most `batch` rows until it deletes fewer: short
+    /// statements, so a large backlog of old rows never holds locks long.
+    async fn delete_in_batches(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+        batch: i64,
+    ) -> Result<u64> {
+        let mut deleted = 0;
         loop {
-            let n = self
-                .execute(
-                    "DELETE FROM federation_transactions WHERE ctid IN (
-                         SELECT ctid FROM federation_transactions
-                         WHERE received_at < now() - make_interval(secs => $1::float8)
-                         LIMIT $2)",
-                    &[&age.as_secs_f64(), &batch],
-                )
-                .await?;
-            pruned += n;
+            let n = self.execute(sql, params).await?;
+            deleted += n;
             if n < batch as u64 {
-                return Ok(pruned);
+                return Ok(deleted);
             }
         }
     }

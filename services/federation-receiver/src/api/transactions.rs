@@ -125,6 +125,14 @@ pub async fn send(
     // one-PDU transaction waits for its owner, not also for a read before
     // that. Only the EDUs wait for the verdict, so a repeat never delivers
     // them twice.
+    // Every PDU and every EDU takes a token: a transaction of EDUs alone is
+    // no cheaper to keep.
+    let cost = (pdus.len() + edus.len()).max(1) as u64;
+    if let Err(retry_after_ms) = state.take_tokens(origin.as_str(), cost) {
+        metrics::counter!("tessera_federation_backpressure_total", "reason" => "origin_rate")
+            .increment(1);
+        return Err(MatrixError::limit_exceeded(retry_after_ms));
+    }
     let (repeat, staged) = tokio::join!(
         state.store.federation_txn(origin.as_str(), &txn),
         check_and_stage(&state, origin.as_str(), pdus)
@@ -192,12 +200,6 @@ async fn check_and_stage(
     origin: &str,
     pdus: Vec<Value>,
 ) -> Result<Map<String, Value>, MatrixError> {
-    if let Err(retry_after_ms) = state.take_tokens(origin, pdus.len().max(1) as u64) {
-        metrics::counter!("tessera_federation_backpressure_total", "reason" => "origin_rate")
-            .increment(1);
-        return Err(MatrixError::limit_exceeded(retry_after_ms));
-    }
-
     // Check each PDU; group the good ones by room.
     let mut results: Map<String, Value> = Map::new();
     let mut groups: BTreeMap<String, Vec<StagedPdu>> = BTreeMap::new();

@@ -1,4 +1,4 @@
-//! Inbound transaction records: kept for retries, pruned by age.
+//! Inbound transaction records (kept for retries) and kept EDUs: pruned by age.
 
 use std::time::Duration;
 
@@ -43,4 +43,52 @@ async fn old_transaction_records_are_pruned_and_young_ones_kept() {
         Some(json!({ "pdus": { "txn": "young" } }))
     );
     assert_eq!(store.prune_federation_txns(day, 2).await.unwrap(), 0);
+}
+
+/// Old EDUs of the listed types go; other types, and young ones, stay.
+#[tokio::test]
+async fn old_edus_of_the_given_types_are_pruned() {
+    let store = test_util::store().await;
+    let edus: Vec<(String, serde_json::Value)> =
+        ["m.typing", "m.typing", "m.presence", "m.receipt"]
+            .iter()
+            .map(|kind| (kind.to_string(), json!({ "age": "old" })))
+            .collect();
+    store.store_edus("remote.example", &edus).await.unwrap();
+    store
+        .execute(
+            "UPDATE received_edus SET received_at = now() - interval '2 hours'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let young = vec![("m.typing".to_owned(), json!({ "age": "young" }))];
+    store.store_edus("remote.example", &young).await.unwrap();
+
+    let hour = Duration::from_secs(3600);
+    let ephemeral = ["m.typing", "m.presence"];
+    assert_eq!(
+        store
+            .prune_received_edus(&ephemeral, hour, 2)
+            .await
+            .unwrap(),
+        3
+    );
+    let left: Vec<(String, String)> = store
+        .query(
+            "SELECT edu_type, content->>'age' FROM received_edus ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        left,
+        [
+            ("m.receipt".to_owned(), "old".to_owned()),
+            ("m.typing".to_owned(), "young".to_owned())
+        ]
+    );
 }

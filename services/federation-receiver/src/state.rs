@@ -157,11 +157,7 @@ impl Inner {
         room_id: &str,
         server: &str,
     ) -> Result<bool, tessera_storage::StoreError> {
-        let acl = self
-            .store
-            .state_event(room_id, "m.room.server_acl", "")
-            .await?;
-        let content = acl.and_then(|e| e.pdu().ok()).map(|p| p.content_value());
-        Ok(tessera_events::server_acl::allows(content.as_ref(), server))
+        let acl = self.store.server_acl(room_id).await?;
+        Ok(tessera_events::server_acl::allows(acl.as_ref(), server))
     }
 }

@@ -42,11 +42,9 @@ impl RoomWorkerApi {
             Some(acl) => acl.map(|pdu| pdu.content_value()),
             None => self
                 .store
-                .state_event(room_id.as_str(), "m.room.server_acl", "")
+                .server_acl(room_id.as_str())
                 .await
-                .map_err(|e| Status::unavailable(e.to_string()))?
-                .and_then(|event| event.pdu().ok())
-                .map(|pdu| pdu.content_value()),
+                .map_err(|e| Status::unavailable(e.to_string()))?,
         };
         Ok(tessera_events::server_acl::allows(acl.as_ref(), origin))
     }

@@ -75,6 +75,15 @@ impl Store {
         Ok(row.as_ref().map(StoredEvent::from_row))
     }
 
+    /// The content of the room's current `m.room.server_acl`, if it has one
+    /// (what `tessera_events::server_acl::allows` takes).
+    pub async fn server_acl(&self, room_id: &str) -> Result<Option<serde_json::Value>> {
+        let acl = self.state_event(room_id, "m.room.server_acl", "").await?;
+        Ok(acl
+            .and_then(|event| event.pdu().ok())
+            .map(|pdu| pdu.content_value()))
+    }
+
     /// The room state right after position `pos`: the newest history row per
     /// slot at or before it.
     pub async fn state_at(&self, room_id: &str, pos: i64) -> Result<Vec<StoredEvent>> {

@@ -119,12 +119,6 @@ pub async fn send(
             edus.len()
         )));
     }
-    // A repeated transaction is rare, and staging its PDUs again changes
-    // nothing (their owner skips known events), so the lookup runs beside
-    // the PDUs' checks and staging rather than ahead of them: a quiet room's
-    // one-PDU transaction waits for its owner, not also for a read before
-    // that. Only the EDUs wait for the verdict, so a repeat never delivers
-    // them twice.
     // Every PDU and every EDU takes a token: a transaction of EDUs alone is
     // no cheaper to keep.
     let cost = (pdus.len() + edus.len()).max(1) as u64;
@@ -133,6 +127,12 @@ pub async fn send(
             .increment(1);
         return Err(MatrixError::limit_exceeded(retry_after_ms));
     }
+    // A repeated transaction is rare, and staging its PDUs again changes
+    // nothing (their owner skips known events), so the lookup runs beside
+    // the PDUs' checks and staging rather than ahead of them: a quiet room's
+    // one-PDU transaction waits for its owner, not also for a read before
+    // that. Only the EDUs wait for the verdict, so a repeat never delivers
+    // them twice.
     let (repeat, staged) = tokio::join!(
         state.store.federation_txn(origin.as_str(), &txn),
         check_and_stage(&state, origin.as_str(), pdus)

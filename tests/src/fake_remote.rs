@@ -28,6 +28,8 @@ use tokio_util::sync::CancellationToken;
 #[derive(Default)]
 struct Shared {
     events: HashMap<OwnedEventId, Arc<Pdu>>,
+    /// (Persistent maps: events built on the same state share it, so a
+    /// flood into a room with a large state does not copy it per event.)
     state_before: HashMap<OwnedEventId, StateIds>,
     /// Requests it received: "METHOD path".
     requests: Vec<String>,
@@ -371,6 +373,39 @@ impl FakeRemote {
         drop(rooms);
         self.remember(&pdu, before);
         pdu
+    }
+
+    /// `count` users of this server (`@member-<i>`) joining a public room, in
+    /// order. Their states before are not kept (each as large as the room
+    /// then), so this server cannot answer `/state_ids` at them: send them
+    /// in order, one transaction at a time.
+    pub fn member_joins(&self, room_id: &str, count: usize) -> Vec<Arc<Pdu>> {
+        let room = RoomId::parse(room_id).expect("room ID");
+        let mut rooms = self.rooms.lock().expect("rooms");
+        let state = rooms.get_mut(&room).expect("a joined room");
+        let mut joins = Vec::with_capacity(count);
+        for i in 0..count {
+            let member = self.user(&format!("member-{i}"));
+            let template = template(
+                &member,
+                "m.room.member",
+                Some(member.as_str()),
+                json!({ "membership": "join" }),
+            );
+            let pdu = state
+                .create_event(&template, &self.key, &self.server_name)
+                .expect("a join allowed by the room's join rules");
+            state.apply(Arc::clone(&pdu));
+            joins.push(pdu);
+        }
+        drop(rooms);
+        let mut shared = self.shared.lock().expect("shared");
+        for pdu in &joins {
+            shared
+                .events
+                .insert(pdu.event_id().to_owned(), Arc::clone(pdu));
+        }
+        joins
     }
 
     /// A text message in a joined room, as [`Self::build`] makes it.

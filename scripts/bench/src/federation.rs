@@ -79,6 +79,11 @@ struct Args {
     /// was answered and when bob and alice saw it (ms after sending).
     #[arg(long)]
     samples_csv: Option<std::path::PathBuf>,
+    /// Before the idle phase, this many users of the flooding server join
+    /// the busy room (in order, 50 a transaction, one at a time), so the
+    /// flood lands in a room with a large state.
+    #[arg(long, default_value_t = 0)]
+    busy_room_members: usize,
     /// Where the storage flush probe writes its file: a directory on the
     /// database's disk (default: the temporary directory).
     #[arg(long)]
@@ -200,6 +205,28 @@ async fn join(
         response.text().await?
     );
     Ok(())
+}
+
+/// How many members a room's `/joined_members` lists.
+async fn joined_members(
+    http: &reqwest::Client,
+    base: &str,
+    user: &TestUser,
+    room: &str,
+) -> anyhow::Result<usize> {
+    let response = http
+        .get(format!(
+            "{base}/_matrix/client/v3/rooms/{}/joined_members",
+            enc(room)
+        ))
+        .bearer_auth(&user.token)
+        .send()
+        .await?;
+    let body: Value = response.json().await?;
+    body["joined"]
+        .as_object()
+        .map(|joined| joined.len())
+        .ok_or_else(|| anyhow::anyhow!("joined_members: {body}"))
 }
 
 /// Send one transaction, retrying on 429 and 5xx; returns attempts made.
@@ -373,6 +400,45 @@ async fn main() -> anyhow::Result<()> {
         })
         .await?
         .map_err(|e| anyhow::anyhow!("flooder join: {e}"))?;
+    if args.busy_room_members > 0 {
+        let members = args.busy_room_members;
+        let (joined, took) = flood_runtime
+            .spawn({
+                let (flooder, busy) = (Arc::clone(&flooder), busy.clone());
+                async move {
+                    let joins: Vec<Value> = flooder
+                        .member_joins(&busy, members)
+                        .iter()
+                        .map(|p| json_of(p))
+                        .collect();
+                    let started = Instant::now();
+                    for (i, chunk) in joins.chunks(50).enumerate() {
+                        send_with_retry(&flooder, &format!("members-{i}"), chunk).await;
+                    }
+                    (joins.len(), started)
+                }
+            })
+            .await?;
+        // Joined when the busy room's member list has them all (alice and
+        // the spammer besides).
+        loop {
+            let count = joined_members(&http, &target.client_url, &target.alice, &busy).await?;
+            if count >= joined + 2 {
+                break;
+            }
+            anyhow::ensure!(
+                took.elapsed() < Duration::from_secs(600),
+                "only {count} of {} members joined after 10 minutes",
+                joined + 2
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        eprintln!(
+            "   {joined} members joined the busy room in {:.1} s ({:.0} joins/s)",
+            took.elapsed().as_secs_f64(),
+            joined as f64 / took.elapsed().as_secs_f64()
+        );
+    }
     // One remote server per quiet room, as in a real federation, so that no
     // origin has more than a transaction or two in flight.
     let mut talkers = Vec::new();

@@ -276,6 +276,80 @@ async fn wait_stored(cluster: &TestCluster, event_id: &str) -> (bool, bool) {
     panic!("{event_id} was never stored");
 }
 
+/// Remote state events, each built on the room's head and each in a turn of
+/// its own, move the room's state one slot at a time: every one is in the
+/// room's current state, and their state groups form one chain of deltas
+/// across turns (a turn once restarted the chain at the room's group, so no
+/// snapshot was ever written and reading a group walked every delta).
+#[tokio::test(flavor = "multi_thread")]
+async fn state_events_one_turn_each_extend_one_chain_of_state_groups() {
+    let Joined {
+        cluster,
+        room,
+        remote,
+        bob,
+        ..
+    } = joined().await;
+    let joins = remote.member_joins(&room, 3);
+    for (i, join) in joins.iter().enumerate() {
+        send_accepted(&remote, &format!("join-{i}"), join).await;
+        assert_eq!(
+            wait_stored(&cluster, join.event_id().as_str()).await,
+            (false, false)
+        );
+    }
+    let message = remote.text(&room, &bob, "after the joins");
+    send_accepted(&remote, "after", &message).await;
+    wait_stored(&cluster, message.event_id().as_str()).await;
+
+    let db = cluster.db().await;
+    let mut chain = Vec::new();
+    for join in &joins {
+        let row = db
+            .query_one(
+                "SELECT g.parent, g.chain_length FROM events e \
+                 JOIN state_groups g ON g.id = e.state_group WHERE e.event_id = $1",
+                &[&join.event_id().as_str()],
+            )
+            .await
+            .unwrap();
+        chain.push((row.get::<_, Option<String>>(0), row.get::<_, i32>(1)));
+    }
+    for i in 1..chain.len() {
+        assert_eq!(
+            chain[i].0.as_deref(),
+            Some(joins[i - 1].event_id().as_str()),
+            "each join's group is a delta on the one before: {chain:?}"
+        );
+        assert_eq!(chain[i].1, chain[i - 1].1 + 1, "{chain:?}");
+    }
+    let message_group: Option<String> = db
+        .query_one(
+            "SELECT state_group FROM events WHERE event_id = $1",
+            &[&message.event_id().as_str()],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        message_group.as_deref(),
+        Some(joins[2].event_id().as_str()),
+        "a message leaves the state where the last join put it"
+    );
+    for join in &joins {
+        let current: Option<String> = db
+            .query_opt(
+                "SELECT event_id FROM room_state WHERE room_id = $1 AND type = 'm.room.member' \
+                 AND state_key = $2",
+                &[&room.as_str(), &join.state_key().unwrap()],
+            )
+            .await
+            .unwrap()
+            .map(|r| r.get(0));
+        assert_eq!(current.as_deref(), Some(join.event_id().as_str()));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn broken_pdus_are_dropped_redacted_or_rejected() {
     let Joined {

@@ -10,9 +10,10 @@ use ruma::state_res::utils::event_id_set::EventIdSet;
 use ruma::{EventId, OwnedEventId};
 
 use crate::pdu::Pdu;
+use crate::state_map::StateIds;
 
-/// A room state: (event type, state key) → event ID.
-pub type StateMap = ruma::state_res::StateMap<OwnedEventId>;
+/// A room state as ruma's state resolution takes it.
+type StateMap = ruma::state_res::StateMap<OwnedEventId>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ResolveError {
@@ -26,15 +27,19 @@ pub enum ResolveError {
 /// event of the forks and of their auth chains that the server has.
 pub fn resolve(
     rules: &RoomVersionRules,
-    forks: &[StateMap],
+    forks: &[StateIds],
     fetch: impl Fn(&EventId) -> Option<Arc<Pdu>>,
-) -> Result<StateMap, ResolveError> {
+) -> Result<StateIds, ResolveError> {
     let StateResolutionVersion::V2(state_res_rules) = &rules.state_res else {
         return Err(ResolveError::UnsupportedVersion);
     };
     if forks.len() == 1 {
         return Ok(forks[0].clone());
     }
+    let forks: Vec<StateMap> = forks
+        .iter()
+        .map(|fork| fork.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+        .collect();
     let auth_chains: Vec<EventIdSet<OwnedEventId>> = forks
         .iter()
         .map(|fork| {
@@ -58,7 +63,7 @@ pub fn resolve(
             )
         },
     )?;
-    Ok(resolved)
+    Ok(resolved.into_iter().collect())
 }
 
 /// The full recursive auth chain of some events (not including the events

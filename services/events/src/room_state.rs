@@ -3,20 +3,23 @@
 //! rules read), the forward extremities and the depth. The room-worker loads it
 //! from storage; tests build it from events.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use ruma::events::StateEventType;
 use ruma::room_version_rules::RoomVersionRules;
-use ruma::{EventId, OwnedEventId, OwnedRoomId, RoomId, RoomVersionId, ServerName};
+use ruma::{OwnedEventId, OwnedRoomId, RoomId, RoomVersionId, ServerName};
 
 use crate::auth::{self, AuthError};
 use crate::build::{self, BuildError, EventTemplate, Placement};
 use crate::keys::SigningKey;
 use crate::pdu::Pdu;
 use crate::room_version;
+use crate::state_map::StateIds;
 
 pub type StateKey = (StateEventType, String);
+
+/// A room state's events by event ID.
+pub type StateById = imbl::HashMap<OwnedEventId, Arc<Pdu>>;
 
 /// Why a new event could not be created.
 #[derive(Debug, thiserror::Error)]
@@ -59,8 +62,14 @@ pub struct RoomState {
     room_id: OwnedRoomId,
     version: RoomVersionId,
     rules: RoomVersionRules,
-    /// Current state: slot → event.
-    state: HashMap<StateKey, Arc<Pdu>>,
+    /// Current state: slot → event. It and the two indexes below are
+    /// persistent maps: handing a large room's state to a turn, or caching
+    /// it back, copies nothing, and a state event changes one slot's path.
+    state: imbl::HashMap<StateKey, Arc<Pdu>>,
+    /// The same events by ID (the auth rules look events up by ID).
+    by_id: StateById,
+    /// The same state as event IDs.
+    ids: StateIds,
     extremities: Vec<OwnedEventId>,
     depth: u64,
     /// The current state's group and how many deltas lead to it from a snapshot.
@@ -78,25 +87,19 @@ impl RoomState {
         group: Option<(String, u32)>,
     ) -> Option<Self> {
         let rules = room_version::rules(&version).or_else(|| version.rules())?;
-        let state = state
-            .into_iter()
-            .filter_map(|pdu| {
-                let key = (
-                    StateEventType::from(pdu.kind().to_string()),
-                    pdu.state_key()?.to_owned(),
-                );
-                Some((key, pdu))
-            })
-            .collect();
-        Some(Self {
+        let mut room = Self {
             room_id,
             version,
             rules,
-            state,
+            state: imbl::HashMap::new(),
+            by_id: StateById::new(),
+            ids: StateIds::new(),
             extremities,
             depth,
             group,
-        })
+        };
+        room.replace_state(state);
+        Some(room)
     }
 
     /// The state of a brand-new room: just its create event, in a snapshot
@@ -151,16 +154,51 @@ impl RoomState {
         self.state.get(&(kind.clone(), state_key.to_owned()))
     }
 
-    /// The current state as ruma's state map (slot → event ID).
-    pub fn state_map(&self) -> crate::resolve::StateMap {
-        self.state
-            .iter()
-            .map(|(k, v)| (k.clone(), v.event_id().to_owned()))
-            .collect()
+    /// The current state as event IDs (a persistent map: no copy).
+    pub fn state_map(&self) -> StateIds {
+        self.ids.clone()
+    }
+
+    /// The current state's events by ID (a persistent map: no copy).
+    pub fn state_by_id(&self) -> StateById {
+        self.by_id.clone()
     }
 
     pub fn state_events(&self) -> impl Iterator<Item = &Arc<Pdu>> {
         self.state.values()
+    }
+
+    /// Put a state event in its slot (in all three maps).
+    fn insert_state(&mut self, key: StateKey, pdu: Arc<Pdu>) -> Option<Arc<Pdu>> {
+        let id = pdu.event_id().to_owned();
+        let replaced = self.state.insert(key.clone(), Arc::clone(&pdu));
+        if let Some(old) = &replaced {
+            self.by_id.remove(old.event_id());
+        }
+        self.by_id.insert(id.clone(), pdu);
+        self.ids.insert(key, id);
+        replaced
+    }
+
+    /// Make `state` the whole current state.
+    fn replace_state(&mut self, state: impl IntoIterator<Item = Arc<Pdu>>) {
+        let mut slots = imbl::HashMap::new();
+        let mut by_id = StateById::new();
+        let mut ids = StateIds::new();
+        for pdu in state {
+            let Some(key) = crate::state_map::key_of(&pdu) else {
+                continue;
+            };
+            let id = pdu.event_id().to_owned();
+            if let Some(old) = slots.insert(key.clone(), Arc::clone(&pdu)) {
+                by_id.remove(old.event_id());
+            }
+            by_id.insert(id.clone(), pdu);
+            ids.insert(key, id);
+        }
+        self.state = slots;
+        self.by_id = by_id;
+        self.ids = ids;
     }
 
     /// A user's current membership (`join`, `invite`, `leave`, `ban`, `knock`).
@@ -249,12 +287,11 @@ impl RoomState {
             key,
             server_name,
         )?;
-        let by_id: HashMap<&EventId, &Arc<Pdu>> =
-            self.state.values().map(|p| (p.event_id(), p)).collect();
+        let by_id = &self.by_id;
         auth::check(
             &pdu,
             &self.rules.authorization,
-            |id| by_id.get(id).map(|p| Arc::clone(p)),
+            |id| by_id.get(id).cloned(),
             |kind, state_key| self.get(kind, state_key).cloned(),
         )?;
         Ok(Arc::new(pdu))
@@ -269,10 +306,28 @@ impl RoomState {
         depth: u64,
         group: (String, u32),
     ) {
-        self.state = state
-            .into_iter()
-            .filter_map(|pdu| Some((crate::state_map::key_of(&pdu)?, pdu)))
-            .collect();
+        self.replace_state(state);
+        self.extremities = extremities;
+        self.depth = self.depth.max(depth);
+        self.group = Some(group);
+    }
+
+    /// Move the room's head to an event built on the whole current head:
+    /// `state_event` is that event when it is an accepted state event (it
+    /// takes its slot; a message leaves the state as it is), and `group` the
+    /// state group after it. Costs the one slot, not the room's state.
+    pub fn advance(
+        &mut self,
+        state_event: Option<Arc<Pdu>>,
+        extremities: Vec<OwnedEventId>,
+        depth: u64,
+        group: (String, u32),
+    ) {
+        if let Some(pdu) = state_event
+            && let Some(key) = crate::state_map::key_of(&pdu)
+        {
+            self.insert_state(key, pdu);
+        }
         self.extremities = extremities;
         self.depth = self.depth.max(depth);
         self.group = Some(group);
@@ -294,12 +349,9 @@ impl RoomState {
         self.depth = self.depth.max(pdu.depth());
         self.extremities = vec![pdu.event_id().to_owned()];
         let group_before = self.group.as_ref().map(|(id, _)| id.clone());
-        let replaced = pdu.state_key().map(|state_key| {
-            let key = (
-                StateEventType::from(pdu.kind().to_string()),
-                state_key.to_owned(),
-            );
-            (key.clone(), self.state.insert(key, Arc::clone(&pdu)))
+        let replaced = crate::state_map::key_of(&pdu).map(|key| {
+            let old = self.insert_state(key.clone(), Arc::clone(&pdu));
+            (key, old)
         });
         let id = pdu.event_id().to_string();
         let new_group = match (&self.group, &replaced) {

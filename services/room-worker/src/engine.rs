@@ -107,8 +107,12 @@ pub struct Engine {
     /// the backpressure check costs no query per transaction.
     backlogs: Mutex<HashMap<OwnedRoomId, i64>>,
     bulk: Option<BulkLane>,
-    /// Recently used state groups (group ID → state), shared by turns.
-    groups: Mutex<HashMap<String, Arc<tessera_events::state_map::StateIds>>>,
+    /// Recently used state groups (group ID → state), shared by turns, and
+    /// how many slots they hold together.
+    groups: Mutex<(
+        HashMap<String, Arc<tessera_events::state_map::StateIds>>,
+        usize,
+    )>,
     pub(crate) store: Store,
     pub(crate) publisher: Publisher,
     pub(crate) key: Arc<SigningKey>,
@@ -124,6 +128,11 @@ pub struct Engine {
     partition_locks: Vec<tokio::sync::Mutex<()>>,
 }
 
+/// How many state groups loaded from storage the engine keeps, and how many
+/// slots in all (about 100 bytes each) before it forgets them.
+const GROUP_CACHE_GROUPS: usize = 10_000;
+const GROUP_CACHE_SLOTS: usize = 2_000_000;
+
 impl Engine {
     pub fn start(config: EngineConfig) -> Arc<Self> {
         let (ready, rx) = mpsc::unbounded_channel();
@@ -135,7 +144,7 @@ impl Engine {
             staged_pending: Mutex::new(std::collections::HashSet::new()),
             backlogs: Mutex::new(HashMap::new()),
             bulk: config.bulk,
-            groups: Mutex::new(HashMap::new()),
+            groups: Mutex::new((HashMap::new(), 0)),
             store: config.store,
             publisher: config.publisher,
             key: config.key,
@@ -297,15 +306,22 @@ impl Engine {
         &self,
         id: &str,
     ) -> Option<Arc<tessera_events::state_map::StateIds>> {
-        self.groups.lock().expect("groups lock").get(id).cloned()
+        self.groups.lock().expect("groups lock").0.get(id).cloned()
     }
 
     pub(crate) fn cache_group(&self, id: &str, state: Arc<tessera_events::state_map::StateIds>) {
-        let mut groups = self.groups.lock().expect("groups lock");
-        if groups.len() >= 10_000 {
+        let mut cache = self.groups.lock().expect("groups lock");
+        let (groups, slots) = &mut *cache;
+        // Bounded by slots, not groups: each group loaded from storage is a
+        // map of its own, and a large room's is as large as its state.
+        if groups.len() >= GROUP_CACHE_GROUPS || *slots + state.len() > GROUP_CACHE_SLOTS {
             groups.clear();
+            *slots = 0;
         }
-        groups.insert(id.to_owned(), state);
+        *slots += state.len();
+        if let Some(old) = groups.insert(id.to_owned(), state) {
+            *slots -= old.len();
+        }
     }
 
     /// The room's backlog if this worker has counted it (none once a turn

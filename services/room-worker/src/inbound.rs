@@ -43,6 +43,7 @@ use tessera_storage::persist::{Batch, EventToPersist, NewStateGroup, Outlier, St
 use tessera_storage::{Store, StoreError};
 
 use crate::engine::Engine;
+use crate::known_events::KnownEvents;
 use crate::load::load_room;
 
 /// Federation settings of the room-worker.
@@ -89,8 +90,8 @@ struct Turn<'e> {
     rules: RoomVersionRules,
     room: RoomState,
     /// The current state as IDs, mirroring `room`.
-    current: StateIds,
-    pdus: HashMap<OwnedEventId, Arc<Pdu>>,
+    current: Arc<StateIds>,
+    pdus: KnownEvents,
     rejected: HashSet<OwnedEventId>,
     /// Events in the timeline (stored before or in this turn), with their
     /// state group after.
@@ -113,6 +114,14 @@ fn cited_and_own<'a>(pdus: impl IntoIterator<Item = &'a Pdu>) -> Vec<OwnedEventI
                 .cloned()
                 .chain([p.event_id().to_owned()])
         })
+        .collect()
+}
+
+/// Every slot of a state, as a snapshot state group lists them.
+fn snapshot_entries(state: &StateIds) -> Vec<(String, String, Option<String>)> {
+    state
+        .iter()
+        .map(|((k, s), e)| (k.to_string(), s.clone(), Some(e.to_string())))
         .collect()
 }
 
@@ -143,18 +152,15 @@ impl<'e> Turn<'e> {
             },
         };
         let rules = room.rules().clone();
-        let current: StateIds = room.state_map();
-        let mut pdus = HashMap::new();
-        for pdu in room.state_events() {
-            pdus.insert(pdu.event_id().to_owned(), Arc::clone(pdu));
-        }
+        let current = Arc::new(room.state_map());
+        let pdus = KnownEvents::new(room.state_by_id());
         let mut timeline = HashMap::new();
         for extremity in room.extremities() {
             timeline.insert(extremity.clone(), room.state_group().map(str::to_owned));
         }
         let mut groups = HashMap::new();
         if let Some(group) = room.state_group() {
-            groups.insert(group.to_owned(), Arc::new(current.clone()));
+            groups.insert(group.to_owned(), Arc::clone(&current));
         }
         Ok(Some(Turn {
             engine,
@@ -275,7 +281,7 @@ impl<'e> Turn<'e> {
         if pdu.prev_events() == self.room.extremities()
             && let Some(group) = self.room.state_group()
         {
-            return Ok((Some(group.to_owned()), Arc::new(self.current.clone())));
+            return Ok((Some(group.to_owned()), Arc::clone(&self.current)));
         }
         let mut groups: Vec<String> = Vec::new();
         for prev in pdu.prev_events() {
@@ -374,7 +380,7 @@ impl<'e> Turn<'e> {
                     }
                     let pdu = Arc::new(checked.pdu);
                     taken.push(Arc::clone(&pdu));
-                    self.pdus.entry(pdu.event_id().to_owned()).or_insert(pdu);
+                    self.pdus.insert_if_absent(pdu);
                 }
                 Err(error) => tracing::info!(%error, "dropped a fetched event"),
             }
@@ -520,7 +526,7 @@ impl<'e> Turn<'e> {
         self.load(all.clone()).await.map_err(|e| e.to_string())?;
         let missing: Vec<OwnedEventId> = all
             .iter()
-            .filter(|id| !self.pdus.contains_key(*id))
+            .filter(|id| !self.pdus.contains_key(id))
             .cloned()
             .collect();
         let mut fetched = Vec::new();
@@ -608,7 +614,7 @@ impl<'e> Turn<'e> {
         let before_is_current =
             group_before.is_some() && group_before.as_deref() == self.room.state_group();
         let soft_failed = !rejected && !before_is_current && {
-            let current = self.current.clone();
+            let current = Arc::clone(&self.current);
             self.allowed_by(&pdu, &current).await.is_err()
         };
         if rejected {
@@ -625,10 +631,7 @@ impl<'e> Turn<'e> {
                     id: group_id.clone(),
                     parent: None,
                     chain_length: 0,
-                    entries: before
-                        .iter()
-                        .map(|((k, s), e)| (k.to_string(), s.clone(), Some(e.to_string())))
-                        .collect(),
+                    entries: snapshot_entries(&before),
                 });
                 self.groups.insert(group_id.clone(), Arc::clone(&before));
                 group_id
@@ -637,32 +640,23 @@ impl<'e> Turn<'e> {
         let after: Arc<StateIds> = match (rejected, state_map::key_of(&pdu)) {
             (false, Some(key)) => {
                 let after = Arc::new(state_map::with_event(&before, &pdu));
-                let chain = self
-                    .new_groups
-                    .iter()
-                    .find(|g| g.id == group_before)
-                    .map(|g| g.chain_length)
-                    .unwrap_or(0);
-                let (parent, chain_length, entries) = if (chain as u32) < SNAPSHOT_EVERY {
-                    (
-                        Some(group_before.clone()),
-                        chain + 1,
-                        vec![(key.0.to_string(), key.1.clone(), Some(id.to_string()))],
-                    )
-                } else {
-                    (
-                        None,
-                        0,
-                        after
-                            .iter()
-                            .map(|((k, s), e)| (k.to_string(), s.clone(), Some(e.to_string())))
-                            .collect(),
-                    )
-                };
+                // A delta on the group before, unless its chain is long or
+                // unknown (an older group): then a snapshot.
+                let chain = self.chain_length(&group_before);
+                let (parent, chain_length, entries) =
+                    if let Some(chain) = chain.filter(|c| *c < SNAPSHOT_EVERY) {
+                        (
+                            Some(group_before.clone()),
+                            chain + 1,
+                            vec![(key.0.to_string(), key.1.clone(), Some(id.to_string()))],
+                        )
+                    } else {
+                        (None, 0, snapshot_entries(&after))
+                    };
                 self.new_groups.push(NewStateGroup {
                     id: id.to_string(),
                     parent,
-                    chain_length,
+                    chain_length: chain_length as i32,
                     entries,
                 });
                 self.groups.insert(id.to_string(), Arc::clone(&after));
@@ -689,79 +683,32 @@ impl<'e> Turn<'e> {
                 .cloned()
                 .collect();
             extremities.push(id.clone());
-            let (new_current, current_group) = if extremities.len() == 1 {
-                (after.as_ref().clone(), group_after.clone())
-            } else {
-                let mut maps = Vec::new();
-                for extremity in &extremities {
-                    let group = self.timeline.get(extremity).cloned().flatten();
-                    match group {
-                        Some(group) => {
-                            maps.push(self.group(&group).await.map_err(|e| e.to_string())?)
-                        }
-                        None => maps.push(Arc::clone(&after)),
-                    }
-                }
-                let resolved = self.resolve(maps).await?;
-                if resolved == *after {
-                    (resolved, group_after.clone())
-                } else {
-                    let group_id = format!("{id}~current");
-                    self.new_groups.push(NewStateGroup {
-                        id: group_id.clone(),
-                        parent: None,
-                        chain_length: 0,
-                        entries: resolved
-                            .iter()
-                            .map(|((k, s), e)| (k.to_string(), s.clone(), Some(e.to_string())))
-                            .collect(),
+            if extremities.len() == 1 && before_is_current {
+                // Built on the whole head and on the current state (the usual
+                // event): the state moves by this event's slot at most, so
+                // nothing proportional to the room's state is copied or read.
+                let state_event = (!Arc::ptr_eq(&after, &before)).then(|| Arc::clone(&pdu));
+                if let Some((kind, key)) = state_event.as_deref().and_then(state_map::key_of) {
+                    state_changes.push(StateChange {
+                        kind: kind.to_string(),
+                        state_key: key,
+                        event_id: Some(id.to_string()),
+                        membership: pdu.membership(),
                     });
-                    self.groups
-                        .insert(group_id.clone(), Arc::new(resolved.clone()));
-                    (resolved, group_id)
                 }
-            };
-            for ((kind, key), event) in state_map::diff(&self.current, &new_current) {
-                let membership = event
-                    .as_ref()
-                    .and_then(|e| self.pdus.get(e))
-                    .and_then(|p| p.membership());
-                state_changes.push(StateChange {
-                    kind: kind.to_string(),
-                    state_key: key,
-                    event_id: event.map(|e| e.to_string()),
-                    membership,
-                });
+                let chain = self.chain_length(&group_after).unwrap_or(0);
+                self.room.advance(
+                    state_event,
+                    extremities,
+                    pdu.depth(),
+                    (group_after.clone(), chain),
+                );
+                self.current = Arc::clone(&after);
+            } else {
+                state_changes = self
+                    .move_current(&pdu, &after, &group_after, extremities)
+                    .await?;
             }
-            // Only the events themselves are needed here. (`load` also wants
-            // every event's place in the timeline, which current state
-            // events rarely have in a turn: asking it would read the whole
-            // current state from Postgres for every accepted event.)
-            let unseen: Vec<OwnedEventId> = new_current
-                .values()
-                .filter(|e| !self.pdus.contains_key(*e))
-                .cloned()
-                .collect();
-            self.load(unseen).await.map_err(|e| e.to_string())?;
-            let state_pdus: Vec<Arc<Pdu>> = new_current
-                .values()
-                .filter_map(|e| self.pdus.get(e).cloned())
-                .collect();
-            let chain = self
-                .new_groups
-                .iter()
-                .find(|g| g.id == current_group)
-                .map(|g| g.chain_length as u32)
-                .or_else(|| {
-                    self.room
-                        .group()
-                        .filter(|(g, _)| *g == current_group)
-                        .map(|(_, c)| c)
-                })
-                .unwrap_or(0);
-            self.room
-                .set_current(state_pdus, extremities, pdu.depth(), (current_group, chain));
-            self.current = new_current;
         }
         let prev_state = state_map::key_of(&pdu).and_then(|k| before.get(&k).cloned());
         self.events.push((
@@ -806,6 +753,94 @@ impl<'e> Turn<'e> {
             }
         };
         Ok(outcome)
+    }
+
+    /// Move the room to a new head after an accepted event that was not
+    /// built on the whole head or not on the current state: resolve the
+    /// extremities' states when there are several, then replace the current
+    /// state. Returns the slots that changed.
+    async fn move_current(
+        &mut self,
+        pdu: &Pdu,
+        after: &Arc<StateIds>,
+        group_after: &str,
+        extremities: Vec<OwnedEventId>,
+    ) -> Result<Vec<StateChange>, String> {
+        let id = pdu.event_id();
+        let mut state_changes = Vec::new();
+        let (new_current, current_group) = if extremities.len() == 1 {
+            (after.as_ref().clone(), group_after.to_owned())
+        } else {
+            let mut maps = Vec::new();
+            for extremity in &extremities {
+                let group = self.timeline.get(extremity).cloned().flatten();
+                match group {
+                    Some(group) => maps.push(self.group(&group).await.map_err(|e| e.to_string())?),
+                    None => maps.push(Arc::clone(after)),
+                }
+            }
+            let resolved = self.resolve(maps).await?;
+            if resolved == **after {
+                (resolved, group_after.to_owned())
+            } else {
+                let group_id = format!("{id}~current");
+                self.new_groups.push(NewStateGroup {
+                    id: group_id.clone(),
+                    parent: None,
+                    chain_length: 0,
+                    entries: snapshot_entries(&resolved),
+                });
+                self.groups
+                    .insert(group_id.clone(), Arc::new(resolved.clone()));
+                (resolved, group_id)
+            }
+        };
+        for ((kind, key), event) in state_map::diff(&self.current, &new_current) {
+            let membership = event
+                .as_ref()
+                .and_then(|e| self.pdus.get(e))
+                .and_then(|p| p.membership());
+            state_changes.push(StateChange {
+                kind: kind.to_string(),
+                state_key: key,
+                event_id: event.map(|e| e.to_string()),
+                membership,
+            });
+        }
+        // Only the events themselves are needed here. (`load` also wants
+        // every event's place in the timeline, which current state
+        // events rarely have in a turn: asking it would read the whole
+        // current state from Postgres for every accepted event.)
+        let unseen: Vec<OwnedEventId> = new_current
+            .values()
+            .filter(|e| !self.pdus.contains_key(e))
+            .cloned()
+            .collect();
+        self.load(unseen).await.map_err(|e| e.to_string())?;
+        let state_pdus: Vec<Arc<Pdu>> = new_current
+            .values()
+            .filter_map(|e| self.pdus.get(e).cloned())
+            .collect();
+        let chain = self.chain_length(&current_group).unwrap_or(0);
+        self.room
+            .set_current(state_pdus, extremities, pdu.depth(), (current_group, chain));
+        self.current = Arc::new(new_current);
+        Ok(state_changes)
+    }
+
+    /// How many deltas lead to a state group from its snapshot, when known:
+    /// for a group made in this turn, or the room's current one.
+    fn chain_length(&self, group: &str) -> Option<u32> {
+        self.new_groups
+            .iter()
+            .find(|g| g.id == group)
+            .map(|g| g.chain_length as u32)
+            .or_else(|| {
+                self.room
+                    .group()
+                    .filter(|(g, _)| *g == group)
+                    .map(|(_, c)| c)
+            })
     }
 
     /// Commit everything this turn decided, fenced by `epoch`.

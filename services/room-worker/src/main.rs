@@ -11,6 +11,7 @@
 mod api;
 mod engine;
 mod inbound;
+mod known_events;
 mod load;
 mod out_of_band;
 mod process;

@@ -395,3 +395,73 @@ fn state_groups_follow_state_changes() {
     }
     assert!(seen_snapshot);
 }
+
+/// A copy of a room's state (what a turn takes, what the cache keeps) is
+/// unchanged by what happens to the room after: the maps are shared, not
+/// aliased. And `advance` moves all three views of the state together.
+#[test]
+fn copies_of_the_state_do_not_see_later_changes() {
+    let (mut room, _) = create_room(&setup(RoomVersionId::V12, Preset::PrivateChat, &[]));
+    let copy = room.clone();
+    let ids_before = room.state_map();
+    let old_topic = room.get(&StateEventType::RoomTopic, "").cloned();
+    let topic = room
+        .create_event(
+            &template("alice", "m.room.topic", Some(""), json!({"topic": "t"})),
+            key(),
+            server(),
+        )
+        .unwrap();
+    let group = (topic.event_id().to_string(), 1);
+    room.advance(
+        Some(Arc::clone(&topic)),
+        vec![topic.event_id().to_owned()],
+        topic.depth(),
+        group.clone(),
+    );
+    let slot = (StateEventType::RoomTopic, String::new());
+    assert_eq!(
+        room.state_map().get(&slot),
+        Some(&topic.event_id().to_owned())
+    );
+    assert!(room.state_by_id().contains_key(topic.event_id()));
+    if let Some(old) = &old_topic {
+        assert!(
+            !room.state_by_id().contains_key(old.event_id()),
+            "the replaced event leaves the by-ID view"
+        );
+    }
+    assert_eq!(room.group(), Some((group.0.as_str(), group.1)));
+    assert_eq!(room.extremities(), &[topic.event_id().to_owned()]);
+
+    assert_eq!(copy.state_map(), ids_before);
+    assert_eq!(
+        copy.get(&StateEventType::RoomTopic, "")
+            .map(|p| p.event_id().to_owned()),
+        old_topic.map(|p| p.event_id().to_owned())
+    );
+    assert!(!copy.state_by_id().contains_key(topic.event_id()));
+
+    // A message moves the head and leaves the state alone.
+    let message = room
+        .create_event(
+            &template(
+                "alice",
+                "m.room.message",
+                None,
+                json!({"body": "x", "msgtype": "m.text"}),
+            ),
+            key(),
+            server(),
+        )
+        .unwrap();
+    let state = room.state_map();
+    room.advance(
+        None,
+        vec![message.event_id().to_owned()],
+        message.depth(),
+        group,
+    );
+    assert_eq!(room.state_map(), state);
+    assert_eq!(room.depth(), message.depth());
+}

@@ -97,6 +97,10 @@ struct Turn<'e> {
     /// state group after.
     timeline: HashMap<OwnedEventId, Option<String>>,
     groups: HashMap<String, Arc<StateIds>>,
+    /// How many deltas lead to each group from its snapshot, for the groups
+    /// whose chain this turn knows: the room's group when the turn began and
+    /// every group the turn made.
+    chains: HashMap<String, u32>,
     events: Vec<(EventToPersist, bool)>,
     new_groups: Vec<NewStateGroup>,
     outliers: Vec<Outlier>,
@@ -158,6 +162,11 @@ impl<'e> Turn<'e> {
         for extremity in room.extremities() {
             timeline.insert(extremity.clone(), room.state_group().map(str::to_owned));
         }
+        let chains: HashMap<String, u32> = room
+            .group()
+            .map(|(group, chain)| (group.to_owned(), chain))
+            .into_iter()
+            .collect();
         let mut groups = HashMap::new();
         if let Some(group) = room.state_group() {
             groups.insert(group.to_owned(), Arc::clone(&current));
@@ -177,6 +186,7 @@ impl<'e> Turn<'e> {
             new_groups: Vec::new(),
             outliers: Vec::new(),
             outlier_ids: HashSet::new(),
+            chains,
         }))
     }
 
@@ -308,7 +318,7 @@ impl<'e> Turn<'e> {
 
     async fn resolve(&mut self, maps: Vec<Arc<StateIds>>) -> Result<StateIds, String> {
         let first = &maps[0];
-        if maps.iter().all(|m| m == first) {
+        if maps.iter().all(|m| m.ptr_eq(first) || m == first) {
             return Ok(first.as_ref().clone());
         }
         let roots: Vec<OwnedEventId> = maps.iter().flat_map(|m| m.values().cloned()).collect();
@@ -627,7 +637,7 @@ impl<'e> Turn<'e> {
             Some(group) => group,
             None => {
                 let group_id = format!("{id}~before");
-                self.new_groups.push(NewStateGroup {
+                self.add_group(NewStateGroup {
                     id: group_id.clone(),
                     parent: None,
                     chain_length: 0,
@@ -653,7 +663,7 @@ impl<'e> Turn<'e> {
                     } else {
                         (None, 0, snapshot_entries(&after))
                     };
-                self.new_groups.push(NewStateGroup {
+                self.add_group(NewStateGroup {
                     id: id.to_string(),
                     parent,
                     chain_length: chain_length as i32,
@@ -696,7 +706,7 @@ impl<'e> Turn<'e> {
                         membership: pdu.membership(),
                     });
                 }
-                let chain = self.chain_length(&group_after).unwrap_or(0);
+                let chain = self.chain_length(&group_after).unwrap_or(SNAPSHOT_EVERY);
                 self.room.advance(
                     state_event,
                     extremities,
@@ -780,11 +790,11 @@ impl<'e> Turn<'e> {
                 }
             }
             let resolved = self.resolve(maps).await?;
-            if resolved == **after {
+            if resolved.ptr_eq(after) || resolved == **after {
                 (resolved, group_after.to_owned())
             } else {
                 let group_id = format!("{id}~current");
-                self.new_groups.push(NewStateGroup {
+                self.add_group(NewStateGroup {
                     id: group_id.clone(),
                     parent: None,
                     chain_length: 0,
@@ -821,7 +831,7 @@ impl<'e> Turn<'e> {
             .values()
             .filter_map(|e| self.pdus.get(e).cloned())
             .collect();
-        let chain = self.chain_length(&current_group).unwrap_or(0);
+        let chain = self.chain_length(&current_group).unwrap_or(SNAPSHOT_EVERY);
         self.room
             .set_current(state_pdus, extremities, pdu.depth(), (current_group, chain));
         self.current = Arc::new(new_current);
@@ -829,18 +839,15 @@ impl<'e> Turn<'e> {
     }
 
     /// How many deltas lead to a state group from its snapshot, when known:
-    /// for a group made in this turn, or the room's current one.
+    /// for the room's group when the turn began and the groups it made.
     fn chain_length(&self, group: &str) -> Option<u32> {
-        self.new_groups
-            .iter()
-            .find(|g| g.id == group)
-            .map(|g| g.chain_length as u32)
-            .or_else(|| {
-                self.room
-                    .group()
-                    .filter(|(g, _)| *g == group)
-                    .map(|(_, c)| c)
-            })
+        self.chains.get(group).copied()
+    }
+
+    fn add_group(&mut self, group: NewStateGroup) {
+        self.chains
+            .insert(group.id.clone(), group.chain_length as u32);
+        self.new_groups.push(group);
     }
 
     /// Commit everything this turn decided, fenced by `epoch`.

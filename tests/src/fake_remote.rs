@@ -375,37 +375,21 @@ impl FakeRemote {
         pdu
     }
 
-    /// `count` users of this server (`@member-<i>`) joining a public room, in
-    /// order. Their states before are not kept (each as large as the room
-    /// then), so this server cannot answer `/state_ids` at them: send them
-    /// in order, one transaction at a time.
+    /// `count` users of this server (`@member-<i>`) joining a public room,
+    /// one after the other, as [`Self::build`] makes them.
     pub fn member_joins(&self, room_id: &str, count: usize) -> Vec<Arc<Pdu>> {
-        let room = RoomId::parse(room_id).expect("room ID");
-        let mut rooms = self.rooms.lock().expect("rooms");
-        let state = rooms.get_mut(&room).expect("a joined room");
-        let mut joins = Vec::with_capacity(count);
-        for i in 0..count {
-            let member = self.user(&format!("member-{i}"));
-            let template = template(
-                &member,
-                "m.room.member",
-                Some(member.as_str()),
-                json!({ "membership": "join" }),
-            );
-            let pdu = state
-                .create_event(&template, &self.key, &self.server_name)
-                .expect("a join allowed by the room's join rules");
-            state.apply(Arc::clone(&pdu));
-            joins.push(pdu);
-        }
-        drop(rooms);
-        let mut shared = self.shared.lock().expect("shared");
-        for pdu in &joins {
-            shared
-                .events
-                .insert(pdu.event_id().to_owned(), Arc::clone(pdu));
-        }
-        joins
+        (0..count)
+            .map(|i| {
+                let member = self.user(&format!("member-{i}"));
+                self.build(
+                    room_id,
+                    &member,
+                    "m.room.member",
+                    Some(member.as_str()),
+                    json!({ "membership": "join" }),
+                )
+            })
+            .collect()
     }
 
     /// A text message in a joined room, as [`Self::build`] makes it.

@@ -91,9 +91,9 @@ impl RoomState {
             room_id,
             version,
             rules,
-            state: imbl::HashMap::new(),
-            by_id: StateById::new(),
-            ids: StateIds::new(),
+            state: Default::default(),
+            by_id: Default::default(),
+            ids: Default::default(),
             extremities,
             depth,
             group,
@@ -182,23 +182,14 @@ impl RoomState {
 
     /// Make `state` the whole current state.
     fn replace_state(&mut self, state: impl IntoIterator<Item = Arc<Pdu>>) {
-        let mut slots = imbl::HashMap::new();
-        let mut by_id = StateById::new();
-        let mut ids = StateIds::new();
+        self.state = imbl::HashMap::new();
+        self.by_id = StateById::new();
+        self.ids = StateIds::new();
         for pdu in state {
-            let Some(key) = crate::state_map::key_of(&pdu) else {
-                continue;
-            };
-            let id = pdu.event_id().to_owned();
-            if let Some(old) = slots.insert(key.clone(), Arc::clone(&pdu)) {
-                by_id.remove(old.event_id());
+            if let Some(key) = crate::state_map::key_of(&pdu) {
+                self.insert_state(key, pdu);
             }
-            by_id.insert(id.clone(), pdu);
-            ids.insert(key, id);
         }
-        self.state = slots;
-        self.by_id = by_id;
-        self.ids = ids;
     }
 
     /// A user's current membership (`join`, `invite`, `leave`, `ban`, `knock`).

@@ -3,7 +3,7 @@ use serde_json::json;
 
 use super::*;
 use crate::room_setup::Preset;
-use crate::room_state::tests::{create_room, setup};
+use crate::room_state::tests::{alice_says, create_room, setup};
 use crate::test_support::{key, server, template};
 
 #[test]
@@ -41,18 +41,7 @@ fn client_format_drops_federation_fields() {
 #[test]
 fn redacted_events_lose_their_content() {
     let (room, events) = create_room(&setup(RoomVersionId::V11, Preset::PrivateChat, &[]));
-    let message = room
-        .create_event(
-            &template(
-                "alice",
-                "m.room.message",
-                None,
-                json!({"msgtype": "m.text", "body": "secret"}),
-            ),
-            key(),
-            server(),
-        )
-        .unwrap();
+    let message = alice_says(&room, "secret");
     let mut r = template(
         "alice",
         "m.room.redaction",

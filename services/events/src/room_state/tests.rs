@@ -245,24 +245,28 @@ fn events_chain_linearly() {
     let (mut room, events) = create_room(&setup(RoomVersionId::V12, Preset::PrivateChat, &[]));
     let last = events.last().unwrap();
     assert_eq!(room.extremities(), &[last.event_id().to_owned()]);
-    let pdu = room
-        .create_event(
-            &template(
-                "alice",
-                "m.room.message",
-                None,
-                json!({"body": "x", "msgtype": "m.text"}),
-            ),
-            key(),
-            server(),
-        )
-        .unwrap();
+    let pdu = alice_says(&room, "x");
     assert_eq!(pdu.prev_events(), &[last.event_id().to_owned()]);
     assert_eq!(pdu.depth(), last.depth() + 1);
     // auth events: create is implied by the room ID in v12; power levels and sender's member.
     assert_eq!(pdu.auth_events().len(), 2);
     room.apply(pdu.clone());
     assert_eq!(room.extremities(), &[pdu.event_id().to_owned()]);
+}
+
+/// A text message from alice on the room's head, not applied.
+pub(crate) fn alice_says(room: &RoomState, body: &str) -> Arc<Pdu> {
+    room.create_event(
+        &template(
+            "alice",
+            "m.room.message",
+            None,
+            json!({"body": body, "msgtype": "m.text"}),
+        ),
+        key(),
+        server(),
+    )
+    .unwrap()
 }
 
 /// Lets other test modules look events up by ID.
@@ -330,18 +334,7 @@ fn state_groups_follow_state_changes() {
     // The room's first applied event (the creator's join) made a snapshot; the
     // others since were deltas on it.
     let group = room.state_group().unwrap().to_owned();
-    let message = room
-        .create_event(
-            &template(
-                "alice",
-                "m.room.message",
-                None,
-                json!({"body": "x", "msgtype": "m.text"}),
-            ),
-            key(),
-            server(),
-        )
-        .unwrap();
+    let message = alice_says(&room, "x");
     let applied = room.apply(message);
     assert_eq!(applied.new_group, None, "messages do not change the state");
     assert_eq!(
@@ -443,18 +436,7 @@ fn copies_of_the_state_do_not_see_later_changes() {
     assert!(!copy.state_by_id().contains_key(topic.event_id()));
 
     // A message moves the head and leaves the state alone.
-    let message = room
-        .create_event(
-            &template(
-                "alice",
-                "m.room.message",
-                None,
-                json!({"body": "x", "msgtype": "m.text"}),
-            ),
-            key(),
-            server(),
-        )
-        .unwrap();
+    let message = alice_says(&room, "x");
     let state = room.state_map();
     room.advance(
         None,

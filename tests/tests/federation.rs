@@ -708,6 +708,144 @@ async fn events_the_current_state_forbids_are_soft_failed() {
     assert_eq!(copies, 1);
 }
 
+/// The state before an event is the state after its prev events, also when
+/// the room has several forward extremities with different states: an event
+/// on one fork is checked against that fork, not against the current state
+/// (their resolution). Here Dave's server cites Bob's fork, on which Dave
+/// never joined: rejected, though Dave is in the current state. (A turn once
+/// took every extremity to have the current state, and accepted it.)
+#[tokio::test(flavor = "multi_thread")]
+async fn an_event_on_one_fork_is_checked_against_that_forks_state() {
+    let Joined {
+        cluster,
+        room,
+        remote,
+        bob,
+        ..
+    } = joined().await;
+    let other = FakeRemote::start(&cluster.server_name).await;
+    let dave = other.user("dave");
+    other.join(&room, &dave).await.expect("join");
+    // Bob's server has not heard of Dave: its message forks the room.
+    let on_bobs_fork = remote.text(&room, &bob, "on Bob's fork");
+    send_accepted(&remote, "bob", &on_bobs_fork).await;
+    assert_eq!(
+        wait_stored(&cluster, on_bobs_fork.event_id().as_str()).await,
+        (false, false)
+    );
+    let cites_bobs_fork = other.build_after(
+        &room,
+        &dave,
+        "m.room.message",
+        None,
+        json!({ "msgtype": "m.text", "body": "after Bob's message" }),
+        Some((
+            vec![on_bobs_fork.event_id().to_owned()],
+            on_bobs_fork.depth(),
+        )),
+    );
+    assert_eq!(
+        other
+            .send("dave-on-bobs-fork", &[json_of(&cites_bobs_fork)], &[])
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        wait_stored(&cluster, cites_bobs_fork.event_id().as_str()).await,
+        (true, false),
+        "Dave is not in the room on the fork his event cites"
+    );
+    // On his own fork, Dave talks as usual.
+    let on_daves_fork = other.text(&room, &dave, "on Dave's fork");
+    send_accepted(&other, "dave", &on_daves_fork).await;
+    assert_eq!(
+        wait_stored(&cluster, on_daves_fork.event_id().as_str()).await,
+        (false, false)
+    );
+}
+
+/// Two servers that never hear each other's events keep two forward
+/// extremities whose states differ (each builds on its own view). Their
+/// messages do not change those states, so the pair is resolved once, not
+/// for every message; every message is in the room, and the current state
+/// has both servers' users.
+#[tokio::test(flavor = "multi_thread")]
+async fn forks_that_keep_their_states_are_resolved_once() {
+    let Joined {
+        cluster,
+        api,
+        alice,
+        room,
+        remote,
+        bob,
+    } = joined().await;
+    let other = FakeRemote::start(&cluster.server_name).await;
+    let dave = other.user("dave");
+    other.join(&room, &dave).await.expect("join");
+    let mut since = api.initial_token(&alice).await;
+    let resolutions_before = metric(&cluster, "tessera_room_worker_state_resolutions_total").await;
+    let mut sent = Vec::new();
+    for i in 0..5 {
+        // Bob's server still thinks the room is as it was before Dave came.
+        for (txn, pdu) in [
+            (
+                format!("bob-{i}"),
+                remote.text(&room, &bob, &format!("bob {i}")),
+            ),
+            (
+                format!("dave-{i}"),
+                other.text(&room, &dave, &format!("dave {i}")),
+            ),
+        ] {
+            let from = if txn.starts_with("bob") {
+                &remote
+            } else {
+                &other
+            };
+            send_accepted(from, &txn, &pdu).await;
+            assert_eq!(
+                wait_stored(&cluster, pdu.event_id().as_str()).await,
+                (false, false),
+                "{txn}"
+            );
+            sent.push(
+                pdu.content_field("body")
+                    .unwrap()
+                    .as_str()
+                    .unwrap()
+                    .to_owned(),
+            );
+        }
+    }
+    let seen = sync_until(&cluster, &alice, &room, &mut since, |events| {
+        bodies(events).len() >= sent.len()
+    })
+    .await;
+    let mut seen = bodies(&seen);
+    seen.sort();
+    sent.sort();
+    assert_eq!(seen, sent);
+    let resolutions =
+        metric(&cluster, "tessera_room_worker_state_resolutions_total").await - resolutions_before;
+    assert_eq!(resolutions, 1.0, "the same two states, resolved once");
+    let members: Vec<String> = cluster
+        .db()
+        .await
+        .query(
+            "SELECT state_key FROM room_state WHERE room_id = $1 AND type = 'm.room.member'",
+            &[&room.as_str()],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for user in [bob.as_str(), dave.as_str(), alice.user_id.as_str()] {
+        assert!(members.iter().any(|m| m == user), "{user} in {members:?}");
+    }
+}
+
 /// A request to our federation API with a hand-made Authorization header.
 async fn raw(
     cluster: &TestCluster,

@@ -3,8 +3,8 @@
 //!
 //! Fake remote servers (built on `tessera_tests::fake_remote`: their own
 //! keys, TLS, answering what the target asks) join rooms a local user
-//! created: one floods a busy room with N PDUs (50 a transaction, four in
-//! flight, retrying on 429); ten others, one per quiet room, write one
+//! created: one (or `--flood-origins` of them) floods a busy room with N
+//! PDUs (50 a transaction, four in flight, retrying on 429); ten others, one per quiet room, write one
 //! message every `--quiet-interval-ms` round-robin into the 10 quiet rooms,
 //! first alone (idle), then during the flood. Two local users follow `/sync`: alice, in every
 //! room, and bob, in the quiet rooms only. Measured:
@@ -84,6 +84,12 @@ struct Args {
     /// flood lands in a room with a large state.
     #[arg(long, default_value_t = 0)]
     busy_room_members: usize,
+    /// How many remote servers flood the busy room together, event i coming
+    /// from server i mod this, each building on its own latest event: the
+    /// room has that many forward extremities throughout, as when a spam
+    /// wave comes from several servers at once.
+    #[arg(long, default_value_t = 1)]
+    flood_origins: usize,
     /// Where the storage flush probe writes its file: a directory on the
     /// database's disk (default: the temporary directory).
     #[arg(long)]
@@ -386,25 +392,28 @@ async fn main() -> anyhow::Result<()> {
             .build()?,
     ));
     let flood_runtime = flood_owner.handle();
-    let (flooder, spammer) = flood_runtime
-        .spawn({
-            let (server_name, busy) = (target.server_name.clone(), busy.clone());
-            async move {
-                let flooder = FakeRemote::start(&server_name).await;
-                let spammer: OwnedUserId = flooder.user("spammer");
-                let joined = flooder.join(&busy, &spammer).await;
-                joined
-                    .map(|_| (flooder, spammer))
-                    .map_err(|e| e.to_string())
-            }
-        })
-        .await?
-        .map_err(|e| anyhow::anyhow!("flooder join: {e}"))?;
+    let join_flooder = |busy: String| {
+        let server_name = target.server_name.clone();
+        async move {
+            let flooder = FakeRemote::start(&server_name).await;
+            let spammer: OwnedUserId = flooder.user("spammer");
+            let joined = flooder.join(&busy, &spammer).await;
+            joined
+                .map(|_| (flooder, spammer))
+                .map_err(|e| e.to_string())
+        }
+    };
+    let mut flooders = vec![
+        flood_runtime
+            .spawn(join_flooder(busy.clone()))
+            .await?
+            .map_err(|e| anyhow::anyhow!("flooder join: {e}"))?,
+    ];
     if args.busy_room_members > 0 {
         let members = args.busy_room_members;
         let (joined, took) = flood_runtime
             .spawn({
-                let (flooder, busy) = (Arc::clone(&flooder), busy.clone());
+                let (flooder, busy) = (Arc::clone(&flooders[0].0), busy.clone());
                 async move {
                     let joins: Vec<Value> = flooder
                         .member_joins(&busy, members)
@@ -439,6 +448,16 @@ async fn main() -> anyhow::Result<()> {
             joined as f64 / took.elapsed().as_secs_f64()
         );
     }
+    // The other flooding servers join after the members, so each one's view
+    // of the room (what it builds on) has them.
+    for _ in 1..args.flood_origins.max(1) {
+        flooders.push(
+            flood_runtime
+                .spawn(join_flooder(busy.clone()))
+                .await?
+                .map_err(|e| anyhow::anyhow!("flooder join: {e}"))?,
+        );
+    }
     // One remote server per quiet room, as in a real federation, so that no
     // origin has more than a transaction or two in flight.
     let mut talkers = Vec::new();
@@ -452,9 +471,29 @@ async fn main() -> anyhow::Result<()> {
         talkers.push((talker, friend));
     }
     eprintln!("   rooms joined; building {} flood events", args.flood);
-    let flood: Vec<Value> = (0..args.flood)
-        .map(|i| json_of(&flooder.text(&busy, &spammer, &format!("flood {i}"))))
+    // Each origin's share of the flood in transactions of 50, the origins'
+    // transactions interleaved.
+    let mut per_origin: Vec<Vec<Value>> = vec![Vec::new(); flooders.len()];
+    for i in 0..args.flood {
+        let (flooder, spammer) = &flooders[i % flooders.len()];
+        per_origin[i % flooders.len()].push(json_of(&flooder.text(
+            &busy,
+            spammer,
+            &format!("flood {i}"),
+        )));
+    }
+    let mut transactions: Vec<(Arc<FakeRemote>, Vec<Value>)> = Vec::new();
+    let chunked: Vec<Vec<Vec<Value>>> = per_origin
+        .iter()
+        .map(|pdus| pdus.chunks(50).map(<[Value]>::to_vec).collect())
         .collect();
+    for round in 0..chunked.iter().map(Vec::len).max().unwrap_or(0) {
+        for (origin, chunks) in chunked.iter().enumerate() {
+            if let Some(chunk) = chunks.get(round) {
+                transactions.push((Arc::clone(&flooders[origin].0), chunk.clone()));
+            }
+        }
+    }
 
     let seen = Arc::new(Mutex::new(Seen::default()));
     let seen_by_bob = Arc::new(Mutex::new(Seen::default()));
@@ -523,8 +562,9 @@ async fn main() -> anyhow::Result<()> {
     let rss_before = rss(&target.pids);
 
     eprintln!(
-        "   flood phase: {} PDUs, 50 a transaction, 4 in flight",
-        args.flood
+        "   flood phase: {} PDUs from {} servers, 50 a transaction, 4 in flight",
+        args.flood,
+        flooders.len()
     );
     let flood_start = Instant::now();
     let rss_samples: Arc<Mutex<Vec<f64>>> = Arc::default();
@@ -544,12 +584,11 @@ async fn main() -> anyhow::Result<()> {
     let retries: usize = flood_runtime
         .spawn({
             use futures::StreamExt;
-            let flooder = Arc::clone(&flooder);
-            let chunks: Vec<Vec<Value>> = flood.chunks(50).map(<[Value]>::to_vec).collect();
-            futures::stream::iter(chunks.into_iter().enumerate().map(move |(i, chunk)| {
-                let flooder = Arc::clone(&flooder);
-                async move { send_with_retry(&flooder, &format!("flood-{i}"), &chunk).await - 1 }
-            }))
+            futures::stream::iter(transactions.into_iter().enumerate().map(
+                |(i, (flooder, chunk))| async move {
+                    send_with_retry(&flooder, &format!("flood-{i}"), &chunk).await - 1
+                },
+            ))
             .buffer_unordered(4)
             .collect::<Vec<_>>()
         })

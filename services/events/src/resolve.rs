@@ -36,11 +36,11 @@ pub fn resolve(
     if forks.len() == 1 {
         return Ok(forks[0].clone());
     }
-    let forks: Vec<StateMap> = forks
+    let ruma_forks: Vec<StateMap> = forks
         .iter()
         .map(|fork| fork.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
         .collect();
-    let auth_chains: Vec<EventIdSet<OwnedEventId>> = forks
+    let auth_chains: Vec<EventIdSet<OwnedEventId>> = ruma_forks
         .iter()
         .map(|fork| {
             auth_chain(fork.values().cloned(), &fetch)
@@ -51,7 +51,7 @@ pub fn resolve(
     let resolved = ruma::state_res::resolve(
         &rules.authorization,
         state_res_rules,
-        forks.iter(),
+        ruma_forks.iter(),
         auth_chains,
         &fetch,
         |conflicted| {
@@ -63,7 +63,24 @@ pub fn resolve(
             )
         },
     )?;
-    Ok(resolved.into_iter().collect())
+    // The result as the first fork with the slots resolution changed, so it
+    // shares that fork's structure: diffs and comparisons against it, or
+    // against states derived from it, skip what did not change.
+    let base = &forks[0];
+    let mut result = base.clone();
+    for (key, id) in &resolved {
+        if base.get(key) != Some(id) {
+            result.insert(key.clone(), id.clone());
+        }
+    }
+    if result.len() != resolved.len() {
+        for key in base.keys() {
+            if !resolved.contains_key(key) {
+                result.remove(key);
+            }
+        }
+    }
+    Ok(result)
 }
 
 /// The full recursive auth chain of some events (not including the events

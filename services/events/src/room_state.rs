@@ -180,6 +180,14 @@ impl RoomState {
         replaced
     }
 
+    /// Empty a slot (in all three maps).
+    fn remove_state(&mut self, key: &StateKey) {
+        if let Some(old) = self.state.remove(key) {
+            self.by_id.remove(old.event_id());
+        }
+        self.ids.remove(key);
+    }
+
     /// Make `state` the whole current state.
     fn replace_state(&mut self, state: impl IntoIterator<Item = Arc<Pdu>>) {
         self.state = imbl::HashMap::new();
@@ -288,16 +296,26 @@ impl RoomState {
         Ok(Arc::new(pdu))
     }
 
-    /// Replace the current state wholesale (after events from elsewhere moved
-    /// it: a state resolution, or a remote event with its own state).
-    pub fn set_current(
+    /// Move the room to a new head whose state differs from the current one
+    /// in the given slots (after events from elsewhere moved it: a state
+    /// resolution, or a remote event with its own state). `None` empties a
+    /// slot, as does an event not at hand. Costs the changed slots, not the
+    /// room's state.
+    pub fn move_state(
         &mut self,
-        state: impl IntoIterator<Item = Arc<Pdu>>,
+        changes: impl IntoIterator<Item = (StateKey, Option<Arc<Pdu>>)>,
         extremities: Vec<OwnedEventId>,
         depth: u64,
         group: (String, u32),
     ) {
-        self.replace_state(state);
+        for (key, pdu) in changes {
+            match pdu {
+                Some(pdu) => {
+                    self.insert_state(key, pdu);
+                }
+                None => self.remove_state(&key),
+            }
+        }
         self.extremities = extremities;
         self.depth = self.depth.max(depth);
         self.group = Some(group);

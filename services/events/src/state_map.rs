@@ -2,17 +2,20 @@
 //! operations the owner of a room needs on them when events arrive out of
 //! order from other servers.
 //!
-//! The maps are persistent (`imbl`): the state after a state event shares all
-//! but one slot's path with the state before it, so a room with 50,000
-//! members does not cost 50,000 entries per state event, in time or memory.
+//! The maps are persistent, ordered B-trees (`imbl::OrdMap`): the state after
+//! a state event shares all but one slot's path with the state before it, so
+//! a room with 50,000 members does not cost 50,000 entries per state event,
+//! in time or memory; and two states that share most of their structure are
+//! compared, or diffed, by visiting only the nodes they do not share.
 
+use imbl::ordmap::DiffItem;
 use ruma::OwnedEventId;
 use ruma::events::StateEventType;
 
 use crate::pdu::Pdu;
 
 pub type StateKey = (StateEventType, String);
-pub type StateIds = imbl::HashMap<StateKey, OwnedEventId>;
+pub type StateIds = imbl::OrdMap<StateKey, OwnedEventId>;
 
 /// The slot a state event fills.
 pub fn key_of(pdu: &Pdu) -> Option<StateKey> {
@@ -30,20 +33,17 @@ pub fn with_event(before: &StateIds, pdu: &Pdu) -> StateIds {
     }
 }
 
-/// The slots that differ going from `from` to `to` (`None`: removed).
+/// The slots that differ going from `from` to `to` (`None`: removed), in
+/// slot order. Skips the subtrees the two states share.
 pub fn diff(from: &StateIds, to: &StateIds) -> Vec<(StateKey, Option<OwnedEventId>)> {
-    let mut changes: Vec<(StateKey, Option<OwnedEventId>)> = to
-        .iter()
-        .filter(|(k, v)| from.get(*k) != Some(*v))
-        .map(|(k, v)| (k.clone(), Some(v.clone())))
-        .collect();
-    changes.extend(
-        from.keys()
-            .filter(|k| !to.contains_key(*k))
-            .map(|k| (k.clone(), None)),
-    );
-    changes.sort_by(|a, b| (a.0.0.to_string(), &a.0.1).cmp(&(b.0.0.to_string(), &b.0.1)));
-    changes
+    from.diff(to)
+        .map(|item| match item {
+            DiffItem::Add(key, id) | DiffItem::Update { new: (key, id), .. } => {
+                (key.clone(), Some(id.clone()))
+            }
+            DiffItem::Remove(key, _) => (key.clone(), None),
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -23,6 +23,7 @@ use tessera_events::pdu::Pdu;
 use tessera_events::room_state::RoomState;
 use tessera_events::ruma::events::StateEventType;
 use tessera_events::ruma::{OwnedRoomId, OwnedServerName, RoomId};
+use tessera_events::state_map::StateIds;
 use tessera_replication::Publisher;
 use tessera_storage::Store;
 use tokio::sync::{mpsc, oneshot};
@@ -107,12 +108,13 @@ pub struct Engine {
     /// the backpressure check costs no query per transaction.
     backlogs: Mutex<HashMap<OwnedRoomId, i64>>,
     bulk: Option<BulkLane>,
-    /// Recently used state groups (group ID → state), shared by turns, and
+    /// Recently used state groups (group ID → state and chain length),
+    /// shared by turns, and
     /// how many slots they hold together.
-    groups: Mutex<(
-        HashMap<String, Arc<tessera_events::state_map::StateIds>>,
-        usize,
-    )>,
+    groups: Mutex<(HashMap<String, CachedGroup>, usize)>,
+    /// Committed state resolutions: a sorted set of state groups → the
+    /// group of their resolution.
+    resolutions: Mutex<HashMap<Vec<String>, String>>,
     pub(crate) store: Store,
     pub(crate) publisher: Publisher,
     pub(crate) key: Arc<SigningKey>,
@@ -128,10 +130,16 @@ pub struct Engine {
     partition_locks: Vec<tokio::sync::Mutex<()>>,
 }
 
+/// A state group's state and, when known, its chain length.
+type CachedGroup = (Arc<StateIds>, Option<u32>);
+
 /// How many state groups loaded from storage the engine keeps, and how many
 /// slots in all (about 100 bytes each) before it forgets them.
 const GROUP_CACHE_GROUPS: usize = 10_000;
 const GROUP_CACHE_SLOTS: usize = 2_000_000;
+
+/// How many state resolutions the engine remembers (a few group IDs each).
+const RESOLUTION_CACHE: usize = 10_000;
 
 impl Engine {
     pub fn start(config: EngineConfig) -> Arc<Self> {
@@ -145,6 +153,7 @@ impl Engine {
             backlogs: Mutex::new(HashMap::new()),
             bulk: config.bulk,
             groups: Mutex::new((HashMap::new(), 0)),
+            resolutions: Mutex::new(HashMap::new()),
             store: config.store,
             publisher: config.publisher,
             key: config.key,
@@ -302,26 +311,49 @@ impl Engine {
         }
     }
 
-    pub(crate) fn cached_group(
-        &self,
-        id: &str,
-    ) -> Option<Arc<tessera_events::state_map::StateIds>> {
+    /// A state group's state and chain length (when known), if cached.
+    pub(crate) fn cached_group(&self, id: &str) -> Option<CachedGroup> {
         self.groups.lock().expect("groups lock").0.get(id).cloned()
     }
 
-    pub(crate) fn cache_group(&self, id: &str, state: Arc<tessera_events::state_map::StateIds>) {
+    /// Remember a state group; `cost` is what it holds in slots of its own
+    /// (all of them for one read from storage, a few for one derived from
+    /// another in memory).
+    pub(crate) fn cache_group(
+        &self,
+        id: &str,
+        state: Arc<StateIds>,
+        chain: Option<u32>,
+        cost: usize,
+    ) {
         let mut cache = self.groups.lock().expect("groups lock");
         let (groups, slots) = &mut *cache;
-        // Bounded by slots, not groups: each group loaded from storage is a
-        // map of its own, and a large room's is as large as its state.
-        if groups.len() >= GROUP_CACHE_GROUPS || *slots + state.len() > GROUP_CACHE_SLOTS {
+        // Bounded by slots, not groups: a large room's group read from
+        // storage is as large as its state.
+        if groups.len() >= GROUP_CACHE_GROUPS || *slots + cost > GROUP_CACHE_SLOTS {
             groups.clear();
             *slots = 0;
         }
-        *slots += state.len();
-        if let Some(old) = groups.insert(id.to_owned(), state) {
-            *slots -= old.len();
+        *slots += cost;
+        groups.insert(id.to_owned(), (state, chain));
+    }
+
+    /// The group a set of state groups (sorted) resolved to, if remembered.
+    pub(crate) fn cached_resolution(&self, groups: &[String]) -> Option<String> {
+        self.resolutions
+            .lock()
+            .expect("resolutions lock")
+            .get(groups)
+            .cloned()
+    }
+
+    /// Remember a committed resolution (the set of groups sorted).
+    pub(crate) fn cache_resolution(&self, groups: Vec<String>, group: String) {
+        let mut cache = self.resolutions.lock().expect("resolutions lock");
+        if cache.len() >= RESOLUTION_CACHE {
+            cache.clear();
         }
+        cache.insert(groups, group);
     }
 
     /// The room's backlog if this worker has counted it (none once a turn

@@ -101,6 +101,9 @@ struct Turn<'e> {
     /// whose chain this turn knows: the room's group when the turn began and
     /// every group the turn made.
     chains: HashMap<String, u32>,
+    /// Resolutions this turn made: the set of state groups resolved (sorted)
+    /// → the group of the result.
+    resolutions: HashMap<Vec<String>, String>,
     events: Vec<(EventToPersist, bool)>,
     new_groups: Vec<NewStateGroup>,
     outliers: Vec<Outlier>,
@@ -120,6 +123,11 @@ fn cited_and_own<'a>(pdus: impl IntoIterator<Item = &'a Pdu>) -> Vec<OwnedEventI
         })
         .collect()
 }
+
+/// What a state group derived from another costs in the group cache beside
+/// its own slots: the tree nodes on the paths to them, copied (about a
+/// node's worth of slots each).
+const PATH_COPY_SLOTS: usize = 128;
 
 /// Every slot of a state, as a snapshot state group lists them.
 fn snapshot_entries(state: &StateIds) -> Vec<(String, String, Option<String>)> {
@@ -158,8 +166,11 @@ impl<'e> Turn<'e> {
         let rules = room.rules().clone();
         let current = Arc::new(room.state_map());
         let pdus = KnownEvents::new(room.state_by_id());
+        // With one forward extremity the current state is the state after
+        // it. With several, each has its own (the current state is their
+        // resolution): those are read with the events when cited.
         let mut timeline = HashMap::new();
-        for extremity in room.extremities() {
+        if let [extremity] = room.extremities() {
             timeline.insert(extremity.clone(), room.state_group().map(str::to_owned));
         }
         let chains: HashMap<String, u32> = room
@@ -187,6 +198,7 @@ impl<'e> Turn<'e> {
             outliers: Vec::new(),
             outlier_ids: HashSet::new(),
             chains,
+            resolutions: HashMap::new(),
         }))
     }
 
@@ -199,14 +211,35 @@ impl<'e> Turn<'e> {
             && pdu.auth_events().iter().all(|e| self.pdus.contains_key(e))
     }
 
-    /// Load events we have stored (timeline or outliers) that this turn has not seen.
+    /// Load events we have stored (timeline or outliers) that this turn has
+    /// not seen, with their places in the timeline.
     async fn load(
         &mut self,
         ids: impl IntoIterator<Item = OwnedEventId>,
     ) -> Result<(), StoreError> {
+        self.load_where(ids, true).await
+    }
+
+    /// Load events this turn does not have, for themselves only (their
+    /// places in the timeline are not wanted: the room's state events are
+    /// at hand without them).
+    async fn load_events(
+        &mut self,
+        ids: impl IntoIterator<Item = OwnedEventId>,
+    ) -> Result<(), StoreError> {
+        self.load_where(ids, false).await
+    }
+
+    async fn load_where(
+        &mut self,
+        ids: impl IntoIterator<Item = OwnedEventId>,
+        with_place: bool,
+    ) -> Result<(), StoreError> {
         let wanted: Vec<String> = ids
             .into_iter()
-            .filter(|id| !self.pdus.contains_key(id) || !self.timeline.contains_key(id))
+            .filter(|id| {
+                !self.pdus.contains_key(id) || (with_place && !self.timeline.contains_key(id))
+            })
             .map(|id| id.to_string())
             .collect::<HashSet<_>>()
             .into_iter()
@@ -235,22 +268,35 @@ impl<'e> Turn<'e> {
         Ok(())
     }
 
+    /// A state group's state (and, learnt on the way, its chain length).
     async fn group(&mut self, id: &str) -> Result<Arc<StateIds>, StoreError> {
         if let Some(map) = self.groups.get(id) {
             return Ok(Arc::clone(map));
         }
-        if let Some(map) = self.engine.cached_group(id) {
-            self.groups.insert(id.to_owned(), Arc::clone(&map));
-            return Ok(map);
-        }
-        let mut map = StateIds::new();
-        for (kind, key, event) in self.store.state_group_map(id).await? {
-            if let Ok(event) = EventId::parse(event.as_str()) {
-                map.insert((StateEventType::from(kind), key), event);
+        let (map, chain) = match self.engine.cached_group(id) {
+            Some(cached) => cached,
+            None => {
+                let mut map = StateIds::new();
+                for (kind, key, event) in self.store.state_group_map(id).await? {
+                    if let Ok(event) = EventId::parse(event.as_str()) {
+                        map.insert((StateEventType::from(kind), key), event);
+                    }
+                }
+                let chain = self
+                    .store
+                    .state_group_chain_length(id)
+                    .await?
+                    .map(|c| c.max(0) as u32);
+                let map = Arc::new(map);
+                // Read from storage, the map shares nothing: it costs its slots.
+                self.engine
+                    .cache_group(id, Arc::clone(&map), chain, map.len());
+                (map, chain)
             }
+        };
+        if let Some(chain) = chain {
+            self.chains.entry(id.to_owned()).or_insert(chain);
         }
-        let map = Arc::new(map);
-        self.engine.cache_group(id, Arc::clone(&map));
         self.groups.insert(id.to_owned(), Arc::clone(&map));
         Ok(map)
     }
@@ -261,7 +307,7 @@ impl<'e> Turn<'e> {
         let mut frontier = roots;
         let mut seen: HashSet<OwnedEventId> = HashSet::new();
         while !frontier.is_empty() {
-            self.load(frontier.iter().cloned()).await?;
+            self.load_events(frontier.iter().cloned()).await?;
             let mut next = Vec::new();
             for id in frontier {
                 if !seen.insert(id.clone()) {
@@ -305,15 +351,56 @@ impl<'e> Turn<'e> {
                 groups.push(group);
             }
         }
-        if groups.len() == 1 {
-            let map = self.group(&groups[0]).await.map_err(|e| e.to_string())?;
-            return Ok((Some(groups.remove(0)), map));
+        let (group, map) = self
+            .resolved_group(groups, format!("{}~before", pdu.event_id()))
+            .await?;
+        Ok((Some(group), map))
+    }
+
+    /// The resolution of some state groups' states, as a state group: one
+    /// of them when it equals the result, else a new one named `name`.
+    /// Remembered by the set of groups, so a room whose forward extremities
+    /// keep their states (several servers sending messages, each on its own
+    /// latest event) resolves them once, not for every event.
+    async fn resolved_group(
+        &mut self,
+        mut groups: Vec<String>,
+        name: String,
+    ) -> Result<(String, Arc<StateIds>), String> {
+        groups.sort_unstable();
+        groups.dedup();
+        let known = match groups.as_slice() {
+            [group] => Some(group.clone()),
+            _ => self
+                .resolutions
+                .get(&groups)
+                .cloned()
+                .or_else(|| self.engine.cached_resolution(&groups)),
+        };
+        if let Some(group) = known {
+            let map = self.group(&group).await.map_err(|e| e.to_string())?;
+            return Ok((group, map));
         }
-        let mut maps = Vec::new();
+        let mut maps = Vec::with_capacity(groups.len());
         for group in &groups {
             maps.push(self.group(group).await.map_err(|e| e.to_string())?);
         }
-        self.resolve(maps).await.map(|map| (None, Arc::new(map)))
+        let resolved = self.resolve(maps.clone()).await?;
+        let same = groups
+            .iter()
+            .zip(&maps)
+            .find(|(_, map)| map.ptr_eq(&resolved) || ***map == resolved);
+        let (group, map) = match same {
+            Some((group, map)) => (group.clone(), Arc::clone(map)),
+            None => {
+                let map = Arc::new(resolved);
+                self.add_state_group(name.clone(), &map, Some(groups[0].clone()))
+                    .await?;
+                (name, map)
+            }
+        };
+        self.resolutions.insert(groups, group.clone());
+        Ok((group, map))
     }
 
     async fn resolve(&mut self, maps: Vec<Arc<StateIds>>) -> Result<StateIds, String> {
@@ -632,44 +719,26 @@ impl<'e> Turn<'e> {
         }
 
         // State groups: the state before (stored if it came from a resolution
-        // or from the origin), then the state after.
+        // or from the origin, as a delta on a prev event's group when it
+        // can), then the state after.
         let group_before = match group_before {
             Some(group) => group,
             None => {
                 let group_id = format!("{id}~before");
-                self.add_group(NewStateGroup {
-                    id: group_id.clone(),
-                    parent: None,
-                    chain_length: 0,
-                    entries: snapshot_entries(&before),
-                });
-                self.groups.insert(group_id.clone(), Arc::clone(&before));
+                let near = pdu
+                    .prev_events()
+                    .iter()
+                    .find_map(|p| self.timeline.get(p).cloned().flatten());
+                self.add_state_group(group_id.clone(), &before, near)
+                    .await?;
                 group_id
             }
         };
         let after: Arc<StateIds> = match (rejected, state_map::key_of(&pdu)) {
-            (false, Some(key)) => {
+            (false, Some(_)) => {
                 let after = Arc::new(state_map::with_event(&before, &pdu));
-                // A delta on the group before, unless its chain is long or
-                // unknown (an older group): then a snapshot.
-                let chain = self.chain_length(&group_before);
-                let (parent, chain_length, entries) =
-                    if let Some(chain) = chain.filter(|c| *c < SNAPSHOT_EVERY) {
-                        (
-                            Some(group_before.clone()),
-                            chain + 1,
-                            vec![(key.0.to_string(), key.1.clone(), Some(id.to_string()))],
-                        )
-                    } else {
-                        (None, 0, snapshot_entries(&after))
-                    };
-                self.add_group(NewStateGroup {
-                    id: id.to_string(),
-                    parent,
-                    chain_length: chain_length as i32,
-                    entries,
-                });
-                self.groups.insert(id.to_string(), Arc::clone(&after));
+                self.add_state_group(id.to_string(), &after, Some(group_before.clone()))
+                    .await?;
                 after
             }
             _ => Arc::clone(&before),
@@ -767,8 +836,8 @@ impl<'e> Turn<'e> {
 
     /// Move the room to a new head after an accepted event that was not
     /// built on the whole head or not on the current state: resolve the
-    /// extremities' states when there are several, then replace the current
-    /// state. Returns the slots that changed.
+    /// extremities' states when there are several, then move the current
+    /// state by the slots that differ. Returns those slots.
     async fn move_current(
         &mut self,
         pdu: &Pdu,
@@ -776,66 +845,93 @@ impl<'e> Turn<'e> {
         group_after: &str,
         extremities: Vec<OwnedEventId>,
     ) -> Result<Vec<StateChange>, String> {
-        let id = pdu.event_id();
-        let mut state_changes = Vec::new();
         let (new_current, current_group) = if extremities.len() == 1 {
-            (after.as_ref().clone(), group_after.to_owned())
+            (Arc::clone(after), group_after.to_owned())
         } else {
-            let mut maps = Vec::new();
-            for extremity in &extremities {
-                let group = self.timeline.get(extremity).cloned().flatten();
-                match group {
-                    Some(group) => maps.push(self.group(&group).await.map_err(|e| e.to_string())?),
-                    None => maps.push(Arc::clone(after)),
-                }
-            }
-            let resolved = self.resolve(maps).await?;
-            if resolved.ptr_eq(after) || resolved == **after {
-                (resolved, group_after.to_owned())
-            } else {
-                let group_id = format!("{id}~current");
-                self.add_group(NewStateGroup {
-                    id: group_id.clone(),
-                    parent: None,
-                    chain_length: 0,
-                    entries: snapshot_entries(&resolved),
-                });
-                self.groups
-                    .insert(group_id.clone(), Arc::new(resolved.clone()));
-                (resolved, group_id)
-            }
+            // The other extremities' states: from storage when this turn has
+            // not met them (its timeline starts empty in a forked room).
+            let unplaced: Vec<OwnedEventId> = extremities
+                .iter()
+                .filter(|e| !self.timeline.contains_key(*e))
+                .cloned()
+                .collect();
+            self.load(unplaced).await.map_err(|e| e.to_string())?;
+            let groups: Vec<String> = extremities
+                .iter()
+                .map(|extremity| {
+                    self.timeline
+                        .get(extremity)
+                        .cloned()
+                        .flatten()
+                        .unwrap_or_else(|| group_after.to_owned())
+                })
+                .collect();
+            let (group, map) = self
+                .resolved_group(groups, format!("{}~current", pdu.event_id()))
+                .await?;
+            (map, group)
         };
-        for ((kind, key), event) in state_map::diff(&self.current, &new_current) {
-            let membership = event
-                .as_ref()
-                .and_then(|e| self.pdus.get(e))
-                .and_then(|p| p.membership());
+        // The states share their structure, so this visits the slots that
+        // differ, not the room's state.
+        let changes = state_map::diff(&self.current, &new_current);
+        let unseen: Vec<OwnedEventId> = changes
+            .iter()
+            .filter_map(|(_, event)| event.clone())
+            .filter(|e| !self.pdus.contains_key(e))
+            .collect();
+        self.load_events(unseen).await.map_err(|e| e.to_string())?;
+        let mut state_changes = Vec::with_capacity(changes.len());
+        let mut slots = Vec::with_capacity(changes.len());
+        for ((kind, key), event) in changes {
+            let state_event = event.as_ref().and_then(|e| self.pdus.get(e)).cloned();
             state_changes.push(StateChange {
                 kind: kind.to_string(),
-                state_key: key,
+                state_key: key.clone(),
                 event_id: event.map(|e| e.to_string()),
-                membership,
+                membership: state_event.as_ref().and_then(|p| p.membership()),
             });
+            slots.push(((kind, key), state_event));
         }
-        // Only the events themselves are needed here. (`load` also wants
-        // every event's place in the timeline, which current state
-        // events rarely have in a turn: asking it would read the whole
-        // current state from Postgres for every accepted event.)
-        let unseen: Vec<OwnedEventId> = new_current
-            .values()
-            .filter(|e| !self.pdus.contains_key(e))
-            .cloned()
-            .collect();
-        self.load(unseen).await.map_err(|e| e.to_string())?;
-        let state_pdus: Vec<Arc<Pdu>> = new_current
-            .values()
-            .filter_map(|e| self.pdus.get(e).cloned())
-            .collect();
         let chain = self.chain_length(&current_group).unwrap_or(SNAPSHOT_EVERY);
         self.room
-            .set_current(state_pdus, extremities, pdu.depth(), (current_group, chain));
-        self.current = Arc::new(new_current);
+            .move_state(slots, extremities, pdu.depth(), (current_group, chain));
+        self.current = new_current;
         Ok(state_changes)
+    }
+
+    /// Record a new state group for `state`: a delta on `parent` when that
+    /// group's chain is known and short, else a full snapshot.
+    async fn add_state_group(
+        &mut self,
+        id: String,
+        state: &Arc<StateIds>,
+        parent: Option<String>,
+    ) -> Result<(), String> {
+        let parent = parent.and_then(|parent| {
+            let chain = self.chain_length(&parent)?;
+            (chain < SNAPSHOT_EVERY).then_some((parent, chain))
+        });
+        let (parent, chain_length, entries) = match parent {
+            Some((parent, chain)) => {
+                let base = self.group(&parent).await.map_err(|e| e.to_string())?;
+                let entries = state_map::diff(&base, state)
+                    .into_iter()
+                    .map(|((kind, key), event)| {
+                        (kind.to_string(), key, event.map(|e| e.to_string()))
+                    })
+                    .collect();
+                (Some(parent), chain + 1, entries)
+            }
+            None => (None, 0, snapshot_entries(state)),
+        };
+        self.add_group(NewStateGroup {
+            id: id.clone(),
+            parent,
+            chain_length: chain_length as i32,
+            entries,
+        });
+        self.groups.insert(id, Arc::clone(state));
+        Ok(())
     }
 
     /// How many deltas lead to a state group from its snapshot, when known:
@@ -875,13 +971,37 @@ impl<'e> Turn<'e> {
             .map(|e| e.to_string())
             .collect();
         batch.state_group = self.room.state_group().map(str::to_owned);
+        // Kept for later turns once committed (a later turn resolving a
+        // fork made here would otherwise read its group back from storage).
+        // A group made here shares all but its changed slots' paths with
+        // its parent's state.
+        let made: Vec<(String, Arc<StateIds>, u32, usize)> = self
+            .new_groups
+            .iter()
+            .filter_map(|g| {
+                let map = self.groups.get(&g.id)?;
+                Some((
+                    g.id.clone(),
+                    Arc::clone(map),
+                    g.chain_length as u32,
+                    g.entries.len() + PATH_COPY_SLOTS,
+                ))
+            })
+            .collect();
         batch.new_groups = self.new_groups;
+        let resolutions = self.resolutions;
         batch.staged_ids = staged_ids;
         batch.outliers = self.outliers;
         let hidden: Vec<bool> = self.events.iter().map(|(_, hidden)| *hidden).collect();
         batch.events = self.events.into_iter().map(|(e, _)| e).collect();
         let _order = self.engine.partition_lock(partition).lock().await;
         let positions = self.store.persist(&batch).await?;
+        for (id, map, chain, cost) in made {
+            self.engine.cache_group(&id, map, Some(chain), cost);
+        }
+        for (groups, group) in resolutions {
+            self.engine.cache_resolution(groups, group);
+        }
         let entries: Vec<EventEntry> = batch
             .events
             .iter()

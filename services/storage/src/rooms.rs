@@ -360,6 +360,18 @@ impl Store {
             .collect())
     }
 
+    /// How many deltas lead to a state group from its snapshot (None: no
+    /// such group).
+    pub async fn state_group_chain_length(&self, group_id: &str) -> Result<Option<i32>> {
+        let row = self
+            .query_opt(
+                "SELECT chain_length FROM state_groups WHERE id = $1",
+                &[&group_id],
+            )
+            .await?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
     /// The state groups before and after an event in the timeline.
     pub async fn event_state_groups(
         &self,

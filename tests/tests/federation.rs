@@ -708,6 +708,15 @@ async fn events_the_current_state_forbids_are_soft_failed() {
     assert_eq!(copies, 1);
 }
 
+/// Dave, of a second remote server, joins after Bob: Bob's server never
+/// hears of it (fake remotes keep their own view of the room).
+async fn dave_joins(cluster: &TestCluster, room: &str) -> (Arc<FakeRemote>, OwnedUserId) {
+    let other = FakeRemote::start(&cluster.server_name).await;
+    let dave = other.user("dave");
+    other.join(room, &dave).await.expect("join");
+    (other, dave)
+}
+
 /// The state before an event is the state after its prev events, also when
 /// the room has several forward extremities with different states: an event
 /// on one fork is checked against that fork, not against the current state
@@ -723,9 +732,7 @@ async fn an_event_on_one_fork_is_checked_against_that_forks_state() {
         bob,
         ..
     } = joined().await;
-    let other = FakeRemote::start(&cluster.server_name).await;
-    let dave = other.user("dave");
-    other.join(&room, &dave).await.expect("join");
+    let (other, dave) = dave_joins(&cluster, &room).await;
     // Bob's server has not heard of Dave: its message forks the room.
     let on_bobs_fork = remote.text(&room, &bob, "on Bob's fork");
     send_accepted(&remote, "bob", &on_bobs_fork).await;
@@ -780,9 +787,7 @@ async fn forks_that_keep_their_states_are_resolved_once() {
         remote,
         bob,
     } = joined().await;
-    let other = FakeRemote::start(&cluster.server_name).await;
-    let dave = other.user("dave");
-    other.join(&room, &dave).await.expect("join");
+    let (other, dave) = dave_joins(&cluster, &room).await;
     let mut since = api.initial_token(&alice).await;
     let resolutions_before = metric(&cluster, "tessera_room_worker_state_resolutions_total").await;
     let mut sent = Vec::new();

@@ -25,6 +25,12 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
 use crate::directory::OwnerDirectory;
+
+/// The largest answer taken from a room's owner. A `send_join` into a room
+/// answers with the room's whole state and its auth chain: about 0.4 KiB a
+/// member, so tonic's default of 4 MiB refused rooms of some 10,000
+/// members.
+const MAX_ANSWER_BYTES: usize = 512 * 1024 * 1024;
 use crate::partition::partition_of;
 
 /// Spawns a channel's tasks (its buffer, its HTTP/2 connection) on the
@@ -190,7 +196,8 @@ impl RoomRouter {
                 let client = RoomWorkerClient::with_interceptor(
                     self.channel(&addr)?,
                     tessera_runtime::traces::inject_grpc as Injector,
-                );
+                )
+                .max_decoding_message_size(MAX_ANSWER_BYTES);
                 let started = Instant::now();
                 let result = tokio::time::timeout(self.attempt_timeout, f(client)).await;
                 let code = match &result {

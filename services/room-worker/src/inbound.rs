@@ -971,13 +971,23 @@ impl<'e> Turn<'e> {
             .map(|e| e.to_string())
             .collect();
         batch.state_group = self.room.state_group().map(str::to_owned);
-        // Kept for later turns once committed (a later turn resolving a
-        // fork made here would otherwise read its group back from storage).
-        // A group made here shares all but its changed slots' paths with
-        // its parent's state.
+        // The groups a later turn starts from, kept once committed: the
+        // room's current group and its forward extremities' (a later turn
+        // resolving the forks would otherwise read them back from storage).
+        // Not every group made here: a group shares all but its changed
+        // slots' paths with its parent, but those paths are a few tree
+        // nodes each, and a flood of joins would fill the cache with them.
+        let heads: HashSet<&str> = self
+            .room
+            .extremities()
+            .iter()
+            .filter_map(|e| self.timeline.get(e)?.as_deref())
+            .chain(self.room.state_group())
+            .collect();
         let made: Vec<(String, Arc<StateIds>, u32, usize)> = self
             .new_groups
             .iter()
+            .filter(|g| heads.contains(g.id.as_str()))
             .filter_map(|g| {
                 let map = self.groups.get(&g.id)?;
                 Some((

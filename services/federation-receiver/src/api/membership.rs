@@ -5,6 +5,9 @@
 
 use axum::Json;
 use axum::extract::{Path, RawQuery, State};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use tessera_events::ruma::events::StateEventType;
 use tessera_events::ruma::{CanonicalJsonObject, RoomId, RoomVersionId, UserId};
@@ -237,6 +240,16 @@ async fn submit(
     }
 }
 
+/// Events passed through as they came from the room's owner, unparsed: a
+/// join into a room with 20,000 members answers with 20,000 state events,
+/// which as JSON trees cost the receiver ten times their size.
+fn raw_all(jsons: Vec<String>) -> Vec<Box<RawValue>> {
+    jsons
+        .into_iter()
+        .filter_map(|j| RawValue::from_string(j).ok())
+        .collect()
+}
+
 fn parse_all(jsons: &[String]) -> Vec<Value> {
     jsons
         .iter()
@@ -244,12 +257,27 @@ fn parse_all(jsons: &[String]) -> Vec<Value> {
         .collect()
 }
 
+/// A `send_join` answer. State and auth chain are either parsed (after
+/// `omit_members` picked from them) or passed through raw.
+#[derive(Serialize)]
+struct JoinAnswer<'a, Events: Serialize> {
+    origin: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    event: Option<Value>,
+    state: Events,
+    auth_chain: Events,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    members_omitted: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    servers_in_room: Option<Vec<String>>,
+}
+
 pub async fn send_join(
     State(state): State<AppState>,
     Path((room, event)): Path<(String, String)>,
     RawQuery(query): RawQuery,
     signed: Signed,
-) -> Result<Json<Value>, MatrixError> {
+) -> Result<Response, MatrixError> {
     let omit_members = query
         .unwrap_or_default()
         .split('&')
@@ -257,22 +285,30 @@ pub async fn send_join(
     let (_, accepted) = submit(&state, &room, &event, &signed, "join").await?;
     let servers = state.store.servers_in_room(&room).await?;
     let event_json = serde_json::from_str::<Value>(&accepted.event_json).unwrap_or(Value::Null);
-    let (state_events, auth_chain) = if omit_members {
+    let origin = state.server_name.as_str();
+    if omit_members {
         let joiner = event_json["state_key"].as_str().unwrap_or_default();
         let kept = state_without_members(&state, &room, joiner, parse_all(&accepted.state)).await?;
         let chain = auth_chain_of(&state, &room, &event_json, &kept).await?;
-        (kept, chain)
-    } else {
-        (parse_all(&accepted.state), parse_all(&accepted.auth_chain))
-    };
-    Ok(Json(json!({
-        "origin": state.server_name,
-        "event": event_json,
-        "state": state_events,
-        "auth_chain": auth_chain,
-        "members_omitted": omit_members,
-        "servers_in_room": servers,
-    })))
+        return Ok(Json(JoinAnswer {
+            origin,
+            event: Some(event_json),
+            state: kept,
+            auth_chain: chain,
+            members_omitted: Some(true),
+            servers_in_room: Some(servers),
+        })
+        .into_response());
+    }
+    Ok(Json(JoinAnswer {
+        origin,
+        event: Some(event_json),
+        state: raw_all(accepted.state),
+        auth_chain: raw_all(accepted.auth_chain),
+        members_omitted: Some(false),
+        servers_in_room: Some(servers),
+    })
+    .into_response())
 }
 
 /// The state for an `omit_members` join: every event but the memberships,
@@ -331,13 +367,20 @@ pub async fn send_join_v1(
     State(state): State<AppState>,
     Path((room, event)): Path<(String, String)>,
     signed: Signed,
-) -> Result<Json<Value>, MatrixError> {
+) -> Result<Response, MatrixError> {
     let (_, accepted) = submit(&state, &room, &event, &signed, "join").await?;
-    Ok(Json(json!([200, {
-        "origin": state.server_name,
-        "state": parse_all(&accepted.state),
-        "auth_chain": parse_all(&accepted.auth_chain),
-    }])))
+    Ok(Json((
+        200,
+        JoinAnswer {
+            origin: state.server_name.as_str(),
+            event: None,
+            state: raw_all(accepted.state),
+            auth_chain: raw_all(accepted.auth_chain),
+            members_omitted: None,
+            servers_in_room: None,
+        },
+    ))
+    .into_response())
 }
 
 pub async fn send_leave(

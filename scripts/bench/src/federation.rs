@@ -90,6 +90,11 @@ struct Args {
     /// wave comes from several servers at once.
     #[arg(long, default_value_t = 1)]
     flood_origins: usize,
+    /// Before every M-th flood message, its server has a new user join the
+    /// busy room (`@flood-<i>`), so the flood changes the room's state too
+    /// (0: messages only). The joins come on top of the `--flood` messages.
+    #[arg(long, default_value_t = 0)]
+    flood_join_every: usize,
     /// Where the storage flush probe writes its file: a directory on the
     /// database's disk (default: the temporary directory).
     #[arg(long)]
@@ -476,12 +481,23 @@ async fn main() -> anyhow::Result<()> {
     let mut per_origin: Vec<Vec<Value>> = vec![Vec::new(); flooders.len()];
     for i in 0..args.flood {
         let (flooder, spammer) = &flooders[i % flooders.len()];
+        if args.flood_join_every > 0 && i % args.flood_join_every == 0 {
+            let joiner = flooder.user(&format!("flood-{i}"));
+            per_origin[i % flooders.len()].push(json_of(&flooder.build(
+                &busy,
+                &joiner,
+                "m.room.member",
+                Some(joiner.as_str()),
+                json!({ "membership": "join" }),
+            )));
+        }
         per_origin[i % flooders.len()].push(json_of(&flooder.text(
             &busy,
             spammer,
             &format!("flood {i}"),
         )));
     }
+    let flood_pdus: usize = per_origin.iter().map(Vec::len).sum();
     let mut transactions: Vec<(Arc<FakeRemote>, Vec<Value>)> = Vec::new();
     let chunked: Vec<Vec<Vec<Value>>> = per_origin
         .iter()
@@ -562,8 +578,9 @@ async fn main() -> anyhow::Result<()> {
     let rss_before = rss(&target.pids);
 
     eprintln!(
-        "   flood phase: {} PDUs from {} servers, 50 a transaction, 4 in flight",
+        "   flood phase: {} messages and {} joins from {} servers, 50 PDUs a transaction, 4 in flight",
         args.flood,
+        flood_pdus - args.flood,
         flooders.len()
     );
     let flood_start = Instant::now();

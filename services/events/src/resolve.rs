@@ -10,7 +10,7 @@ use ruma::state_res::utils::event_id_set::EventIdSet;
 use ruma::{EventId, OwnedEventId};
 
 use crate::pdu::Pdu;
-use crate::state_map::StateIds;
+use crate::state_map::{StateIds, StateKey};
 
 /// A room state as ruma's state resolution takes it.
 type StateMap = ruma::state_res::StateMap<OwnedEventId>;
@@ -40,13 +40,9 @@ pub fn resolve(
         .iter()
         .map(|fork| fork.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
         .collect();
-    let auth_chains: Vec<EventIdSet<OwnedEventId>> = ruma_forks
-        .iter()
-        .map(|fork| {
-            auth_chain(fork.values().cloned(), &fetch)
-                .into_iter()
-                .collect()
-        })
+    let auth_chains: Vec<EventIdSet<OwnedEventId>> = auth_chains_for_difference(forks, &fetch)
+        .into_iter()
+        .map(|chain| chain.into_iter().collect())
         .collect();
     let resolved = ruma::state_res::resolve(
         &rules.authorization,
@@ -81,6 +77,58 @@ pub fn resolve(
         }
     }
     Ok(result)
+}
+
+/// What ruma needs of each fork's auth chain: the auth difference (the
+/// events in some forks' full auth chains and not in all) and nothing else,
+/// so each fork's chain cut down to where that difference can lie.
+///
+/// With U the events the forks agree on, C_i fork i's conflicted events,
+/// X_i the auth chain of C_i and Y that of U, fork i's full chain is
+/// Y ∪ X_i, and the difference is (∪X_i) − Y − (∩X_i): it lies within
+/// Z = ∪X_i, and the sets X_i ∪ (Y ∩ Z) have the same difference as the
+/// full chains. So the unconflicted state's chain is walked once, not once
+/// per fork, and ruma counts a few events, not every fork's whole chain.
+pub fn auth_chains_for_difference(
+    forks: &[StateIds],
+    fetch: impl Fn(&EventId) -> Option<Arc<Pdu>>,
+) -> Vec<HashSet<OwnedEventId>> {
+    let Some((base, others)) = forks.split_first() else {
+        return Vec::new();
+    };
+    let conflicted: HashSet<StateKey> = others
+        .iter()
+        .flat_map(|fork| crate::state_map::diff(base, fork))
+        .map(|(key, _)| key)
+        .collect();
+    let conflicted_chains: Vec<HashSet<OwnedEventId>> = forks
+        .iter()
+        .map(|fork| {
+            auth_chain(
+                conflicted.iter().filter_map(|key| fork.get(key).cloned()),
+                &fetch,
+            )
+        })
+        .collect();
+    let reachable: HashSet<&OwnedEventId> = conflicted_chains.iter().flatten().collect();
+    let unconflicted_chain = auth_chain(
+        base.iter()
+            .filter(|(key, _)| !conflicted.contains(*key))
+            .map(|(_, id)| id.clone()),
+        &fetch,
+    );
+    let shared: Vec<OwnedEventId> = reachable
+        .into_iter()
+        .filter(|id| unconflicted_chain.contains(*id))
+        .cloned()
+        .collect();
+    conflicted_chains
+        .into_iter()
+        .map(|mut chain| {
+            chain.extend(shared.iter().cloned());
+            chain
+        })
+        .collect()
 }
 
 /// The full recursive auth chain of some events (not including the events

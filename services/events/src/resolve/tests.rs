@@ -9,6 +9,36 @@ use crate::room_setup::Preset;
 use crate::room_state::tests::{create_room, fetch, index, setup};
 use crate::test_support::{key, server, template};
 
+/// The events in some forks' auth chains and not in all.
+fn difference(chains: &[HashSet<OwnedEventId>]) -> HashSet<OwnedEventId> {
+    let union: HashSet<OwnedEventId> = chains.iter().flatten().cloned().collect();
+    union
+        .into_iter()
+        .filter(|id| !chains.iter().all(|chain| chain.contains(id)))
+        .collect()
+}
+
+/// The cut-down auth chains have the full chains' auth difference (which
+/// is returned).
+fn assert_same_auth_difference(
+    forks: &[StateIds],
+    map: &std::collections::HashMap<OwnedEventId, Arc<Pdu>>,
+) -> HashSet<OwnedEventId> {
+    let full: Vec<HashSet<OwnedEventId>> = forks
+        .iter()
+        .map(|fork| auth_chain(fork.values().cloned(), fetch(map)))
+        .collect();
+    let cut = auth_chains_for_difference(forks, fetch(map));
+    assert_eq!(difference(&cut), difference(&full));
+    for (cut, full) in cut.iter().zip(&full) {
+        assert!(
+            cut.is_subset(full),
+            "a cut-down chain is part of the full one"
+        );
+    }
+    difference(&full)
+}
+
 #[test]
 fn a_demotion_beats_a_concurrent_action_it_forbids() {
     for version in crate::room_version::supported() {
@@ -60,12 +90,17 @@ fn a_demotion_beats_a_concurrent_action_it_forbids() {
         let rename = push(&mut branch_b, rename);
 
         let map = index(&events);
-        let resolved = resolve(
-            room.rules(),
-            &[branch_a.state_map(), branch_b.state_map()],
-            fetch(&map),
-        )
-        .unwrap();
+        let forks = [branch_a.state_map(), branch_b.state_map()];
+        let bob_join = room
+            .get(&StateEventType::RoomMember, "@bob:test.local")
+            .unwrap()
+            .event_id()
+            .to_owned();
+        assert!(
+            assert_same_auth_difference(&forks, &map).contains(&bob_join),
+            "{version}: Bob's join is in the rename's auth chain only"
+        );
+        let resolved = resolve(room.rules(), &forks, fetch(&map)).unwrap();
         let pl_key = (StateEventType::RoomPowerLevels, String::new());
         assert_eq!(
             resolved[&pl_key],
@@ -112,7 +147,9 @@ fn non_conflicting_forks_merge() {
     b.apply(avatar.clone());
     events.extend([topic.clone(), avatar.clone()]);
     let map = index(&events);
-    let resolved = resolve(room.rules(), &[a.state_map(), b.state_map()], fetch(&map)).unwrap();
+    let forks = [a.state_map(), b.state_map(), room.state_map()];
+    assert_same_auth_difference(&forks, &map);
+    let resolved = resolve(room.rules(), &forks[..2], fetch(&map)).unwrap();
     assert_eq!(
         resolved[&(StateEventType::RoomTopic, String::new())],
         topic.event_id()

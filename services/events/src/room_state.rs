@@ -332,14 +332,8 @@ impl RoomState {
         depth: u64,
         group: (String, u32),
     ) {
-        if let Some(pdu) = state_event
-            && let Some(key) = crate::state_map::key_of(&pdu)
-        {
-            self.insert_state(key, pdu);
-        }
-        self.extremities = extremities;
-        self.depth = self.depth.max(depth);
-        self.group = Some(group);
+        let slot = state_event.and_then(|pdu| Some((crate::state_map::key_of(&pdu)?, Some(pdu))));
+        self.move_state(slot, extremities, depth, group);
     }
 
     /// The current state group and its chain length.

@@ -1,10 +1,12 @@
-//! State resolution through ruma (no hand-written algorithm), plus the two
-//! inputs ruma asks the caller for: each fork's auth chain and, from room
-//! version 12, the conflicted state subgraph.
+//! State resolution through ruma (no hand-written algorithm), handed only
+//! the part of the forks it can read, plus the two inputs ruma asks the
+//! caller for: each fork's auth chain and, from room version 12, the
+//! conflicted state subgraph.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
+use ruma::events::StateEventType;
 use ruma::room_version_rules::{RoomVersionRules, StateResolutionVersion};
 use ruma::state_res::utils::event_id_set::EventIdSet;
 use ruma::{EventId, OwnedEventId};
@@ -24,7 +26,16 @@ pub enum ResolveError {
 }
 
 /// Resolve several forks of a room's state into one. `fetch` must find every
-/// event of the forks and of their auth chains that the server has.
+/// event of the forks' conflicted state and of its auth chains that the
+/// server has, and the events the auth checks of the full conflicted set
+/// read (the unconflicted state at their auth slots, and the power levels'
+/// chain); the rest of the unconflicted state is never read.
+///
+/// Exactly ruma's resolution of the whole forks, at the cost of the
+/// conflicted part: the algorithm reads the unconflicted state only where
+/// the iterative auth checks of the full conflicted set look (each event's
+/// auth slots) and otherwise copies it into the result, so ruma is given
+/// the conflicted slots and those auth slots, and the rest is copied here.
 pub fn resolve(
     rules: &RoomVersionRules,
     forks: &[StateIds],
@@ -33,50 +44,109 @@ pub fn resolve(
     let StateResolutionVersion::V2(state_res_rules) = &rules.state_res else {
         return Err(ResolveError::UnsupportedVersion);
     };
-    if forks.len() == 1 {
-        return Ok(forks[0].clone());
+    let Some(base) = forks.first() else {
+        return Ok(StateIds::new());
+    };
+    let conflicted = conflicted_keys(forks);
+    if conflicted.is_empty() {
+        return Ok(base.clone());
+    }
+    let conflicted_events: Vec<OwnedEventId> = conflicted_events(forks, &conflicted);
+    let auth_chains = auth_chains_for_difference(forks, &conflicted, &fetch);
+    let subgraph: HashSet<OwnedEventId> = if state_res_rules.consider_conflicted_state_subgraph {
+        conflicted_state_subgraph(&conflicted_events, &fetch)
+    } else {
+        HashSet::new()
+    };
+
+    // Every slot an auth check of the full conflicted set reads.
+    let union: HashSet<&OwnedEventId> = auth_chains.iter().flatten().collect();
+    let difference = union
+        .into_iter()
+        .filter(|id| !auth_chains.iter().all(|chain| chain.contains(*id)));
+    let mut read: HashSet<StateKey> = HashSet::from([(StateEventType::RoomCreate, String::new())]);
+    for id in difference.chain(&conflicted_events).chain(&subgraph) {
+        let Some(pdu) = fetch(id) else { continue };
+        if let Ok(types) = ruma::state_res::auth_types_for_event(
+            pdu.kind(),
+            pdu.sender(),
+            pdu.state_key(),
+            pdu.content(),
+            &rules.authorization,
+        ) {
+            read.extend(types);
+        }
     }
     let ruma_forks: Vec<StateMap> = forks
         .iter()
-        .map(|fork| fork.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
-        .collect();
-    let auth_chains: Vec<EventIdSet<OwnedEventId>> = auth_chains_for_difference(forks, &fetch)
-        .into_iter()
-        .map(|chain| chain.into_iter().collect())
+        .map(|fork| {
+            conflicted
+                .iter()
+                .chain(read.iter().filter(|key| !conflicted.contains(*key)))
+                .filter_map(|key| Some((key.clone(), fork.get(key)?.clone())))
+                .collect()
+        })
         .collect();
     let resolved = ruma::state_res::resolve(
         &rules.authorization,
         state_res_rules,
         ruma_forks.iter(),
-        auth_chains,
+        auth_chains
+            .into_iter()
+            .map(|chain| chain.into_iter().collect::<EventIdSet<_>>())
+            .collect(),
         &fetch,
-        |conflicted| {
-            let seeds: Vec<OwnedEventId> = conflicted.values().flatten().cloned().collect();
-            Some(
-                conflicted_state_subgraph(&seeds, &fetch)
-                    .into_iter()
-                    .collect(),
-            )
-        },
+        |_| Some(subgraph.iter().cloned().collect()),
     )?;
-    // The result as the first fork with the slots resolution changed, so it
+
+    // The result as the first fork with the slots resolution decided, so it
     // shares that fork's structure: diffs and comparisons against it, or
-    // against states derived from it, skip what did not change.
-    let base = &forks[0];
+    // against states derived from it, skip what did not change. A slot the
+    // forks agree on keeps their event (ruma's last step); a conflicted slot,
+    // or one no fork has that an event of the full conflicted set won, takes
+    // ruma's.
     let mut result = base.clone();
-    for (key, id) in &resolved {
-        if base.get(key) != Some(id) {
-            result.insert(key.clone(), id.clone());
-        }
-    }
-    if result.len() != resolved.len() {
-        for key in base.keys() {
-            if !resolved.contains_key(key) {
+    for key in &conflicted {
+        match resolved.get(key) {
+            Some(id) => {
+                if base.get(key) != Some(id) {
+                    result.insert(key.clone(), id.clone());
+                }
+            }
+            None => {
                 result.remove(key);
             }
         }
     }
+    for (key, id) in resolved {
+        if !conflicted.contains(&key) && !base.contains_key(&key) {
+            result.insert(key, id);
+        }
+    }
     Ok(result)
+}
+
+/// The slots the forks do not all agree on (held by different events, or
+/// missing from some). Found by diffing the forks' trees, which skips the
+/// subtrees they share.
+pub fn conflicted_keys(forks: &[StateIds]) -> HashSet<StateKey> {
+    let Some((base, others)) = forks.split_first() else {
+        return HashSet::new();
+    };
+    others
+        .iter()
+        .flat_map(|fork| crate::state_map::diff(base, fork))
+        .map(|(key, _)| key)
+        .collect()
+}
+
+/// The events at the conflicted slots of every fork.
+pub fn conflicted_events(forks: &[StateIds], conflicted: &HashSet<StateKey>) -> Vec<OwnedEventId> {
+    let events: HashSet<&OwnedEventId> = forks
+        .iter()
+        .flat_map(|fork| conflicted.iter().filter_map(|key| fork.get(key)))
+        .collect();
+    events.into_iter().cloned().collect()
 }
 
 /// What ruma needs of each fork's auth chain: the auth difference (the
@@ -85,23 +155,20 @@ pub fn resolve(
 ///
 /// With U the events the forks agree on, C_i fork i's conflicted events,
 /// X_i the auth chain of C_i and Y that of U, fork i's full chain is
-/// Y ∪ X_i, and the difference is (∪X_i) − Y − (∩X_i): it lies within
-/// Z = ∪X_i, and the sets X_i ∪ (Y ∩ Z) have the same difference as the
-/// full chains. So the unconflicted state's chain is walked once, not once
-/// per fork, and ruma counts a few events, not every fork's whole chain.
+/// Y ∪ X_i, and the difference is (∪X_i) − (∩X_i) − Y. So the sets
+/// X_i ∪ (Y ∩ W), with W = (∪X_i) − (∩X_i), have the full chains'
+/// difference; and Y is walked only while some event of W is not yet found
+/// in it (usually W is empty: every fork's conflicted events rest on the
+/// same create, power levels and join rules events).
 pub fn auth_chains_for_difference(
     forks: &[StateIds],
+    conflicted: &HashSet<StateKey>,
     fetch: impl Fn(&EventId) -> Option<Arc<Pdu>>,
 ) -> Vec<HashSet<OwnedEventId>> {
-    let Some((base, others)) = forks.split_first() else {
+    let Some(base) = forks.first() else {
         return Vec::new();
     };
-    let conflicted: HashSet<StateKey> = others
-        .iter()
-        .flat_map(|fork| crate::state_map::diff(base, fork))
-        .map(|(key, _)| key)
-        .collect();
-    let conflicted_chains: Vec<HashSet<OwnedEventId>> = forks
+    let mut chains: Vec<HashSet<OwnedEventId>> = forks
         .iter()
         .map(|fork| {
             auth_chain(
@@ -110,25 +177,30 @@ pub fn auth_chains_for_difference(
             )
         })
         .collect();
-    let reachable: HashSet<&OwnedEventId> = conflicted_chains.iter().flatten().collect();
-    let unconflicted_chain = auth_chain(
-        base.iter()
-            .filter(|(key, _)| !conflicted.contains(*key))
-            .map(|(_, id)| id.clone()),
-        &fetch,
-    );
-    let shared: Vec<OwnedEventId> = reachable
+    let union: HashSet<&OwnedEventId> = chains.iter().flatten().collect();
+    let mut wanted: HashSet<OwnedEventId> = union
         .into_iter()
-        .filter(|id| unconflicted_chain.contains(*id))
+        .filter(|id| !chains.iter().all(|chain| chain.contains(*id)))
         .cloned()
         .collect();
-    conflicted_chains
-        .into_iter()
-        .map(|mut chain| {
-            chain.extend(shared.iter().cloned());
-            chain
-        })
-        .collect()
+    if wanted.is_empty() {
+        return chains;
+    }
+    let unconflicted = base
+        .iter()
+        .filter(|(key, _)| !conflicted.contains(*key))
+        .map(|(_, id)| id.clone());
+    let mut shared = Vec::new();
+    walk_auth_chain(unconflicted, &fetch, |id| {
+        if wanted.remove(id) {
+            shared.push(id.clone());
+        }
+        !wanted.is_empty()
+    });
+    for chain in &mut chains {
+        chain.extend(shared.iter().cloned());
+    }
+    chains
 }
 
 /// The full recursive auth chain of some events (not including the events
@@ -137,23 +209,41 @@ pub fn auth_chain(
     events: impl IntoIterator<Item = OwnedEventId>,
     fetch: impl Fn(&EventId) -> Option<Arc<Pdu>>,
 ) -> HashSet<OwnedEventId> {
+    walk_auth_chain(events, fetch, |_| true)
+}
+
+/// Walk the auth chain of some events, calling `visit` once for each event
+/// of it until `visit` says to stop; returns what was visited.
+fn walk_auth_chain(
+    events: impl IntoIterator<Item = OwnedEventId>,
+    fetch: impl Fn(&EventId) -> Option<Arc<Pdu>>,
+    mut visit: impl FnMut(&OwnedEventId) -> bool,
+) -> HashSet<OwnedEventId> {
     let mut chain = HashSet::new();
     let mut todo: Vec<OwnedEventId> = Vec::new();
     for id in events {
         if let Some(pdu) = fetch(&id) {
             todo.extend(pdu.auth_events().iter().cloned());
         }
-    }
-    while let Some(id) = todo.pop() {
-        if chain.insert(id.clone())
-            && let Some(pdu) = fetch(&id)
-        {
-            todo.extend(
-                pdu.auth_events()
-                    .iter()
-                    .filter(|a| !chain.contains(*a))
-                    .cloned(),
-            );
+        // Depth first from each event in turn, so a walk that stops early
+        // has not queued the whole state's auth events first.
+        while let Some(id) = todo.pop() {
+            if chain.contains(&id) {
+                continue;
+            }
+            let go_on = visit(&id);
+            if let Some(pdu) = fetch(&id) {
+                todo.extend(
+                    pdu.auth_events()
+                        .iter()
+                        .filter(|a| !chain.contains(*a))
+                        .cloned(),
+                );
+            }
+            chain.insert(id);
+            if !go_on {
+                return chain;
+            }
         }
     }
     chain

@@ -22,6 +22,7 @@
 //! of the processed staged rows are committed in one fenced statement, so a
 //! staged PDU is processed exactly once even if the worker dies mid-turn.
 
+use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -128,6 +129,12 @@ fn cited_and_own<'a>(pdus: impl IntoIterator<Item = &'a Pdu>) -> Vec<OwnedEventI
 /// its own slots: the tree nodes on the paths to them, copied (about a
 /// node's worth of slots each).
 const PATH_COPY_SLOTS: usize = 128;
+
+/// How many times a resolution may run again after loading events it
+/// missed: each round loads what the last one looked for (with its auth
+/// chain), so two or three are the most seen; the bound only keeps a
+/// pathological chain from looping.
+const RESOLUTION_ROUNDS: usize = 8;
 
 /// Every slot of a state, as a snapshot state group lists them.
 fn snapshot_entries(state: &StateIds) -> Vec<(String, String, Option<String>)> {
@@ -408,12 +415,33 @@ impl<'e> Turn<'e> {
         if maps.iter().all(|m| m.ptr_eq(first) || m == first) {
             return Ok(first.as_ref().clone());
         }
-        let roots: Vec<OwnedEventId> = maps.iter().flat_map(|m| m.values().cloned()).collect();
-        self.load_auth_closure(roots)
-            .await
-            .map_err(|e| e.to_string())?;
         let forks: Vec<StateIds> = maps.iter().map(|m| m.as_ref().clone()).collect();
         metrics::counter!("tessera_room_worker_state_resolutions_total").increment(1);
+        // Resolution reads the conflicted events and their auth chains, and
+        // a few more (the unconflicted state at their auth slots, the power
+        // levels' chain, rarely the unconflicted state's chain), looking
+        // them up synchronously: the room's state and this turn's events are
+        // at hand, and what it missed is loaded, with its auth chain, before
+        // it runs again. Events we do not have stay missing.
+        let mut absent: HashSet<OwnedEventId> = HashSet::new();
+        for _ in 0..RESOLUTION_ROUNDS {
+            let missed: RefCell<HashSet<OwnedEventId>> = RefCell::default();
+            let resolved = resolve::resolve(&self.rules, &forks, |id| {
+                let pdu = self.pdus.get(id).cloned();
+                if pdu.is_none() && !absent.contains(id) {
+                    missed.borrow_mut().insert(id.to_owned());
+                }
+                pdu
+            });
+            let missed: Vec<OwnedEventId> = missed.into_inner().into_iter().collect();
+            if missed.is_empty() {
+                return resolved.map_err(|e| e.to_string());
+            }
+            self.load_auth_closure(missed.clone())
+                .await
+                .map_err(|e| e.to_string())?;
+            absent.extend(missed.into_iter().filter(|id| !self.pdus.contains_key(id)));
+        }
         resolve::resolve(&self.rules, &forks, self.fetch()).map_err(|e| e.to_string())
     }
 

@@ -330,12 +330,19 @@ impl Engine {
         let (groups, slots) = &mut *cache;
         // Bounded by slots, not groups: a large room's group read from
         // storage is as large as its state.
-        if groups.len() >= GROUP_CACHE_GROUPS || *slots + cost > GROUP_CACHE_SLOTS {
-            groups.clear();
+        let evicted = if groups.len() >= GROUP_CACHE_GROUPS || *slots + cost > GROUP_CACHE_SLOTS {
             *slots = 0;
-        }
+            std::mem::take(groups)
+        } else {
+            HashMap::new()
+        };
         *slots += cost;
         groups.insert(id.to_owned(), (state, chain));
+        drop(cache);
+        // Freeing up to the whole bound's trees takes long (a flooded room's
+        // low-priority turn once held every other room's commit this way):
+        // done with the lock released.
+        drop(evicted);
     }
 
     /// The group a set of state groups (sorted) resolved to, if remembered.
@@ -350,10 +357,14 @@ impl Engine {
     /// Remember a committed resolution (the set of groups sorted).
     pub(crate) fn cache_resolution(&self, groups: Vec<String>, group: String) {
         let mut cache = self.resolutions.lock().expect("resolutions lock");
-        if cache.len() >= RESOLUTION_CACHE {
-            cache.clear();
-        }
+        let evicted = if cache.len() >= RESOLUTION_CACHE {
+            std::mem::take(&mut *cache)
+        } else {
+            HashMap::new()
+        };
         cache.insert(groups, group);
+        drop(cache);
+        drop(evicted);
     }
 
     /// The room's backlog if this worker has counted it (none once a turn

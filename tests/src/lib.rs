@@ -38,6 +38,8 @@ pub struct Spec {
     pub federation: Option<FederationSpec>,
     /// Export traces from every process to this OTLP/gRPC endpoint.
     pub otlp_endpoint: Option<String>,
+    /// The room-workers' `room_worker.state_cache_events` (their default when None).
+    pub state_cache_events: Option<usize>,
 }
 
 /// Federation settings for a test cluster.
@@ -96,6 +98,7 @@ impl Default for Spec {
             log_filter: "info,ruma_state_res=warn".to_owned(),
             federation: None,
             otlp_endpoint: None,
+            state_cache_events: None,
         }
     }
 }
@@ -289,6 +292,7 @@ sync_workers = {sync_list:?}
 [log]
 filter = "{log_filter}"
 {telemetry_section}
+{room_worker_section}
 {federation_section}"#,
                 redis = redis_url(),
                 partitions = spec.partitions,
@@ -298,6 +302,10 @@ filter = "{log_filter}"
                 min_connections = spec.min_connections,
                 log_filter = spec.log_filter,
                 sync_list = sync_urls,
+                room_worker_section = spec
+                    .state_cache_events
+                    .map(|events| format!("[room_worker]\nstate_cache_events = {events}\n"))
+                    .unwrap_or_default(),
                 telemetry_section = match &spec.otlp_endpoint {
                     Some(endpoint) => format!(
                         "[telemetry]\notlp_endpoint = \"{endpoint}\"\nexport_interval_ms = 200\n"

@@ -619,3 +619,66 @@ async fn registration_is_closed_until_an_admin_makes_a_token() {
     }))).await;
     assert_eq!(status, 403);
 }
+
+/// A room-worker whose room-state cache holds less than one room forgets
+/// each room when it serves another: every turn reads the room's state
+/// from Postgres again, and nothing is lost or misjudged (a topic changed
+/// after a reload, a member who joins a forgotten room and speaks).
+#[tokio::test(flavor = "multi_thread")]
+async fn rooms_forgotten_by_a_full_state_cache_are_read_again() {
+    let cluster = TestCluster::start(Spec {
+        room_workers: 1,
+        state_cache_events: Some(1),
+        ..Spec::default()
+    })
+    .await;
+    let api = cluster.api();
+    let alice = cluster.register("alice").await;
+    let bob = cluster.register("bob").await;
+    let first = api
+        .create_room(&alice, json!({ "name": "First", "invite": [bob.user_id] }))
+        .await;
+    let second = api.create_room(&alice, json!({ "name": "Second" })).await;
+    let since = api.sync(&alice, None, 0).await["next_batch"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for i in 0..5 {
+        api.send_text(&alice, &first, &format!("f{i}"), &format!("first {i}"))
+            .await;
+        api.send_text(&alice, &second, &format!("s{i}"), &format!("second {i}"))
+            .await;
+    }
+    let path = format!(
+        "/_matrix/client/v3/rooms/{}/state/m.room.topic",
+        enc(&first)
+    );
+    api.ok(
+        Method::PUT,
+        &path,
+        &alice,
+        Some(json!({ "topic": "after" })),
+    )
+    .await;
+    api.send_text(&alice, &second, "s5", "second 5").await;
+    api.join(&bob, &first).await;
+    api.send_text(&alice, &second, "s6", "second 6").await;
+    api.send_text(&bob, &first, "b0", "bob in first").await;
+
+    let sync = api.sync(&alice, Some(&since), 0).await;
+    let mut expected_first: Vec<String> = (0..5).map(|i| format!("first {i}")).collect();
+    expected_first.push("bob in first".to_owned());
+    assert_eq!(bodies(&timeline(&sync, &first)), expected_first);
+    let expected_second: Vec<String> = (0..7).map(|i| format!("second {i}")).collect();
+    assert_eq!(bodies(&timeline(&sync, &second)), expected_second);
+    let topic = api.ok(Method::GET, &path, &alice, None).await;
+    assert_eq!(topic["topic"], "after");
+
+    let metrics = cluster.metrics("room-worker-0").await;
+    let forgotten: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with("tessera_room_worker_room_states_forgotten_total"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0);
+    assert!(forgotten >= 10.0, "rooms forgotten: {forgotten}");
+}

@@ -24,6 +24,7 @@ listen = "0.0.0.0:{{ .Values.ports.http }}"
 listen = "0.0.0.0:{{ .Values.ports.grpc }}"
 concurrency = {{ .Values.roomWorker.concurrency }}
 batch_size = {{ .Values.roomWorker.batchSize }}
+state_cache_events = {{ int .Values.roomWorker.stateCacheEvents }}
 drain_timeout_ms = {{ mul .Values.roomWorker.drainSeconds 1000 }}
 
 [cluster]

@@ -154,6 +154,11 @@ impl RoomState {
         self.state.get(&(kind.clone(), state_key.to_owned()))
     }
 
+    /// How many state events the current state holds.
+    pub fn state_len(&self) -> usize {
+        self.state.len()
+    }
+
     /// The current state as event IDs (a persistent map: no copy).
     pub fn state_map(&self) -> StateIds {
         self.ids.clone()

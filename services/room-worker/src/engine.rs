@@ -30,6 +30,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
 use crate::process;
+use crate::state_cache::StateCache;
 
 /// Staged PDUs a room must have waiting for its turns to go to the bulk lane:
 /// a quiet room's one or two events never do, a flooded room's always.
@@ -45,6 +46,8 @@ pub struct EngineConfig {
     pub partitions: u32,
     pub concurrency: usize,
     pub batch_size: usize,
+    /// How many state events the rooms' states kept in memory may hold in all.
+    pub state_cache_events: usize,
     /// Where backlogged rooms' staged turns run, if anywhere apart.
     pub bulk: Option<BulkLane>,
 }
@@ -124,7 +127,7 @@ pub struct Engine {
     queues: Mutex<HashMap<OwnedRoomId, RoomQueue>>,
     ready: mpsc::UnboundedSender<OwnedRoomId>,
     /// Rooms whose state is in memory.
-    states: Mutex<HashMap<OwnedRoomId, RoomState>>,
+    states: Mutex<StateCache<RoomState>>,
     /// Serializes commit-then-publish per partition, so stream entries are
     /// appended in position order.
     partition_locks: Vec<tokio::sync::Mutex<()>>,
@@ -163,7 +166,7 @@ impl Engine {
             batch_size: config.batch_size.max(1),
             queues: Mutex::new(HashMap::new()),
             ready,
-            states: Mutex::new(HashMap::new()),
+            states: Mutex::new(StateCache::new(config.state_cache_events)),
             partition_locks: (0..config.partitions)
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
@@ -415,36 +418,54 @@ impl Engine {
             .retain(|room, _| {
                 tessera_cluster::partition_of(room.as_str(), partitions) != partition
             });
-        self.states.lock().expect("states lock").retain(|room, _| {
-            tessera_cluster::partition_of(room.as_str(), partitions) != partition
+        let forgotten = self.update_states(|states| {
+            states.retain(|room| {
+                tessera_cluster::partition_of(room.as_str(), partitions) != partition
+            })
         });
+        drop(forgotten);
     }
 
     pub(crate) fn cached_state(&self, room_id: &RoomId) -> Option<RoomState> {
-        self.states
-            .lock()
-            .expect("states lock")
-            .get(room_id)
-            .cloned()
+        self.states.lock().expect("states lock").get(room_id)
     }
 
     /// The room's `m.room.server_acl` event if its state is in memory
     /// (`Some(None)`: the room has none); `None` when it is not cached.
     pub(crate) fn cached_server_acl(&self, room_id: &RoomId) -> Option<Option<Arc<Pdu>>> {
         let states = self.states.lock().expect("states lock");
-        let state = states.get(room_id)?;
+        let state = states.peek(room_id)?;
         Some(state.get(&StateEventType::RoomServerAcl, "").cloned())
     }
 
+    /// Keep a room's state for its next turn (forgetting the rooms used
+    /// least recently if the states kept pass their bound).
     pub(crate) fn cache_state(&self, state: RoomState) {
-        self.states
-            .lock()
-            .expect("states lock")
-            .insert(state.room_id().to_owned(), state);
+        let room_id = state.room_id().to_owned();
+        let events = state.state_len();
+        let forgotten = self.update_states(|states| states.insert(room_id, state, events));
+        if !forgotten.is_empty() {
+            metrics::counter!("tessera_room_worker_room_states_forgotten_total")
+                .increment(forgotten.len() as u64);
+        }
     }
 
     pub(crate) fn drop_state(&self, room_id: &RoomId) {
-        self.states.lock().expect("states lock").remove(room_id);
+        let forgotten = self.update_states(|states| states.remove(room_id));
+        drop(forgotten);
+    }
+
+    /// Change the kept states and publish their size. What `change` returns
+    /// (states it forgot) is dropped by the caller after the lock is
+    /// released: freeing a large room's state takes a while, and a flooded
+    /// room's low-priority turn must not hold every other room's turn
+    /// meanwhile.
+    fn update_states<T>(&self, change: impl FnOnce(&mut StateCache<RoomState>) -> T) -> T {
+        let mut states = self.states.lock().expect("states lock");
+        let result = change(&mut states);
+        metrics::gauge!("tessera_room_worker_room_state_events").set(states.events() as f64);
+        metrics::gauge!("tessera_room_worker_room_states").set(states.rooms() as f64);
+        result
     }
 
     pub(crate) fn partition_lock(&self, partition: u32) -> &tokio::sync::Mutex<()> {

@@ -15,6 +15,7 @@ mod known_events;
 mod load;
 mod out_of_band;
 mod process;
+mod state_cache;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -119,6 +120,7 @@ async fn run(started: Started) -> anyhow::Result<()> {
         partitions: config.cluster.partitions,
         concurrency: config.room_worker.concurrency,
         batch_size: config.room_worker.batch_size,
+        state_cache_events: config.room_worker.state_cache_events,
         bulk: Some(engine::BulkLane {
             runtime: bulk_runtime,
             store: bulk_store,

@@ -227,6 +227,11 @@ pub struct RoomWorkerConfig {
     /// the database a flood can use at once: one connection, at most one
     /// backend's CPU per worker, leaves the rest to quiet rooms.
     pub bulk_connections: usize,
+    /// How many state events the rooms' current states kept in memory
+    /// between turns may hold in all (about 11 KiB each); past it, the rooms
+    /// used least recently are read from Postgres again on their next turn.
+    /// A room larger than this alone is still kept while in use.
+    pub state_cache_events: usize,
 }
 
 impl Default for RoomWorkerConfig {
@@ -239,6 +244,7 @@ impl Default for RoomWorkerConfig {
             batch_size: 50,
             drain_timeout_ms: 20_000,
             bulk_connections: 1,
+            state_cache_events: 100_000,
         }
     }
 }

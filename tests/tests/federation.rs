@@ -187,8 +187,9 @@ async fn received_edus(cluster: &TestCluster, edu_type: &str) -> i64 {
 }
 
 /// A server the room's `m.room.server_acl` denies is refused, per PDU, in
-/// the transaction's answer; nothing it sent reaches the room. Lifting the
-/// ACL admits it again.
+/// the transaction's answer; nothing it sent reaches the room; once refused,
+/// its PDUs for the room are refused before their signatures are checked.
+/// Lifting the ACL admits it again at once.
 #[tokio::test(flavor = "multi_thread")]
 async fn pdus_from_a_server_the_acl_denies_are_dropped() {
     let Joined {
@@ -228,6 +229,30 @@ async fn pdus_from_a_server_the_acl_denies_are_dropped() {
     assert_eq!(status, 200, "{answer}");
     assert!(
         answer["pdus"][denied.event_id().as_str()]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("server ACL")),
+        "{answer}"
+    );
+    // Once its owner has refused the server, the receiver refuses its next
+    // PDUs for that room before checking their signatures: a forged one is
+    // answered with the ACL, not with a bad signature.
+    let forged = remote.build_unchecked(
+        &room,
+        &bob,
+        "m.room.message",
+        None,
+        json!({ "msgtype": "m.text", "body": "forged while denied" }),
+    );
+    let mut forged_json = json_of(&forged);
+    let signatures = forged_json["signatures"][remote.server_name.as_str()]
+        .as_object_mut()
+        .unwrap();
+    let key = signatures.keys().next().unwrap().clone();
+    signatures.insert(key, json!("AAAA".repeat(21) + "AA"));
+    let (status, answer) = remote.send("acl1b", &[forged_json], &[]).await;
+    assert_eq!(status, 200, "{answer}");
+    assert!(
+        answer["pdus"][forged.event_id().as_str()]["error"]
             .as_str()
             .is_some_and(|e| e.contains("server ACL")),
         "{answer}"

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tessera_cluster::router::RoomRouter;
 use tessera_events::keys::SigningKey;
@@ -25,7 +25,16 @@ pub struct Inner {
     pub bulk: tokio::runtime::Handle,
     buckets: Mutex<HashMap<String, Bucket>>,
     versions: Mutex<HashMap<String, RoomVersionId>>,
+    /// (room, origin) pairs a room's owner refused by the room's server ACL,
+    /// with when that was and the owner's message.
+    acl_refusals: Mutex<HashMap<(String, String), (Instant, String)>>,
 }
+
+/// How long an owner's refusal of an origin by a room's server ACL is
+/// applied here without asking the owner again (and before checking the
+/// origin's signatures): a room's ACL changes rarely, and a server being
+/// banned in a spam wave keeps sending.
+const ACL_REFUSAL_TTL: Duration = Duration::from_secs(30);
 
 struct Bucket {
     tokens: f64,
@@ -71,6 +80,7 @@ impl AppState {
             bulk,
             buckets: Mutex::new(HashMap::new()),
             versions: Mutex::new(HashMap::new()),
+            acl_refusals: Mutex::new(HashMap::new()),
         }))
     }
 }
@@ -127,6 +137,39 @@ impl Inner {
             rate: self.config.federation.origin_pdus_per_second.max(1) as f64,
             burst: self.config.federation.origin_pdu_burst.max(1) as f64,
         }
+    }
+
+    /// Remember that the room's owner refused `origin` by the room's server ACL.
+    pub fn remember_acl_refusal(&self, room: &str, origin: &str, message: &str) {
+        let mut refusals = self.acl_refusals.lock().expect("acl refusals lock");
+        if refusals.len() > 100_000 {
+            refusals.clear();
+        }
+        refusals.insert(
+            (room.to_owned(), origin.to_owned()),
+            (Instant::now(), message.to_owned()),
+        );
+    }
+
+    /// Forget a refusal (the room's ACL no longer denies the origin).
+    pub fn forget_acl_refusal(&self, room: &str, origin: &str) {
+        self.acl_refusals
+            .lock()
+            .expect("acl refusals lock")
+            .remove(&(room.to_owned(), origin.to_owned()));
+    }
+
+    /// The owner's message if it refused `origin` in the room by its server
+    /// ACL within the last [`ACL_REFUSAL_TTL`].
+    pub fn acl_refusal(&self, room: &str, origin: &str) -> Option<String> {
+        let mut refusals = self.acl_refusals.lock().expect("acl refusals lock");
+        let key = (room.to_owned(), origin.to_owned());
+        let (at, message) = refusals.get(&key)?;
+        if at.elapsed() < ACL_REFUSAL_TTL {
+            return Some(message.clone());
+        }
+        refusals.remove(&key);
+        None
     }
 
     /// A room's version, if the room is one we know (cached: it never changes).

@@ -5,7 +5,7 @@
 //! processing goes on per room. The same transaction ID from the same origin
 //! gets the same answer.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use axum::Json;
 use axum::extract::{Path, State};
@@ -217,9 +217,10 @@ async fn check_and_stage(
         )
     };
     let mut admitted = Vec::new();
+    let mut acl_checked = HashMap::new();
     for (index, pdu) in pdus.into_iter().enumerate() {
         tessera_runtime::bulk::yield_to_urgent().await;
-        match admit_pdu(state, index, pdu).await {
+        match admit_pdu(state, origin, &mut acl_checked, index, pdu).await {
             Ok(pdu) => admitted.push(pdu),
             Err(reason) => {
                 let (key, value) = dropped(index, reason);
@@ -266,6 +267,7 @@ async fn check_and_stage(
         match result {
             Ok(_) => {}
             Err(RouteError::Rejected(status)) if status.code() == tonic::Code::PermissionDenied => {
+                state.remember_acl_refusal(&room_id, origin, status.message());
                 for event_id in event_ids {
                     let (key, value) =
                         drop_pdu(event_id, "server_acl", status.message().to_owned());
@@ -311,7 +313,15 @@ struct Admitted {
 }
 
 /// The checks that need lookups: room known here, format, keys.
-async fn admit_pdu(state: &AppState, index: usize, pdu: Value) -> Result<Admitted, Dropped> {
+/// `acl_checked`: the rooms whose current ACL this transaction has read for
+/// `origin` (after a recent refusal), and whether it denies the origin.
+async fn admit_pdu(
+    state: &AppState,
+    origin: &str,
+    acl_checked: &mut HashMap<String, bool>,
+    index: usize,
+    pdu: Value,
+) -> Result<Admitted, Dropped> {
     let object: CanonicalJsonObject = serde_json::from_value(pdu)
         .map_err(|e| (None, "format", format!("not a canonical JSON object: {e}")))?;
     let room = match object.get("room_id") {
@@ -351,6 +361,30 @@ async fn admit_pdu(state: &AppState, index: usize, pdu: Value) -> Result<Admitte
         (id, drop_reason(&error), error.to_string())
     };
     let id = event_id();
+    // A server the room's ACL denies costs no signature checks or key
+    // fetches once its owner has said so; whether the ACL still denies it
+    // is one read of the room's current ACL per transaction (it may have
+    // been lifted since), which only such a server's traffic pays.
+    if let Some(message) = state.acl_refusal(&room, origin) {
+        let denied = match acl_checked.get(&room) {
+            Some(denied) => *denied,
+            None => {
+                let denied = match state.store.server_acl(&room).await {
+                    Ok(acl) => !tessera_events::server_acl::allows(acl.as_ref(), origin),
+                    // Unknown: the owner decides, as for anyone.
+                    Err(_) => false,
+                };
+                if !denied {
+                    state.forget_acl_refusal(&room, origin);
+                }
+                acl_checked.insert(room.clone(), denied);
+                denied
+            }
+        };
+        if denied {
+            return Err((id, "server_acl", message));
+        }
+    }
     let prepared = pdu::prepare(object, &rules).map_err(|e| failed(e, id.clone()))?;
     let keys = pdu::keys_for(&state.keyring, &prepared)
         .await

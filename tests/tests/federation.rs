@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tessera_events::ruma::OwnedUserId;
+use tessera_events::Pdu;
+use tessera_events::ruma::{OwnedUserId, UserId};
 use tessera_tests::client::{enc, timeline};
 use tessera_tests::fake_remote::{FakeRemote, json_of};
 use tessera_tests::{Api, FederationSpec, Spec, TestCluster, TestUser};
@@ -162,6 +163,30 @@ async fn a_remote_server_joins_and_talks() {
     assert_eq!(received_edus(&cluster, "m.receipt").await, 1);
 }
 
+/// A message from the remote whose signature is replaced by a wrong one:
+/// the event (its ID is unchanged) and the JSON to send.
+fn forged_message(
+    remote: &FakeRemote,
+    room: &str,
+    sender: &UserId,
+    body: &str,
+) -> (Arc<Pdu>, Value) {
+    let forged = remote.build_unchecked(
+        room,
+        sender,
+        "m.room.message",
+        None,
+        json!({ "msgtype": "m.text", "body": body }),
+    );
+    let mut forged_json = json_of(&forged);
+    let signatures = forged_json["signatures"][remote.server_name.as_str()]
+        .as_object_mut()
+        .unwrap();
+    let key = signatures.keys().next().unwrap().clone();
+    signatures.insert(key, json!("AAAA".repeat(21) + "AA"));
+    (forged, forged_json)
+}
+
 /// A counter of the cluster's only room-worker (0 before its first increment).
 async fn metric(cluster: &TestCluster, name: &str) -> f64 {
     let metrics = cluster.metrics("room-worker-0").await;
@@ -236,19 +261,7 @@ async fn pdus_from_a_server_the_acl_denies_are_dropped() {
     // Once its owner has refused the server, the receiver refuses its next
     // PDUs for that room before checking their signatures: a forged one is
     // answered with the ACL, not with a bad signature.
-    let forged = remote.build_unchecked(
-        &room,
-        &bob,
-        "m.room.message",
-        None,
-        json!({ "msgtype": "m.text", "body": "forged while denied" }),
-    );
-    let mut forged_json = json_of(&forged);
-    let signatures = forged_json["signatures"][remote.server_name.as_str()]
-        .as_object_mut()
-        .unwrap();
-    let key = signatures.keys().next().unwrap().clone();
-    signatures.insert(key, json!("AAAA".repeat(21) + "AA"));
+    let (forged, forged_json) = forged_message(&remote, &room, &bob, "forged while denied");
     let (status, answer) = remote.send("acl1b", &[forged_json], &[]).await;
     assert_eq!(status, 200, "{answer}");
     assert!(
@@ -388,19 +401,7 @@ async fn broken_pdus_are_dropped_redacted_or_rejected() {
     let mut since = api.initial_token(&alice).await;
 
     // A bad signature: dropped, with an error for that PDU.
-    let forged = remote.build_unchecked(
-        &room,
-        &bob,
-        "m.room.message",
-        None,
-        json!({ "msgtype": "m.text", "body": "forged" }),
-    );
-    let mut forged_json = json_of(&forged);
-    let sig = forged_json["signatures"][remote.server_name.as_str()]
-        .as_object_mut()
-        .unwrap();
-    let key = sig.keys().next().unwrap().clone();
-    sig.insert(key, json!("AAAA".repeat(21) + "AA"));
+    let (forged, forged_json) = forged_message(&remote, &room, &bob, "forged");
     // A bad content hash: the body changed after signing. Kept, redacted.
     let tampered = remote.build_unchecked(
         &room,

@@ -284,16 +284,13 @@ impl<'e> Turn<'e> {
             Some(cached) => cached,
             None => {
                 let mut map = StateIds::new();
-                for (kind, key, event) in self.store.state_group_map(id).await? {
+                let (slots, chain) = self.store.state_group_with_chain(id).await?;
+                for (kind, key, event) in slots {
                     if let Ok(event) = EventId::parse(event.as_str()) {
                         map.insert((StateEventType::from(kind), key), event);
                     }
                 }
-                let chain = self
-                    .store
-                    .state_group_chain_length(id)
-                    .await?
-                    .map(|c| c.max(0) as u32);
+                let chain = chain.map(|c| c.max(0) as u32);
                 let map = Arc::new(map);
                 // Read from storage, the map shares nothing: it costs its slots.
                 self.engine

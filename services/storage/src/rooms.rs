@@ -339,6 +339,17 @@ impl Store {
     /// The full state of a state group: its chain of deltas walked back to a
     /// snapshot, the nearest entry per slot winning. (type, state_key) → event ID.
     pub async fn state_group_map(&self, group_id: &str) -> Result<Vec<(String, String, String)>> {
+        Ok(self.state_group_with_chain(group_id).await?.0)
+    }
+
+    /// A state group's slots (as `state_group_map`) and how many deltas lead
+    /// to it from its snapshot (None: no such group), in one query: the
+    /// chain is walked anyway, so its length is counted, not read from the
+    /// group's row.
+    pub async fn state_group_with_chain(
+        &self,
+        group_id: &str,
+    ) -> Result<(Vec<(String, String, String)>, Option<i32>)> {
         let rows = self
             .query(
                 "WITH RECURSIVE chain AS (
@@ -350,26 +361,17 @@ impl Store {
                      FROM chain c JOIN state_group_entries e ON e.group_id = c.id
                      ORDER BY e.type, e.state_key, c.distance
                  )
-                 SELECT type, state_key, event_id FROM entries WHERE event_id IS NOT NULL",
+                 SELECT type, state_key, event_id, (SELECT max(distance) FROM chain)
+                 FROM entries WHERE event_id IS NOT NULL",
                 &[&group_id],
             )
             .await?;
-        Ok(rows
+        let chain = rows.first().and_then(|r| r.get::<_, Option<i32>>(3));
+        let slots = rows
             .iter()
             .map(|r| (r.get(0), r.get(1), r.get(2)))
-            .collect())
-    }
-
-    /// How many deltas lead to a state group from its snapshot (None: no
-    /// such group).
-    pub async fn state_group_chain_length(&self, group_id: &str) -> Result<Option<i32>> {
-        let row = self
-            .query_opt(
-                "SELECT chain_length FROM state_groups WHERE id = $1",
-                &[&group_id],
-            )
-            .await?;
-        Ok(row.map(|r| r.get(0)))
+            .collect();
+        Ok((slots, chain))
     }
 
     /// The state groups before and after an event in the timeline.

@@ -282,4 +282,13 @@ async fn state_groups_are_walked_back_to_their_snapshot() {
     );
     let room = store.room("!r:example.org").await.unwrap().unwrap();
     assert_eq!(room.state_group, Some(("$t2".to_owned(), 2)));
+    // The chain's length is counted from the deltas walked.
+    for (group, length) in [("$c", 0), ("$t1", 1), ("$t2", 2)] {
+        let (_, chain) = store.state_group_with_chain(group).await.unwrap();
+        assert_eq!(chain, Some(length), "{group}");
+    }
+    assert_eq!(
+        store.state_group_with_chain("$none").await.unwrap(),
+        (Vec::new(), None)
+    );
 }

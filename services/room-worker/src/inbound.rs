@@ -356,7 +356,7 @@ impl<'e> Turn<'e> {
             }
         }
         let (group, map) = self
-            .resolved_group(groups, format!("{}~before", pdu.event_id()))
+            .resolved_group(groups, format!("{}~before", pdu.event_id()), None)
             .await?;
         Ok((Some(group), map))
     }
@@ -366,10 +366,17 @@ impl<'e> Turn<'e> {
     /// Remembered by the set of groups, so a room whose forward extremities
     /// keep their states (several servers sending messages, each on its own
     /// latest event) resolves them once, not for every event.
+    ///
+    /// A new group is stored as a delta on `near` when given (a group
+    /// expected to differ from the result by little), else on the first of
+    /// `groups`. The room's next current state is near its current one (the
+    /// fork that moved changed a slot or two), whereas any one fork differs
+    /// from the resolution by the whole conflict.
     async fn resolved_group(
         &mut self,
         mut groups: Vec<String>,
         name: String,
+        near: Option<String>,
     ) -> Result<(String, Arc<StateIds>), String> {
         groups.sort_unstable();
         groups.dedup();
@@ -398,7 +405,8 @@ impl<'e> Turn<'e> {
             Some((group, map)) => (group.clone(), Arc::clone(map)),
             None => {
                 let map = Arc::new(resolved);
-                self.add_state_group(name.clone(), &map, Some(groups[0].clone()))
+                let parent = near.unwrap_or_else(|| groups[0].clone());
+                self.add_state_group(name.clone(), &map, Some(parent))
                     .await?;
                 (name, map)
             }
@@ -892,7 +900,11 @@ impl<'e> Turn<'e> {
                 })
                 .collect();
             let (group, map) = self
-                .resolved_group(groups, format!("{}~current", pdu.event_id()))
+                .resolved_group(
+                    groups,
+                    format!("{}~current", pdu.event_id()),
+                    self.room.state_group().map(str::to_owned),
+                )
                 .await?;
             (map, group)
         };

@@ -25,13 +25,13 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
 use crate::directory::OwnerDirectory;
+use crate::partition::partition_of;
 
 /// The largest answer taken from a room's owner. A `send_join` into a room
 /// answers with the room's whole state and its auth chain: about 0.4 KiB a
 /// member, so tonic's default of 4 MiB refused rooms of some 10,000
 /// members.
 const MAX_ANSWER_BYTES: usize = 512 * 1024 * 1024;
-use crate::partition::partition_of;
 
 /// Spawns a channel's tasks (its buffer, its HTTP/2 connection) on the
 /// runtime the router was made on. By default tonic spawns them wherever the

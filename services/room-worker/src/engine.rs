@@ -111,10 +111,10 @@ pub struct Engine {
     /// the backpressure check costs no query per transaction.
     backlogs: Mutex<HashMap<OwnedRoomId, i64>>,
     bulk: Option<BulkLane>,
-    /// Recently used state groups (group ID → state and chain length),
-    /// shared by turns, and
-    /// how many slots they hold together.
-    groups: Mutex<(HashMap<String, CachedGroup>, usize)>,
+    /// Recently used state groups (group ID → state and chain length, and
+    /// what each costs in slots), shared by turns, and how many slots they
+    /// hold together.
+    groups: Mutex<(GroupCache, usize)>,
     /// Committed state resolutions: a sorted set of state groups → the
     /// group of their resolution.
     resolutions: Mutex<HashMap<Vec<String>, String>>,
@@ -135,6 +135,9 @@ pub struct Engine {
 
 /// A state group's state and, when known, its chain length.
 type CachedGroup = (Arc<StateIds>, Option<u32>);
+
+/// Cached groups by ID, each with its cost in slots.
+type GroupCache = HashMap<String, (CachedGroup, usize)>;
 
 /// How many state groups loaded from storage the engine keeps, and how many
 /// slots in all (about 100 bytes each) before it forgets them.
@@ -316,7 +319,8 @@ impl Engine {
 
     /// A state group's state and chain length (when known), if cached.
     pub(crate) fn cached_group(&self, id: &str) -> Option<CachedGroup> {
-        self.groups.lock().expect("groups lock").0.get(id).cloned()
+        let cache = self.groups.lock().expect("groups lock");
+        cache.0.get(id).map(|(group, _)| group.clone())
     }
 
     /// Remember a state group; `cost` is what it holds in slots of its own
@@ -340,7 +344,9 @@ impl Engine {
             HashMap::new()
         };
         *slots += cost;
-        groups.insert(id.to_owned(), (state, chain));
+        if let Some((_, old_cost)) = groups.insert(id.to_owned(), ((state, chain), cost)) {
+            *slots -= old_cost;
+        }
         drop(cache);
         // Freeing up to the whole bound's trees takes long (a flooded room's
         // low-priority turn once held every other room's commit this way):

@@ -302,8 +302,8 @@ impl RoomState {
     }
 
     /// Move the room to a new head whose state differs from the current one
-    /// in the given slots (after events from elsewhere moved it: a state
-    /// resolution, or a remote event with its own state). `None` empties a
+    /// in the given slots (an accepted event's own slot, or whatever a state
+    /// resolution or a remote event's given state changed). `None` empties a
     /// slot, as does an event not at hand. Costs the changed slots, not the
     /// room's state.
     pub fn move_state(
@@ -324,21 +324,6 @@ impl RoomState {
         self.extremities = extremities;
         self.depth = self.depth.max(depth);
         self.group = Some(group);
-    }
-
-    /// Move the room's head to an event built on the whole current head:
-    /// `state_event` is that event when it is an accepted state event (it
-    /// takes its slot; a message leaves the state as it is), and `group` the
-    /// state group after it. Costs the one slot, not the room's state.
-    pub fn advance(
-        &mut self,
-        state_event: Option<Arc<Pdu>>,
-        extremities: Vec<OwnedEventId>,
-        depth: u64,
-        group: (String, u32),
-    ) {
-        let slot = state_event.and_then(|pdu| Some((crate::state_map::key_of(&pdu)?, Some(pdu))));
-        self.move_state(slot, extremities, depth, group);
     }
 
     /// The current state group and its chain length.

@@ -785,8 +785,9 @@ impl<'e> Turn<'e> {
         self.timeline.insert(id.clone(), Some(group_after.clone()));
 
         // The room moves on only with accepted, not soft-failed events.
-        let mut state_changes = Vec::new();
-        if !rejected && !soft_failed {
+        let state_changes = if rejected || soft_failed {
+            Vec::new()
+        } else {
             let mut extremities: Vec<OwnedEventId> = self
                 .room
                 .extremities()
@@ -795,33 +796,12 @@ impl<'e> Turn<'e> {
                 .cloned()
                 .collect();
             extremities.push(id.clone());
-            if extremities.len() == 1 && before_is_current {
-                // Built on the whole head and on the current state (the usual
-                // event): the state moves by this event's slot at most, so
-                // nothing proportional to the room's state is copied or read.
-                let state_event = (!Arc::ptr_eq(&after, &before)).then(|| Arc::clone(&pdu));
-                if let Some((kind, key)) = state_event.as_deref().and_then(state_map::key_of) {
-                    state_changes.push(StateChange {
-                        kind: kind.to_string(),
-                        state_key: key,
-                        event_id: Some(id.to_string()),
-                        membership: pdu.membership(),
-                    });
-                }
-                let chain = self.chain_length(&group_after).unwrap_or(SNAPSHOT_EVERY);
-                self.room.advance(
-                    state_event,
-                    extremities,
-                    pdu.depth(),
-                    (group_after.clone(), chain),
-                );
-                self.current = Arc::clone(&after);
-            } else {
-                state_changes = self
-                    .move_current(&pdu, &after, &group_after, extremities)
-                    .await?;
-            }
-        }
+            // The usual event, built on the whole head and on the current
+            // state, moves it by its own slot at most: the diff inside
+            // visits that slot's path (or nothing: same map) and reads nothing.
+            self.move_current(&pdu, &after, &group_after, extremities)
+                .await?
+        };
         let prev_state = state_map::key_of(&pdu).and_then(|k| before.get(&k).cloned());
         self.events.push((
             EventToPersist {
@@ -867,8 +847,7 @@ impl<'e> Turn<'e> {
         Ok(outcome)
     }
 
-    /// Move the room to a new head after an accepted event that was not
-    /// built on the whole head or not on the current state: resolve the
+    /// Move the room to a new head after an accepted event: resolve the
     /// extremities' states when there are several, then move the current
     /// state by the slots that differ. Returns those slots.
     async fn move_current(

@@ -391,7 +391,7 @@ fn state_groups_follow_state_changes() {
 
 /// A copy of a room's state (what a turn takes, what the cache keeps) is
 /// unchanged by what happens to the room after: the maps are shared, not
-/// aliased. And `advance` moves all three views of the state together.
+/// aliased. And `move_state` moves all three views of the state together.
 #[test]
 fn copies_of_the_state_do_not_see_later_changes() {
     let (mut room, _) = create_room(&setup(RoomVersionId::V12, Preset::PrivateChat, &[]));
@@ -406,13 +406,13 @@ fn copies_of_the_state_do_not_see_later_changes() {
         )
         .unwrap();
     let group = (topic.event_id().to_string(), 1);
-    room.advance(
-        Some(Arc::clone(&topic)),
+    let slot = (StateEventType::RoomTopic, String::new());
+    room.move_state(
+        [(slot.clone(), Some(Arc::clone(&topic)))],
         vec![topic.event_id().to_owned()],
         topic.depth(),
         group.clone(),
     );
-    let slot = (StateEventType::RoomTopic, String::new());
     assert_eq!(
         room.state_map().get(&slot),
         Some(&topic.event_id().to_owned())
@@ -438,8 +438,8 @@ fn copies_of_the_state_do_not_see_later_changes() {
     // A message moves the head and leaves the state alone.
     let message = alice_says(&room, "x");
     let state = room.state_map();
-    room.advance(
-        None,
+    room.move_state(
+        [],
         vec![message.event_id().to_owned()],
         message.depth(),
         group,

@@ -174,6 +174,17 @@ impl FakeRemote {
         user: &UserId,
         send_join_query: &str,
     ) -> Result<Value, FederationError> {
+        let (version, template) = self.make_join(room_id, user).await?;
+        self.send_join(room_id, version, template, send_join_query)
+            .await
+    }
+
+    /// The make_join half of a join: the room's version and the template.
+    pub async fn make_join(
+        &self,
+        room_id: &str,
+        user: &UserId,
+    ) -> Result<(RoomVersionId, CanonicalJsonObject), FederationError> {
         let path = format!(
             "/_matrix/federation/v1/make_join/{}/{}?ver=10&ver=11&ver=12",
             enc(room_id),
@@ -182,9 +193,20 @@ impl FakeRemote {
         let made = self.call("GET", &path, None).await?;
         let version = RoomVersionId::try_from(made["room_version"].as_str().unwrap_or("12"))
             .expect("version");
+        let template = serde_json::from_value(made["event"].clone()).expect("template");
+        Ok((version, template))
+    }
+
+    /// The send_join half of a join: sign `template` (as made, or altered by
+    /// a test) and send it; on success, follow the room from the answer.
+    pub async fn send_join(
+        &self,
+        room_id: &str,
+        version: RoomVersionId,
+        mut template: CanonicalJsonObject,
+        send_join_query: &str,
+    ) -> Result<Value, FederationError> {
         let rules = version.rules().expect("rules");
-        let mut template: CanonicalJsonObject =
-            serde_json::from_value(made["event"].clone()).expect("template");
         template.insert(
             "origin_server_ts".into(),
             tessera_events::ruma::CanonicalJsonValue::Integer(

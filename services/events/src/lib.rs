@@ -17,6 +17,7 @@
 //! - [`room_state`]: the in-memory state a room's owner builds new events on.
 //! - [`server_acl`]: which servers a room's `m.room.server_acl` admits.
 //! - [`state_map`]: room states as slot → event ID maps, and their differences.
+//! - [`restricted_join`]: who vouches for joins under restricted join rules.
 //! - [`room_setup`]: the events `createRoom` produces for each preset.
 //! - [`content`]: checks of well-known state event contents from clients.
 //! - [`client`]: rendering PDUs in the client-server event format, with redaction.
@@ -31,6 +32,7 @@ pub mod keys;
 pub mod limits;
 pub mod pdu;
 pub mod resolve;
+pub mod restricted_join;
 pub mod room_setup;
 pub mod room_state;
 pub mod room_version;

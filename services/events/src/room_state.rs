@@ -242,6 +242,27 @@ impl RoomState {
         }
     }
 
+    /// The power level needed to invite.
+    pub fn invite_level(&self) -> i64 {
+        self.required_level(ruma::state_res::events::RoomPowerLevelsIntField::Invite, 0)
+    }
+
+    /// The level a power levels field requires: as the room's power levels
+    /// say, else the field's default, `without_power_levels` without them.
+    fn required_level(
+        &self,
+        field: ruma::state_res::events::RoomPowerLevelsIntField,
+        without_power_levels: i64,
+    ) -> i64 {
+        self.get(&StateEventType::RoomPowerLevels, "")
+            .and_then(|pl| {
+                ruma::state_res::events::RoomPowerLevelsEvent::new(Arc::clone(pl))
+                    .get_as_int_or_default(field, &self.rules.authorization)
+                    .ok()
+            })
+            .map_or(without_power_levels, i64::from)
+    }
+
     /// Whether a redaction by `redactor` hides an event sent by `target_sender`
     /// from clients: senders may redact their own events, others need the
     /// room's `redact` level.
@@ -249,18 +270,8 @@ impl RoomState {
         if redactor == target_sender {
             return true;
         }
-        let required = self
-            .get(&StateEventType::RoomPowerLevels, "")
-            .and_then(|pl| {
-                ruma::state_res::events::RoomPowerLevelsEvent::new(Arc::clone(pl))
-                    .get_as_int_or_default(
-                        ruma::state_res::events::RoomPowerLevelsIntField::Redact,
-                        &self.rules.authorization,
-                    )
-                    .ok()
-            })
-            .map(i64::from)
-            .unwrap_or(50);
+        let required =
+            self.required_level(ruma::state_res::events::RoomPowerLevelsIntField::Redact, 50);
         self.power_level(redactor)
             .is_none_or(|level| level >= required)
     }

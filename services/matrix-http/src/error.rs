@@ -181,6 +181,18 @@ impl From<tessera_storage::StoreError> for MatrixError {
     }
 }
 
+impl From<tessera_events::restricted_join::RestrictedJoinError> for MatrixError {
+    fn from(error: tessera_events::restricted_join::RestrictedJoinError) -> Self {
+        use tessera_events::restricted_join::RestrictedJoinError as E;
+        let errcode = match error {
+            E::CannotJudge(_) => "M_UNABLE_TO_AUTHORISE_JOIN",
+            E::NotAllowed(_) => return Self::forbidden(error.to_string()),
+            E::NoAuthoriser => "M_UNABLE_TO_GRANT_JOIN",
+        };
+        Self::new(StatusCode::BAD_REQUEST, errcode, error.to_string())
+    }
+}
+
 impl From<tessera_replication::token::TokenError> for MatrixError {
     fn from(error: tessera_replication::token::TokenError) -> Self {
         Self::invalid_param(format!("Invalid sync token: {error}"))

@@ -45,7 +45,6 @@ use tessera_storage::{Store, StoreError};
 
 use crate::engine::Engine;
 use crate::known_events::KnownEvents;
-use crate::load::load_room;
 
 /// Federation settings of the room-worker.
 pub struct Inbound {
@@ -165,7 +164,7 @@ impl<'e> Turn<'e> {
     ) -> Result<Option<Turn<'e>>, StoreError> {
         let room = match engine.cached_state(room_id) {
             Some(room) => room,
-            None => match load_room(store, room_id).await? {
+            None => match store.room_state(room_id).await? {
                 Some(room) => room,
                 None => return Ok(None),
             },

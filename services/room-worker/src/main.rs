@@ -12,7 +12,6 @@ mod api;
 mod engine;
 mod inbound;
 mod known_events;
-mod load;
 mod out_of_band;
 mod process;
 mod state_cache;

@@ -25,7 +25,6 @@ use tessera_storage::persist::{
 };
 
 use crate::engine::{Engine, Job};
-use crate::load::load_room;
 
 /// An event to create, with the client transaction that asked for it.
 #[derive(Debug, Clone)]
@@ -237,7 +236,7 @@ struct Accepted {
 async fn submit(engine: &Engine, room_id: &RoomId, jobs: Vec<Job>) {
     let state = match engine.cached_state(room_id) {
         Some(state) => Some(state),
-        None => match load_room(&engine.store, room_id).await {
+        None => match engine.store.room_state(room_id).await {
             Ok(state) => state,
             Err(error) => {
                 return answer_all(jobs, Answer::Retry(format!("cannot load room: {error}")));

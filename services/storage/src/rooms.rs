@@ -1,7 +1,9 @@
 //! Rooms: metadata, current and historical state, members, aliases.
 
 use crate::events::{EVENT_COLUMNS, EVENT_JOINS, StoredEvent};
-use crate::{Result, Store, conflict};
+use tessera_events::ruma::{EventId, RoomId, RoomVersionId};
+
+use crate::{Result, Store, StoreError, conflict};
 
 #[derive(Debug, Clone)]
 pub struct RoomRow {
@@ -58,6 +60,42 @@ impl Store {
         );
         let rows = self.query(&sql, &[&room_id]).await?;
         Ok(rows.iter().map(StoredEvent::from_row).collect())
+    }
+
+    /// A room's current state as its owner keeps it in memory (state
+    /// events, forward extremities, depth, state group); `None` for a room
+    /// we do not have.
+    pub async fn room_state(
+        &self,
+        room_id: &RoomId,
+    ) -> Result<Option<tessera_events::room_state::RoomState>> {
+        let Some(room) = self.room(room_id.as_str()).await? else {
+            return Ok(None);
+        };
+        let version = RoomVersionId::try_from(room.room_version.as_str())
+            .map_err(|e| StoreError::Corrupt(format!("room {room_id}: {e}")))?;
+        let mut state = Vec::new();
+        for stored in self.current_state(room_id.as_str()).await? {
+            state.push(stored.pdu()?);
+        }
+        let extremities = room
+            .forward_extremities
+            .iter()
+            .map(|id| EventId::parse(id.as_str()).map_err(|e| StoreError::Corrupt(e.to_string())))
+            .collect::<Result<Vec<_>>>()?;
+        tessera_events::room_state::RoomState::from_parts(
+            room_id.to_owned(),
+            version.clone(),
+            state,
+            extremities,
+            room.depth as u64,
+            room.state_group
+                .map(|(id, chain)| (id, chain.max(0) as u32)),
+        )
+        .map(Some)
+        .ok_or_else(|| {
+            StoreError::Corrupt(format!("room {room_id} has unsupported version {version}"))
+        })
     }
 
     /// One current state event.
@@ -143,6 +181,42 @@ impl Store {
             )
             .await?;
         Ok(row.and_then(|r| r.get(0)))
+    }
+
+    /// What we see of `user_id` in each of `rooms` (those a restricted join
+    /// rule allows): whether a user of `server_name` is joined there, and the
+    /// user's membership. One round trip; rooms we never knew come back as
+    /// not resident.
+    pub async fn allowed_room_views(
+        &self,
+        rooms: &[tessera_events::ruma::OwnedRoomId],
+        user_id: &str,
+        server_name: &str,
+    ) -> Result<Vec<tessera_events::restricted_join::AllowedRoomView>> {
+        let ids: Vec<&str> = rooms.iter().map(|r| r.as_str()).collect();
+        let rows = self
+            .query(
+                "SELECT r.room_id,
+                        EXISTS (SELECT 1 FROM room_state s
+                                WHERE s.room_id = r.room_id AND s.type = 'm.room.member'
+                                  AND s.membership = 'join' AND s.state_key LIKE '@%:' || $3),
+                        (SELECT s.membership FROM room_state s
+                         WHERE s.room_id = r.room_id AND s.type = 'm.room.member' AND s.state_key = $2)
+                 FROM unnest($1::text[]) WITH ORDINALITY AS r(room_id, n) ORDER BY r.n",
+                &[&ids, &user_id, &server_name],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .zip(rooms)
+            .map(
+                |(row, room_id)| tessera_events::restricted_join::AllowedRoomView {
+                    room_id: room_id.clone(),
+                    resident: row.get(1),
+                    membership: row.get(2),
+                },
+            )
+            .collect())
     }
 
     /// Rooms the user is currently in with the given membership.

@@ -78,20 +78,11 @@ pub async fn put_alias(
 
 /// The room's state as the owner sees it, for power checks.
 async fn room_state(state: &AppState, room_id: &str) -> MatrixResult<RoomState> {
-    let row = state
+    state
         .store
-        .room(room_id)
+        .room_state(&parse_room_id(room_id)?)
         .await?
-        .ok_or_else(|| MatrixError::not_found("Unknown room"))?;
-    let version = ruma::RoomVersionId::try_from(row.room_version.as_str())
-        .map_err(|e| MatrixError::internal(e.to_string()))?;
-    let mut events = Vec::new();
-    for stored in state.store.current_state(room_id).await? {
-        events.push(stored.pdu()?);
-    }
-    let room_id = parse_room_id(room_id)?;
-    RoomState::from_parts(room_id, version, events, vec![], row.depth as u64, None)
-        .ok_or_else(|| MatrixError::internal("unsupported room version"))
+        .ok_or_else(|| MatrixError::not_found("Unknown room"))
 }
 
 /// Moderators (power ≥ 50) may manage aliases and directory listing.

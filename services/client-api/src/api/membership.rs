@@ -8,6 +8,7 @@ use axum::extract::{Path, State};
 use ruma::{OwnedRoomId, OwnedUserId, RoomAliasId, RoomId, UserId};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use tessera_events::restricted_join;
 use tessera_matrix_http::auth::Authed;
 use tessera_matrix_http::{MatrixError, MatrixJson, MatrixResult};
 
@@ -117,8 +118,53 @@ async fn join(
             content["avatar_url"] = json!(avatar);
         }
     }
+    if let Some(authoriser) = vouching_member(state, &room_id, &auth.user_id).await? {
+        content["join_authorised_via_users_server"] = json!(authoriser);
+    }
     change(state, &room_id, &auth.user_id, &auth.user_id, content).await?;
     Ok(Json(json!({ "room_id": room_id })))
+}
+
+/// For a join into a room whose join rule is restricted, by a user neither
+/// invited nor joined: the member of ours who vouches for it, once the user
+/// is found joined to a room the join rule allows.
+async fn vouching_member(
+    state: &AppState,
+    room_id: &RoomId,
+    user: &UserId,
+) -> MatrixResult<Option<OwnedUserId>> {
+    // Most rooms are not restricted; a large room's whole state is only read
+    // for those that are.
+    let restricted = state
+        .store
+        .state_event(room_id.as_str(), "m.room.join_rules", "")
+        .await?
+        .map(|stored| stored.pdu())
+        .transpose()?
+        .and_then(|join_rules| join_rules.content_field("join_rule"))
+        .is_some_and(|rule| matches!(rule.as_str(), Some("restricted" | "knock_restricted")));
+    if !restricted {
+        return Ok(None);
+    }
+    let room = state
+        .store
+        .room_state(room_id)
+        .await?
+        .ok_or_else(|| unknown_room(room_id))?;
+    if !restricted_join::needs_authoriser(&room, user) {
+        return Ok(None);
+    }
+    let allowed = restricted_join::allowed_rooms(&room).unwrap_or_default();
+    let views = state
+        .store
+        .allowed_room_views(&allowed, user.as_str(), state.server_name.as_str())
+        .await?;
+    Ok(Some(restricted_join::authorise(
+        &room,
+        user,
+        &state.server_name,
+        &views,
+    )?))
 }
 
 pub async fn join_by_id(

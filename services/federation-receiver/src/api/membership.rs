@@ -9,8 +9,13 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
+use tessera_events::restricted_join;
+use tessera_events::room_state::RoomState;
 use tessera_events::ruma::events::StateEventType;
-use tessera_events::ruma::{CanonicalJsonObject, RoomId, RoomVersionId, UserId};
+use tessera_events::ruma::room_version_rules::RoomVersionRules;
+use tessera_events::ruma::{
+    CanonicalJsonObject, CanonicalJsonValue, OwnedUserId, RoomId, RoomVersionId, UserId,
+};
 use tessera_matrix_http::MatrixError;
 use tessera_proto::room_worker::{RemoteMembershipRequest, remote_membership_response};
 
@@ -56,35 +61,27 @@ async fn make(
         ));
     }
     let room_id = RoomId::parse(room).map_err(|e| MatrixError::invalid_param(e.to_string()))?;
-    let row = state
+    let room_state = state
         .store
-        .room(room_id.as_str())
+        .room_state(&room_id)
         .await?
         .ok_or_else(|| MatrixError::not_found("unknown room"))?;
-    let mut current = Vec::new();
-    for stored in state.store.current_state(room_id.as_str()).await? {
-        current.push(stored.pdu()?);
-    }
-    let rules = version
-        .rules()
-        .ok_or_else(|| MatrixError::internal("unsupported room version"))?;
-    let membership_now = current
-        .iter()
-        .find(|p| {
-            p.kind().to_string() == "m.room.member" && p.state_key() == Some(user_id.as_str())
-        })
-        .and_then(|p| p.membership());
-    let join_rule = current
-        .iter()
-        .find(|p| p.kind().to_string() == "m.room.join_rules")
+    let membership_now = room_state.membership(user_id.as_str());
+    let join_rule = room_state
+        .get(&StateEventType::RoomJoinRules, "")
         .and_then(|p| p.content_field("join_rule"))
         .and_then(|v| v.as_str().map(str::to_owned))
         .unwrap_or_else(|| "invite".to_owned());
+    let mut content = json!({ "membership": membership });
     let allowed = match membership {
+        "join" if membership_now.as_deref() == Some("ban") => false,
+        "join" if restricted_join::needs_authoriser(&room_state, &user_id) => {
+            let authoriser = authorise_join(state, &room_state, &user_id).await?;
+            content["join_authorised_via_users_server"] = json!(authoriser);
+            true
+        }
         "join" => {
-            membership_now.as_deref() != Some("ban")
-                && (join_rule == "public"
-                    || matches!(membership_now.as_deref(), Some("invite" | "join")))
+            join_rule == "public" || matches!(membership_now.as_deref(), Some("invite" | "join"))
         }
         "knock" => {
             matches!(join_rule.as_str(), "knock" | "knock_restricted")
@@ -97,27 +94,19 @@ async fn make(
             "{user_id} may not {membership} this room"
         )));
     }
-    let content = json!({ "membership": membership });
     let raw = serde_json::value::to_raw_value(&content).expect("JSON serializes");
     let types = tessera_events::ruma::state_res::auth_types_for_event(
         &tessera_events::ruma::events::TimelineEventType::RoomMember,
         &user_id,
         Some(user_id.as_str()),
         &raw,
-        &rules.authorization,
+        &room_state.rules().authorization,
     )
     .map_err(MatrixError::internal)?;
     let auth_events: Vec<String> = types
         .iter()
-        .filter_map(|(kind, key)| {
-            current
-                .iter()
-                .find(|p| {
-                    StateEventType::from(p.kind().to_string()) == *kind
-                        && p.state_key() == Some(key.as_str())
-                })
-                .map(|p| p.event_id().to_string())
-        })
+        .filter_map(|(kind, key)| room_state.get(kind, key))
+        .map(|p| p.event_id().to_string())
         .collect();
     let template = json!({
         "type": "m.room.member",
@@ -127,8 +116,8 @@ async fn make(
         "room_id": room_id,
         "origin": origin,
         "origin_server_ts": tessera_federation::now_ms(),
-        "depth": row.depth + 1,
-        "prev_events": row.forward_extremities,
+        "depth": room_state.depth() + 1,
+        "prev_events": room_state.extremities(),
         "auth_events": auth_events,
     });
     Ok(Json(
@@ -178,6 +167,79 @@ pub async fn make_knock(
     .await
 }
 
+/// Pick the member of ours who vouches for `user`'s join into a restricted
+/// room, after checking, from our view of the rooms the join rule allows,
+/// that the user may join.
+async fn authorise_join(
+    state: &AppState,
+    room_state: &RoomState,
+    user: &UserId,
+) -> Result<OwnedUserId, MatrixError> {
+    let allowed = restricted_join::allowed_rooms(room_state).unwrap_or_default();
+    let views = state
+        .store
+        .allowed_room_views(&allowed, user.as_str(), state.server_name.as_str())
+        .await?;
+    Ok(restricted_join::authorise(
+        room_state,
+        user,
+        &state.server_name,
+        &views,
+    )?)
+}
+
+/// A join that names one of our users in `join_authorised_via_users_server`
+/// needs our signature beside its sender's: judge the join again (the room's
+/// join rule and our view of the rooms it allows may have changed since
+/// make_join), then sign. The authorization rules then check the named user
+/// (joined, may invite) against the room's state.
+async fn vouch_for_join(
+    state: &AppState,
+    room_id: &RoomId,
+    rules: &RoomVersionRules,
+    object: &mut CanonicalJsonObject,
+) -> Result<(), MatrixError> {
+    let Some(CanonicalJsonValue::Object(content)) = object.get("content") else {
+        return Ok(());
+    };
+    let Some(CanonicalJsonValue::String(authoriser)) =
+        content.get("join_authorised_via_users_server")
+    else {
+        return Ok(());
+    };
+    let authoriser = UserId::parse(authoriser).map_err(|e| {
+        MatrixError::bad_json(format!("invalid join_authorised_via_users_server: {e}"))
+    })?;
+    if authoriser.server_name() != state.server_name || !rules.authorization.restricted_join_rule {
+        return Ok(());
+    }
+    let joiner = match object.get("sender") {
+        Some(CanonicalJsonValue::String(sender)) => UserId::parse(sender)
+            .map_err(|e| MatrixError::bad_json(format!("invalid sender: {e}")))?,
+        _ => return Err(MatrixError::bad_json("the event has no sender")),
+    };
+    let join_rules = state
+        .store
+        .state_event(room_id.as_str(), "m.room.join_rules", "")
+        .await?
+        .map(|stored| stored.pdu())
+        .transpose()?;
+    if let Some(allowed) = join_rules.and_then(|j| restricted_join::allowed_rooms_in(&j, rules)) {
+        let views = state
+            .store
+            .allowed_room_views(&allowed, joiner.as_str(), state.server_name.as_str())
+            .await?;
+        restricted_join::judge(&joiner, &views)?;
+    }
+    tessera_events::ruma::signatures::sign_event(
+        state.server_name.as_str(),
+        state.key.pair(),
+        object,
+        &rules.redaction,
+    )
+    .map_err(|e| MatrixError::bad_json(format!("cannot sign the join: {e}")))
+}
+
 /// Check a signed membership event and hand it to the room's owner.
 async fn submit(
     state: &AppState,
@@ -197,9 +259,12 @@ async fn submit(
     let rules = version
         .rules()
         .ok_or_else(|| MatrixError::internal("unsupported room version"))?;
-    let object: CanonicalJsonObject = serde_json::from_slice(&signed.body)
+    let mut object: CanonicalJsonObject = serde_json::from_slice(&signed.body)
         .map_err(|e| tessera_matrix_http::extract::json_error(&e))?;
     let room_id = RoomId::parse(room).map_err(|e| MatrixError::invalid_param(e.to_string()))?;
+    if membership == "join" {
+        vouch_for_join(state, &room_id, &rules, &mut object).await?;
+    }
     let pdu = super::checked_event(state, object, &rules, &room_id, event)
         .await?
         .pdu;

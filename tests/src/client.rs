@@ -218,6 +218,22 @@ pub fn bodies(events: &[Value]) -> Vec<String> {
         .collect()
 }
 
+/// A `createRoom` body for a private room whose join rule admits the members
+/// of `allowed` (`restricted`).
+pub fn restricted_room(allowed: &str) -> Value {
+    json!({
+        "preset": "private_chat",
+        "initial_state": [{
+            "type": "m.room.join_rules",
+            "state_key": "",
+            "content": {
+                "join_rule": "restricted",
+                "allow": [{ "type": "m.room_membership", "room_id": allowed }],
+            },
+        }],
+    })
+}
+
 /// Percent-encode a path segment (room IDs and aliases carry `!`, `#`, `:`).
 pub fn enc(segment: &str) -> String {
     let mut out = String::new();

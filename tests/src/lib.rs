@@ -8,6 +8,7 @@
 pub mod client;
 pub mod collector;
 pub mod fake_remote;
+pub mod synapse;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -151,6 +152,25 @@ pub fn free_port() -> u16 {
         }
     }
     panic!("no free port between 20000 and 32000")
+}
+
+/// The Python interpreter of a virtualenv `scripts/test` prepares: the one
+/// `env` names, else `.local/<venv>/bin/python`; `what` says what it holds,
+/// for the failure message when it is missing.
+pub fn venv_python(env: &str, venv: &str, what: &str) -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf();
+    let python = std::env::var_os(env)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join(".local").join(venv).join("bin/python"));
+    assert!(
+        python.exists(),
+        "{} is missing: this test needs {what}; run scripts/test, which installs it",
+        python.display()
+    );
+    python
 }
 
 /// Where a Tessera binary is: `TESSERA_TEST_BIN_DIR` if set (the benchmark

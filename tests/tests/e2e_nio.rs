@@ -14,19 +14,7 @@ use tessera_tests::{Spec, TestCluster};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 fn python() -> PathBuf {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf();
-    let python = std::env::var_os("TESSERA_TEST_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join(".local/venv/bin/python"));
-    assert!(
-        python.exists(),
-        "{} is missing: the end-to-end test needs matrix-nio; run scripts/test, which installs it",
-        python.display()
-    );
-    python
+    tessera_tests::venv_python("TESSERA_TEST_PYTHON", "venv", "matrix-nio")
 }
 
 #[tokio::test(flavor = "multi_thread")]

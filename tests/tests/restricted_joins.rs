@@ -8,31 +8,21 @@ use reqwest::Method;
 use serde_json::{Value, json};
 use tessera_events::ruma::CanonicalJsonValue;
 use tessera_federation::FederationError;
-use tessera_tests::client::enc;
+use tessera_tests::client::{enc, restricted_room};
 use tessera_tests::fake_remote::FakeRemote;
 use tessera_tests::{Spec, TestCluster, TestUser};
 
 /// A room of `creator`'s, in room version `version`, whose join rule admits
 /// the members of `allowed`.
-async fn restricted_room(
+async fn create_restricted_room(
     cluster: &TestCluster,
     creator: &TestUser,
     version: &str,
     allowed: &str,
     extra: Value,
 ) -> String {
-    let mut body = json!({
-        "preset": "private_chat",
-        "room_version": version,
-        "initial_state": [{
-            "type": "m.room.join_rules",
-            "state_key": "",
-            "content": {
-                "join_rule": "restricted",
-                "allow": [{ "type": "m.room_membership", "room_id": allowed }],
-            },
-        }],
-    });
+    let mut body = restricted_room(allowed);
+    body["room_version"] = json!(version);
     if let (Some(body), Some(extra)) = (body.as_object_mut(), extra.as_object()) {
         body.extend(extra.clone());
     }
@@ -67,7 +57,7 @@ async fn federated_with_a_space() -> (TestCluster, TestUser, String) {
 #[tokio::test(flavor = "multi_thread")]
 async fn members_of_an_allowed_room_join_over_federation_vouched_for_by_us() {
     let (cluster, alice, space) = federated_with_a_space().await;
-    let room = restricted_room(&cluster, &alice, "12", &space, json!({})).await;
+    let room = create_restricted_room(&cluster, &alice, "12", &space, json!({})).await;
     let remote = FakeRemote::start(&cluster.server_name).await;
     let (bob, carol) = (remote.user("bob"), remote.user("carol"));
     let ours = cluster.server_name.clone();
@@ -140,7 +130,8 @@ async fn restricted_joins_we_cannot_vouch_for_get_the_specs_errors() {
         .expect("bob joins the space");
 
     // A room only members of a room we are not in may join.
-    let elsewhere = restricted_room(&cluster, &alice, "12", "!far:elsewhere.test", json!({})).await;
+    let elsewhere =
+        create_restricted_room(&cluster, &alice, "12", "!far:elsewhere.test", json!({})).await;
     assert_eq!(
         refusal(remote.make_join(&elsewhere, &bob).await),
         (400, "M_UNABLE_TO_AUTHORISE_JOIN".to_owned())
@@ -148,7 +139,7 @@ async fn restricted_joins_we_cannot_vouch_for_get_the_specs_errors() {
 
     // A room where no member of ours may invite (version 10: the creator's
     // power is what the power levels say).
-    let no_inviter = restricted_room(
+    let no_inviter = create_restricted_room(
         &cluster,
         &alice,
         "10",
@@ -175,7 +166,7 @@ async fn local_members_of_an_allowed_room_join_without_an_invite() {
     let space = api
         .create_room(&alice, json!({ "preset": "public_chat" }))
         .await;
-    let room = restricted_room(&cluster, &alice, "10", &space, json!({})).await;
+    let room = create_restricted_room(&cluster, &alice, "10", &space, json!({})).await;
     let join = format!("/_matrix/client/v3/join/{}", enc(&room));
 
     let (status, body) = api

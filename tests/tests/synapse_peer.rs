@@ -1,0 +1,293 @@
+//! Synapse (from PyPI, a real homeserver) as a federation peer of a test
+//! cluster: its user joins rooms hosted here (our keys, make_join and
+//! send_join as Synapse calls them, its keys fetched by us), talks in them
+//! (its transactions through `/send`), and joins a restricted room that we
+//! vouch for. Outbound federation does not exist yet, so nothing here checks
+//! what Synapse's user sees of our users' later events.
+
+use reqwest::Method;
+use serde_json::{Value, json};
+use tessera_tests::client::{enc, restricted_room, timeline};
+use tessera_tests::synapse::Synapse;
+use tessera_tests::{Spec, TestCluster, TestUser};
+
+/// Synapse's user joins `room` here, naming our server as the one to ask.
+async fn synapse_join(synapse: &Synapse, token: &str, room: &str, via: &str) -> (u16, Value) {
+    synapse
+        .call(
+            Method::POST,
+            &format!(
+                "/_matrix/client/v3/join/{}?server_name={}",
+                enc(room),
+                enc(via)
+            ),
+            Some(token),
+            Some(json!({})),
+        )
+        .await
+}
+
+/// Sync as `user` (bounded) until `room`'s timeline holds a message `body`.
+async fn wait_for_message(cluster: &TestCluster, user: &TestUser, room: &str, body: &str) -> Value {
+    let api = cluster.api();
+    let mut since: Option<String> = None;
+    for _ in 0..60 {
+        let sync = api.sync(user, since.as_deref(), 1000).await;
+        since = sync["next_batch"].as_str().map(str::to_owned);
+        if let Some(event) = timeline(&sync, room)
+            .into_iter()
+            .find(|e| e["content"]["body"] == body)
+        {
+            return event;
+        }
+    }
+    panic!("{body:?} never reached {room} here");
+}
+
+/// A room of `creator`'s that members of `allowed` may join.
+async fn restricted_to(cluster: &TestCluster, creator: &TestUser, allowed: &str) -> String {
+    cluster
+        .api()
+        .create_room(creator, restricted_room(allowed))
+        .await
+}
+
+/// A federated test cluster with alice, and Synapse with sam.
+struct Peers {
+    cluster: TestCluster,
+    synapse: Synapse,
+    alice: TestUser,
+    sam: String,
+    token: String,
+    /// Our server name, for Synapse to join through.
+    ours: String,
+}
+
+async fn peers() -> Peers {
+    let cluster = TestCluster::start(Spec::federated(1)).await;
+    let synapse = Synapse::start().await;
+    let alice = cluster.register("alice").await;
+    let (sam, token) = synapse.register("sam").await;
+    let ours = cluster.server_name.clone();
+    Peers {
+        cluster,
+        synapse,
+        alice,
+        sam,
+        token,
+        ours,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_synapse_user_joins_talks_and_joins_a_restricted_room() {
+    let Peers {
+        cluster,
+        synapse,
+        alice,
+        sam,
+        token,
+        ours,
+    } = peers().await;
+    let api = cluster.api();
+
+    // A public room: Synapse joins it through us and sends a message.
+    let lobby = api
+        .create_room(&alice, json!({ "preset": "public_chat", "name": "Lobby" }))
+        .await;
+    api.send_text(&alice, &lobby, "t1", "hello from tessera")
+        .await;
+    let (status, body) = synapse_join(&synapse, &token, &lobby, &ours).await;
+    assert_eq!(status, 200, "{body}\n{}", synapse.log_tail());
+    let store = cluster.store().await;
+    assert_eq!(
+        store.membership(&lobby, &sam).await.unwrap().as_deref(),
+        Some("join")
+    );
+    let (status, body) = synapse
+        .call(
+            Method::PUT,
+            &format!(
+                "/_matrix/client/v3/rooms/{}/send/m.room.message/s1",
+                enc(&lobby)
+            ),
+            Some(&token),
+            Some(json!({ "msgtype": "m.text", "body": "hello from synapse" })),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let event = wait_for_message(&cluster, &alice, &lobby, "hello from synapse").await;
+    assert_eq!(event["sender"], sam.as_str());
+    assert_eq!(
+        event["event_id"], body["event_id"],
+        "the event Synapse made"
+    );
+
+    // A room restricted to the lobby's members: we vouch for sam.
+    let restricted = restricted_to(&cluster, &alice, &lobby).await;
+    let (status, body) = synapse_join(&synapse, &token, &restricted, &ours).await;
+    assert_eq!(status, 200, "{body}\n{}", synapse.log_tail());
+    let member = api
+        .ok(
+            Method::GET,
+            &format!(
+                "/_matrix/client/v3/rooms/{}/state/m.room.member/{}",
+                enc(&restricted),
+                enc(&sam)
+            ),
+            &alice,
+            None,
+        )
+        .await;
+    assert_eq!(member["membership"], "join");
+    assert_eq!(
+        member["join_authorised_via_users_server"],
+        alice.user_id.as_str()
+    );
+
+    // A room restricted to a room of ours sam is not in: refused, no trace.
+    let staff = api
+        .create_room(&alice, json!({ "preset": "private_chat" }))
+        .await;
+    let closed = restricted_to(&cluster, &alice, &staff).await;
+    let (status, body) = synapse_join(&synapse, &token, &closed, &ours).await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(store.membership(&closed, &sam).await.unwrap(), None);
+}
+
+/// Poll (bounded) until `check` holds; what Synapse sends in the background
+/// (its transactions) arrives when it arrives.
+async fn eventually<F, Fut>(what: &str, synapse: &Synapse, check: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..150 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    panic!("{what} never happened\n{}", synapse.log_tail());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_synapse_user_knocks_invites_types_and_leaves() {
+    let Peers {
+        cluster,
+        synapse,
+        alice,
+        sam,
+        token,
+        ours,
+    } = peers().await;
+    let api = cluster.api();
+    let store = cluster.store().await;
+
+    // Knocking: make_knock and send_knock as Synapse calls them.
+    let door = api
+        .create_room(
+            &alice,
+            json!({
+                "preset": "private_chat",
+                "initial_state": [{
+                    "type": "m.room.join_rules", "state_key": "", "content": { "join_rule": "knock" },
+                }],
+            }),
+        )
+        .await;
+    let (status, body) = synapse
+        .call(
+            Method::POST,
+            &format!(
+                "/_matrix/client/v3/knock/{}?server_name={}",
+                enc(&door),
+                enc(&ours)
+            ),
+            Some(&token),
+            Some(json!({ "reason": "let me in" })),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}\n{}", synapse.log_tail());
+    assert_eq!(
+        store.membership(&door, &sam).await.unwrap().as_deref(),
+        Some("knock")
+    );
+
+    // Typing in a room both are in: Synapse's EDU is accepted and kept.
+    let lobby = api
+        .create_room(&alice, json!({ "preset": "public_chat" }))
+        .await;
+    let (status, body) = synapse_join(&synapse, &token, &lobby, &ours).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = synapse
+        .call(
+            Method::PUT,
+            &format!(
+                "/_matrix/client/v3/rooms/{}/typing/{}",
+                enc(&lobby),
+                enc(&sam)
+            ),
+            Some(&token),
+            Some(json!({ "typing": true, "timeout": 30000 })),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let db = cluster.db().await;
+    eventually("Synapse's typing EDU", &synapse, || async {
+        let row = db
+            .query_one(
+                "SELECT count(*) FROM received_edus WHERE edu_type = 'm.typing' AND origin = $1",
+                &[&synapse.server_name],
+            )
+            .await
+            .unwrap();
+        row.get::<_, i64>(0) > 0
+    })
+    .await;
+
+    // Leaving: Synapse sends its own leave event in a transaction.
+    let (status, body) = synapse
+        .call(
+            Method::POST,
+            &format!("/_matrix/client/v3/rooms/{}/leave", enc(&lobby)),
+            Some(&token),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    eventually("sam's leave", &synapse, || async {
+        store.membership(&lobby, &sam).await.unwrap().as_deref() == Some("leave")
+    })
+    .await;
+
+    // An invite from a room on Synapse: the invite API (v2), counter-signed
+    // here and shown in alice's /sync.
+    let (status, body) = synapse
+        .call(
+            Method::POST,
+            "/_matrix/client/v3/createRoom",
+            Some(&token),
+            Some(json!({ "preset": "private_chat", "invite": [alice.user_id] })),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}\n{}", synapse.log_tail());
+    let far = body["room_id"].as_str().expect("room_id").to_owned();
+    let mut invited = Value::Null;
+    for _ in 0..60 {
+        let sync = api.sync(&alice, None, 1000).await;
+        invited = sync["rooms"]["invite"][&far].clone();
+        if !invited.is_null() {
+            break;
+        }
+    }
+    let invite_state = invited["invite_state"]["events"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no invite to {far} in alice's sync"));
+    assert!(
+        invite_state
+            .iter()
+            .any(|e| e["type"] == "m.room.member" && e["state_key"] == alice.user_id.as_str()),
+        "{invited}"
+    );
+}

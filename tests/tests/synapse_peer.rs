@@ -7,7 +7,7 @@
 
 use reqwest::Method;
 use serde_json::{Value, json};
-use tessera_tests::client::{enc, restricted_room, timeline};
+use tessera_tests::client::{bodies, enc, restricted_room, timeline};
 use tessera_tests::synapse::Synapse;
 use tessera_tests::{Spec, TestCluster, TestUser};
 
@@ -290,4 +290,98 @@ async fn a_synapse_user_knocks_invites_types_and_leaves() {
             .any(|e| e["type"] == "m.room.member" && e["state_key"] == alice.user_id.as_str()),
         "{invited}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn synapse_reads_aliases_profiles_and_history_from_us() {
+    let Peers {
+        cluster,
+        synapse,
+        alice,
+        token,
+        ours,
+        ..
+    } = peers().await;
+    let api = cluster.api();
+    let (status, body) = api
+        .call(
+            Method::PUT,
+            &format!(
+                "/_matrix/client/v3/profile/{}/displayname",
+                enc(&alice.user_id)
+            ),
+            Some(&alice.token),
+            Some(json!({ "displayname": "Alice Here" })),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let lobby = api
+        .create_room(
+            &alice,
+            json!({ "preset": "public_chat", "room_alias_name": "lobby" }),
+        )
+        .await;
+    for i in 0..5 {
+        api.send_text(
+            &alice,
+            &lobby,
+            &format!("t{i}"),
+            &format!("before you came {i}"),
+        )
+        .await;
+    }
+
+    // A profile on our server: Synapse asks /query/profile.
+    let (status, body) = synapse
+        .call(
+            Method::GET,
+            &format!("/_matrix/client/v3/profile/{}", enc(&alice.user_id)),
+            Some(&token),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}\n{}", synapse.log_tail());
+    assert_eq!(body["displayname"], "Alice Here");
+
+    // An alias of ours: Synapse asks /query/directory, then joins through
+    // the servers it was given.
+    let alias = format!("#lobby:{ours}");
+    let (status, body) = synapse
+        .call(
+            Method::POST,
+            &format!("/_matrix/client/v3/join/{}", enc(&alias)),
+            Some(&token),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}\n{}", synapse.log_tail());
+    assert_eq!(body["room_id"], lobby.as_str());
+
+    // History from before the join: Synapse backfills it from us (/backfill,
+    // then /event for what it lacks).
+    let mut seen = Vec::new();
+    for _ in 0..50 {
+        let (status, body) = synapse
+            .call(
+                Method::GET,
+                &format!(
+                    "/_matrix/client/v3/rooms/{}/messages?dir=b&limit=50",
+                    enc(&lobby)
+                ),
+                Some(&token),
+                None,
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        seen = bodies(body["chunk"].as_array().expect("chunk"));
+        if seen.len() == 5 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let expected: Vec<String> = (0..5)
+        .rev()
+        .map(|i| format!("before you came {i}"))
+        .collect();
+    assert_eq!(seen, expected, "{}", synapse.log_tail());
 }

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use serde_json::{Value, json};
 use tessera_bench::flush_probe::{self, FlushProbe};
-use tessera_bench::{percentile, rss_mib};
+use tessera_bench::{peak_rss_mib, percentile, rss_mib};
 use tessera_events::ruma::OwnedUserId;
 use tessera_tests::client::enc;
 use tessera_tests::fake_remote::{FakeRemote, json_of};
@@ -84,6 +84,12 @@ struct Args {
     /// flood lands in a room with a large state.
     #[arg(long, default_value_t = 0)]
     busy_room_members: usize,
+    /// After the busy room's members joined, this many new servers join it
+    /// one after another with `send_join?omit_members=true` (as Synapse
+    /// does); each join's time and the federation-receiver's peak RSS before
+    /// and after them are printed.
+    #[arg(long, default_value_t = 0)]
+    omit_members_joins: usize,
     /// How many remote servers flood the busy room together, event i coming
     /// from server i mod this, each building on its own latest event: the
     /// room has that many forward extremities throughout, as when a spam
@@ -451,6 +457,30 @@ async fn main() -> anyhow::Result<()> {
             "   {joined} members joined the busy room in {:.1} s ({:.0} joins/s)",
             took.elapsed().as_secs_f64(),
             joined as f64 / took.elapsed().as_secs_f64()
+        );
+    }
+    if args.omit_members_joins > 0 {
+        let receiver = target.pids[0];
+        let peak_before = peak_rss_mib(receiver).unwrap_or(f64::NAN);
+        let rss_before = rss_mib(receiver).unwrap_or(f64::NAN);
+        let mut took = Vec::new();
+        for _ in 0..args.omit_members_joins {
+            let joiner = FakeRemote::start(&target.server_name).await;
+            let user = joiner.user("member");
+            let started = Instant::now();
+            joiner
+                .join_with_query(&busy, &user, "?omit_members=true")
+                .await
+                .map_err(|e| anyhow::anyhow!("omit_members join: {e}"))?;
+            took.push(started.elapsed().as_secs_f64() * 1000.0);
+        }
+        took.sort_by(f64::total_cmp);
+        eprintln!(
+            "   {} omit_members joins: p50 {:.0} ms, max {:.0} ms; receiver RSS {rss_before:.0} MiB, peak {peak_before:.0} → {:.0} MiB",
+            took.len(),
+            percentile(&took, 50.0),
+            took.last().copied().unwrap_or(f64::NAN),
+            peak_rss_mib(receiver).unwrap_or(f64::NAN)
         );
     }
     // The other flooding servers join after the members, so each one's view

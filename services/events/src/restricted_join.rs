@@ -111,6 +111,52 @@ pub fn judge(user: &UserId, views: &[AllowedRoomView]) -> Result<(), RestrictedJ
     Err(RestrictedJoinError::CannotJudge(rooms.join(", ")))
 }
 
+/// Who could vouch for a join, for loading only their memberships rather
+/// than the room's whole state: our users among the room's creators and the
+/// users its power levels name, and whether the default level is enough to
+/// invite (then any joined member of ours may vouch, and the one with the
+/// smallest user ID is the one [`authorise`] picks among them). Reads only
+/// the create and power levels events.
+pub fn vouching_candidates(
+    state: &RoomState,
+    server_name: &ServerName,
+) -> (Vec<OwnedUserId>, bool) {
+    let invite_level = state.invite_level();
+    let power_levels = state.get(&StateEventType::RoomPowerLevels, "");
+    let listed = power_levels
+        .and_then(|pl| pl.content_field("users"))
+        .and_then(|users| {
+            users
+                .as_object()
+                .map(|u| u.keys().cloned().collect::<Vec<_>>())
+        })
+        .unwrap_or_default();
+    let create = state.get(&StateEventType::RoomCreate, "");
+    let creators = create.map(|c| c.sender().to_string()).into_iter().chain(
+        create
+            .and_then(|c| c.content_field("additional_creators"))
+            .and_then(|a| a.as_array().cloned())
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|v| v.as_str().map(str::to_owned)),
+    );
+    let mut candidates: Vec<OwnedUserId> = listed
+        .into_iter()
+        .chain(creators)
+        .filter_map(|id| UserId::parse(id).ok())
+        .filter(|user| user.server_name() == server_name)
+        .collect();
+    candidates.sort();
+    candidates.dedup();
+    // Without power levels everyone but the creator has 0, as does the
+    // default invite level.
+    let users_default = power_levels
+        .and_then(|pl| pl.content_field("users_default"))
+        .and_then(|d| d.as_i64())
+        .unwrap_or(0);
+    (candidates, users_default >= invite_level)
+}
+
 /// Our joined member with the highest power level who may invite.
 fn authoriser(state: &RoomState, server_name: &ServerName) -> Option<OwnedUserId> {
     let invite_level = state.invite_level();
@@ -255,6 +301,44 @@ mod tests {
             ),
             Err(RestrictedJoinError::NoAuthoriser)
         );
+    }
+
+    #[test]
+    fn the_candidates_hold_whoever_the_whole_state_would_pick() {
+        for version in crate::room_version::supported() {
+            let mut room = room(
+                version.clone(),
+                &["bob", "carol", "dave"],
+                json!({"join_rule": "restricted", "allow": []}),
+            );
+            let (alice, bob) = (user("alice"), user("bob"));
+            let mut users = json!({ bob.as_str(): 80, "@far:elsewhere.test": 90 });
+            if !room
+                .rules()
+                .authorization
+                .explicitly_privilege_room_creators
+            {
+                users[alice.as_str()] = json!(100);
+            }
+            for (invite, default_enough) in [(50, false), (0, true)] {
+                send(
+                    &mut room,
+                    "alice",
+                    "m.room.power_levels",
+                    "",
+                    json!({"users": users, "invite": invite}),
+                );
+                let (candidates, default) = vouching_candidates(&room, server());
+                assert_eq!(default, default_enough, "{version} invite {invite}");
+                assert!(candidates.contains(&alice) && candidates.contains(&bob));
+                assert!(
+                    candidates.iter().all(|c| c.server_name() == server()),
+                    "{candidates:?}"
+                );
+                let picked = authoriser(&room, server()).unwrap();
+                assert!(candidates.contains(&picked), "{version}: {picked}");
+            }
+        }
     }
 
     #[test]

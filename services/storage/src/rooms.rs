@@ -1,8 +1,13 @@
 //! Rooms: metadata, current and historical state, members, aliases.
 
-use crate::events::{EVENT_COLUMNS, EVENT_JOINS, StoredEvent};
-use tessera_events::ruma::{EventId, RoomId, RoomVersionId};
+use std::sync::Arc;
 
+use tessera_events::Pdu;
+use tessera_events::restricted_join;
+use tessera_events::room_state::RoomState;
+use tessera_events::ruma::{EventId, OwnedEventId, RoomId, RoomVersionId, ServerName, UserId};
+
+use crate::events::{EVENT_COLUMNS, EVENT_JOINS, StoredEvent};
 use crate::{Result, Store, StoreError, conflict};
 
 #[derive(Debug, Clone)]
@@ -65,37 +70,126 @@ impl Store {
     /// A room's current state as its owner keeps it in memory (state
     /// events, forward extremities, depth, state group); `None` for a room
     /// we do not have.
-    pub async fn room_state(
+    pub async fn room_state(&self, room_id: &RoomId) -> Result<Option<RoomState>> {
+        let Some((room, version, extremities)) = self.room_parts(room_id).await? else {
+            return Ok(None);
+        };
+        let mut state = Vec::new();
+        for stored in self.current_state(room_id.as_str()).await? {
+            state.push(stored.pdu()?);
+        }
+        let group = room
+            .state_group
+            .map(|(id, chain)| (id, chain.max(0) as u32));
+        in_memory(room_id, version, state, extremities, room.depth, group).map(Some)
+    }
+
+    /// A room's row, with its version and forward extremities parsed.
+    async fn room_parts(
         &self,
         room_id: &RoomId,
-    ) -> Result<Option<tessera_events::room_state::RoomState>> {
+    ) -> Result<Option<(RoomRow, RoomVersionId, Vec<OwnedEventId>)>> {
         let Some(room) = self.room(room_id.as_str()).await? else {
             return Ok(None);
         };
         let version = RoomVersionId::try_from(room.room_version.as_str())
             .map_err(|e| StoreError::Corrupt(format!("room {room_id}: {e}")))?;
-        let mut state = Vec::new();
-        for stored in self.current_state(room_id.as_str()).await? {
-            state.push(stored.pdu()?);
-        }
         let extremities = room
             .forward_extremities
             .iter()
             .map(|id| EventId::parse(id.as_str()).map_err(|e| StoreError::Corrupt(e.to_string())))
             .collect::<Result<Vec<_>>>()?;
-        tessera_events::room_state::RoomState::from_parts(
-            room_id.to_owned(),
-            version.clone(),
-            state,
-            extremities,
-            room.depth as u64,
-            room.state_group
-                .map(|(id, chain)| (id, chain.max(0) as u32)),
-        )
-        .map(Some)
-        .ok_or_else(|| {
-            StoreError::Corrupt(format!("room {room_id} has unsupported version {version}"))
-        })
+        Ok(Some((room, version, extremities)))
+    }
+
+    /// The part of a room's current state a membership decision reads
+    /// (`make_join`, `make_leave`, `make_knock`, a local join into a
+    /// restricted room): the create, power levels and join rules events,
+    /// `user_id`'s membership, and, when the join needs one of our members to
+    /// vouch for it, the memberships of those of `server_name`'s users who
+    /// could (see [`restricted_join::vouching_candidates`]), with the room's
+    /// forward extremities and depth. A room with 20,000 members is a few
+    /// rows here, not 20,000 parsed events.
+    pub async fn membership_state(
+        &self,
+        room_id: &RoomId,
+        user_id: &UserId,
+        server_name: &ServerName,
+    ) -> Result<Option<RoomState>> {
+        let Some((room, version, extremities)) = self.room_parts(room_id).await? else {
+            return Ok(None);
+        };
+        let build = |events: Vec<Arc<Pdu>>| {
+            in_memory(
+                room_id,
+                version.clone(),
+                events,
+                extremities.clone(),
+                room.depth,
+                None,
+            )
+        };
+        let mut keys: Vec<(&str, &str)> = vec![
+            ("m.room.create", ""),
+            ("m.room.power_levels", ""),
+            ("m.room.join_rules", ""),
+            ("m.room.member", user_id.as_str()),
+        ];
+        let mut events = self.state_events(room_id.as_str(), &keys).await?;
+        let state = build(events.clone())?;
+        if !restricted_join::needs_authoriser(&state, user_id) {
+            return Ok(Some(state));
+        }
+        let (candidates, default_enough) =
+            restricted_join::vouching_candidates(&state, server_name);
+        keys = candidates
+            .iter()
+            .map(|c| ("m.room.member", c.as_str()))
+            .collect();
+        events.extend(self.state_events(room_id.as_str(), &keys).await?);
+        if default_enough {
+            events.extend(
+                self.first_joined_member(room_id.as_str(), server_name.as_str())
+                    .await?,
+            );
+        }
+        build(events).map(Some)
+    }
+
+    /// Current state events by (type, state key); absent slots are skipped.
+    pub async fn state_events(
+        &self,
+        room_id: &str,
+        keys: &[(&str, &str)],
+    ) -> Result<Vec<Arc<Pdu>>> {
+        let (kinds, state_keys): (Vec<&str>, Vec<&str>) = keys.iter().copied().unzip();
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS} FROM room_state s JOIN events e ON e.event_id = s.event_id {EVENT_JOINS}
+             WHERE s.room_id = $1 AND (s.type, s.state_key) IN (SELECT * FROM unnest($2::text[], $3::text[]))"
+        );
+        let rows = self.query(&sql, &[&room_id, &kinds, &state_keys]).await?;
+        rows.iter()
+            .map(|r| StoredEvent::from_row(r).pdu())
+            .collect()
+    }
+
+    /// The joined member of `server_name` with the smallest user ID, with
+    /// their membership event.
+    async fn first_joined_member(
+        &self,
+        room_id: &str,
+        server_name: &str,
+    ) -> Result<Option<Arc<Pdu>>> {
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS} FROM room_state s JOIN events e ON e.event_id = s.event_id {EVENT_JOINS}
+             WHERE s.room_id = $1 AND s.type = 'm.room.member' AND s.membership = 'join'
+               AND s.state_key LIKE '@%:' || $2
+             ORDER BY s.state_key LIMIT 1"
+        );
+        let row = self.query_opt(&sql, &[&room_id, &server_name]).await?;
+        row.as_ref()
+            .map(|r| StoredEvent::from_row(r).pdu())
+            .transpose()
     }
 
     /// One current state event.
@@ -461,4 +555,24 @@ impl Store {
             .await?;
         Ok(row.map(|r| (r.get(0), r.get(1))))
     }
+}
+
+/// A [`RoomState`] from stored parts.
+fn in_memory(
+    room_id: &RoomId,
+    version: RoomVersionId,
+    events: Vec<Arc<Pdu>>,
+    extremities: Vec<OwnedEventId>,
+    depth: i64,
+    group: Option<(String, u32)>,
+) -> Result<RoomState> {
+    RoomState::from_parts(
+        room_id.to_owned(),
+        version.clone(),
+        events,
+        extremities,
+        depth as u64,
+        group,
+    )
+    .ok_or_else(|| StoreError::Corrupt(format!("room {room_id} has unsupported version {version}")))
 }

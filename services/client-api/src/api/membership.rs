@@ -133,22 +133,9 @@ async fn vouching_member(
     room_id: &RoomId,
     user: &UserId,
 ) -> MatrixResult<Option<OwnedUserId>> {
-    // Most rooms are not restricted; a large room's whole state is only read
-    // for those that are.
-    let restricted = state
-        .store
-        .state_event(room_id.as_str(), "m.room.join_rules", "")
-        .await?
-        .map(|stored| stored.pdu())
-        .transpose()?
-        .and_then(|join_rules| join_rules.content_field("join_rule"))
-        .is_some_and(|rule| matches!(rule.as_str(), Some("restricted" | "knock_restricted")));
-    if !restricted {
-        return Ok(None);
-    }
     let room = state
         .store
-        .room_state(room_id)
+        .membership_state(room_id, user, &state.server_name)
         .await?
         .ok_or_else(|| unknown_room(room_id))?;
     if !restricted_join::needs_authoriser(&room, user) {

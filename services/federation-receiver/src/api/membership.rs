@@ -1,12 +1,15 @@
 //! Joining, leaving and knocking from other servers: `make_*` builds an event
-//! template from the room's current state (read from Postgres); `send_*`
+//! template from the part of the room's current state it needs (read from
+//! Postgres); `send_*`
 //! hands the signed event to the room's owner, which checks and persists it
 //! at once and answers with the state before it and its auth chain.
+
+use std::borrow::Cow;
 
 use axum::Json;
 use axum::extract::{Path, RawQuery, State};
 use axum::response::{IntoResponse, Response};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use tessera_events::restricted_join;
@@ -63,7 +66,7 @@ async fn make(
     let room_id = RoomId::parse(room).map_err(|e| MatrixError::invalid_param(e.to_string()))?;
     let room_state = state
         .store
-        .room_state(&room_id)
+        .membership_state(&room_id, &user_id, &state.server_name)
         .await?
         .ok_or_else(|| MatrixError::not_found("unknown room"))?;
     let membership_now = room_state.membership(user_id.as_str());
@@ -353,8 +356,9 @@ pub async fn send_join(
     let origin = state.server_name.as_str();
     if omit_members {
         let joiner = event_json["state_key"].as_str().unwrap_or_default();
-        let kept = state_without_members(&state, &room, joiner, parse_all(&accepted.state)).await?;
+        let kept = state_without_members(&state, &room, joiner, accepted.state).await?;
         let chain = auth_chain_of(&state, &room, &event_json, &kept).await?;
+        let kept = raw_all(kept.into_iter().map(|(_, json)| json).collect());
         return Ok(Json(JoinAnswer {
             origin,
             event: Some(event_json),
@@ -376,34 +380,53 @@ pub async fn send_join(
     .into_response())
 }
 
+/// What an `omit_members` answer needs to know of a state event, read
+/// without building its JSON tree: a room with 20,000 members answers every
+/// join from a server that asks for `omit_members` (Synapse always does),
+/// and the whole state as trees costs ten times its size.
+#[derive(Deserialize)]
+struct StateHead<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
+    #[serde(default, borrow)]
+    state_key: Option<Cow<'a, str>>,
+    /// Event IDs, or `[ID, hashes]` pairs in room versions 1 and 2.
+    #[serde(default)]
+    auth_events: Vec<Value>,
+}
+
 /// The state for an `omit_members` join: every event but the memberships,
-/// except those of the room's heroes when it has no name nor alias (the
-/// joining server needs them to name the room).
+/// except those of the room's heroes when it has neither a name nor an
+/// alias (the joining server needs them to name the room). Each kept event
+/// comes with its auth events.
 async fn state_without_members(
     state: &AppState,
     room: &str,
     joiner: &str,
-    events: Vec<Value>,
-) -> Result<Vec<Value>, MatrixError> {
-    let named = events.iter().any(|e| {
-        matches!(
-            e["type"].as_str(),
-            Some("m.room.name" | "m.room.canonical_alias")
-        )
-    });
+    events: Vec<String>,
+) -> Result<Vec<(Vec<Value>, String)>, MatrixError> {
+    let heads: Vec<(StateHead<'_>, &String)> = events
+        .iter()
+        .filter_map(|json| Some((serde_json::from_str(json).ok()?, json)))
+        .collect();
+    let named = heads
+        .iter()
+        .any(|(head, _)| matches!(&*head.kind, "m.room.name" | "m.room.canonical_alias"));
     let heroes = if named {
         Vec::new()
     } else {
         state.store.heroes(room, joiner, 5).await?
     };
-    Ok(events
+    Ok(heads
         .into_iter()
-        .filter(|e| {
-            e["type"] != "m.room.member"
-                || e["state_key"]
-                    .as_str()
+        .filter(|(head, _)| {
+            head.kind != "m.room.member"
+                || head
+                    .state_key
+                    .as_deref()
                     .is_some_and(|member| heroes.iter().any(|h| h == member))
         })
+        .map(|(head, json)| (head.auth_events, json.clone()))
         .collect())
 }
 
@@ -413,19 +436,21 @@ async fn auth_chain_of(
     state: &AppState,
     room: &str,
     join: &Value,
-    kept: &[Value],
-) -> Result<Vec<Value>, MatrixError> {
+    kept: &[(Vec<Value>, String)],
+) -> Result<Vec<Box<RawValue>>, MatrixError> {
     let room_id = RoomId::parse(room).map_err(|e| MatrixError::invalid_param(e.to_string()))?;
-    // auth_events holds IDs, or [ID, hashes] pairs in room versions 1 and 2.
-    let roots: Vec<tessera_events::ruma::OwnedEventId> = std::iter::once(join)
-        .chain(kept)
-        .filter_map(|e| e["auth_events"].as_array())
+    let join_auth = join["auth_events"].as_array().map(Vec::as_slice);
+    let roots: Vec<tessera_events::ruma::OwnedEventId> = join_auth
+        .into_iter()
+        .chain(kept.iter().map(|(auth, _)| auth.as_slice()))
         .flatten()
         .filter_map(|a| a.as_str().or_else(|| a.get(0).and_then(Value::as_str)))
         .filter_map(|id| tessera_events::ruma::EventId::parse(id).ok())
         .collect();
     let chain = crate::dag::auth_chain_from(&state.store, &room_id, roots).await?;
-    Ok(super::reads::json_of(&chain))
+    Ok(raw_all(
+        chain.iter().map(|p| p.canonical_string()).collect(),
+    ))
 }
 
 pub async fn send_join_v1(

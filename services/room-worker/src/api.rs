@@ -368,14 +368,19 @@ impl RoomWorker for RoomWorkerApi {
             .ok_or_else(|| Status::internal("unsupported room version"))?;
         let pdu = pdu_from_request(&request.event_json, &rules, &room_id)?;
         let guard = self.enter(&room_id).await?;
-        let work =
-            Work::RemoteMembership(Box::new(crate::process::RemoteMembership { origin, pdu }));
+        let omit_members = request.omit_members.then_some(request.keep_members);
+        let work = Work::RemoteMembership(Box::new(crate::process::RemoteMembership {
+            origin,
+            pdu,
+            omit_members,
+        }));
         let outcome = match self.run(room_id, guard, work).await? {
             Answer::Membership(Ok(result)) => {
                 remote_membership_response::Outcome::Accepted(MembershipAccepted {
                     event_json: result.event_json,
                     state: result.state,
                     auth_chain: result.auth_chain,
+                    members_omitted: result.members_omitted,
                 })
             }
             Answer::Membership(Err(refusal)) => {

@@ -72,6 +72,7 @@ pub struct MembershipResult {
     pub event_json: String,
     pub state: Vec<String>,
     pub auth_chain: Vec<String>,
+    pub members_omitted: bool,
 }
 
 /// Why a remote membership event was refused.
@@ -1361,6 +1362,7 @@ pub async fn process_membership(
     room_id: &RoomId,
     origin: &ServerName,
     pdu: Pdu,
+    omit_members: Option<&[String]>,
     epoch: i64,
 ) -> Result<MembershipResult, MembershipRefusal> {
     let refuse = |errcode, message: String| MembershipRefusal { errcode, message };
@@ -1409,20 +1411,38 @@ pub async fn process_membership(
         Ok(Outcome::Rejected(reason)) => return Err(refuse("M_FORBIDDEN", reason)),
         Err(error) => return Err(refuse("M_UNKNOWN", error)),
     }
-    // The state before the event and the auth chain of it and of the event.
-    let roots: Vec<OwnedEventId> = before
-        .values()
+    // The state before the event (without most members for omit_members:
+    // in a room with 20,000 members they are nearly all of it), and the auth
+    // chain of what is kept and of the event.
+    let kept: Vec<OwnedEventId> = match omit_members {
+        None => before.values().cloned().collect(),
+        Some(heroes) => {
+            let named = [StateEventType::RoomName, StateEventType::RoomCanonicalAlias]
+                .into_iter()
+                .any(|kind| before.contains_key(&(kind, String::new())));
+            before
+                .iter()
+                .filter(|((kind, key), _)| {
+                    *kind != StateEventType::RoomMember
+                        || (!named && heroes.iter().any(|h| h == key))
+                })
+                .map(|(_, id)| id.clone())
+                .collect()
+        }
+    };
+    let roots: Vec<OwnedEventId> = kept
+        .iter()
         .cloned()
         .chain(pdu.auth_events().iter().cloned())
         .collect();
     turn.load_auth_closure(roots).await.map_err(unavailable)?;
-    let state: Vec<String> = before
-        .values()
+    let state: Vec<String> = kept
+        .iter()
         .filter_map(|id| turn.pdus.get(id))
         .map(|p| canonical(p))
         .collect();
     let chain = resolve::auth_chain(
-        before.values().cloned().chain([pdu.event_id().to_owned()]),
+        kept.iter().cloned().chain([pdu.event_id().to_owned()]),
         turn.fetch(),
     );
     let auth_chain: Vec<String> = chain
@@ -1437,5 +1457,6 @@ pub async fn process_membership(
         event_json,
         state,
         auth_chain,
+        members_omitted: omit_members.is_some(),
     })
 }

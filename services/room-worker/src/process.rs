@@ -63,6 +63,9 @@ pub struct Direct {
 pub struct RemoteMembership {
     pub origin: tessera_events::ruma::OwnedServerName,
     pub pdu: Pdu,
+    /// send_join's `omit_members`: the members to keep in the answer's
+    /// state if the room has neither a name nor a canonical alias.
+    pub omit_members: Option<Vec<String>>,
 }
 
 /// A Matrix error for the client: errcode and message.
@@ -158,6 +161,7 @@ pub async fn run_turn(engine: &Engine, room_id: &RoomId, mut jobs: Vec<Job>) {
                         room_id,
                         &membership.origin,
                         membership.pdu,
+                        membership.omit_members.as_deref(),
                         epoch,
                     )
                     .await,

@@ -4,12 +4,10 @@
 //! hands the signed event to the room's owner, which checks and persists it
 //! at once and answers with the state before it and its auth chain.
 
-use std::borrow::Cow;
-
 use axum::Json;
 use axum::extract::{Path, RawQuery, State};
 use axum::response::{IntoResponse, Response};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use tessera_events::restricted_join;
@@ -250,6 +248,7 @@ async fn submit(
     event: &str,
     signed: &Signed,
     membership: &str,
+    omit_members: bool,
 ) -> Result<
     (
         RoomVersionId,
@@ -284,6 +283,13 @@ async fn submit(
             "the event is not from the requesting server, or not for this room",
         ));
     }
+    // For omit_members, the members a room without a name is named after
+    // (the five `/sync` picks); the owner keeps them if it has no name.
+    let keep_members = if omit_members {
+        state.store.heroes(room, pdu.sender().as_str(), 5).await?
+    } else {
+        Vec::new()
+    };
     let response = state
         .router
         .submit_remote_membership(
@@ -292,6 +298,8 @@ async fn submit(
                 room_id: room_id.to_string(),
                 origin: origin.to_owned(),
                 event_json: pdu.canonical_string(),
+                omit_members,
+                keep_members,
             },
         )
         .await
@@ -325,15 +333,14 @@ fn parse_all(jsons: &[String]) -> Vec<Value> {
         .collect()
 }
 
-/// A `send_join` answer. State and auth chain are either parsed (after
-/// `omit_members` picked from them) or passed through raw.
+/// A `send_join` answer: the owner's events passed through as they came.
 #[derive(Serialize)]
-struct JoinAnswer<'a, Events: Serialize> {
+struct JoinAnswer<'a> {
     origin: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     event: Option<Value>,
-    state: Events,
-    auth_chain: Events,
+    state: Vec<Box<RawValue>>,
+    auth_chain: Vec<Box<RawValue>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     members_omitted: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -350,107 +357,20 @@ pub async fn send_join(
         .unwrap_or_default()
         .split('&')
         .any(|pair| pair == "omit_members=true");
-    let (_, accepted) = submit(&state, &room, &event, &signed, "join").await?;
+    let (_, accepted) = submit(&state, &room, &event, &signed, "join", omit_members).await?;
     let servers = state.store.servers_in_room(&room).await?;
     let event_json = serde_json::from_str::<Value>(&accepted.event_json).unwrap_or(Value::Null);
-    let origin = state.server_name.as_str();
-    if omit_members {
-        let joiner = event_json["state_key"].as_str().unwrap_or_default();
-        let kept = state_without_members(&state, &room, joiner, accepted.state).await?;
-        let chain = auth_chain_of(&state, &room, &event_json, &kept).await?;
-        let kept = raw_all(kept.into_iter().map(|(_, json)| json).collect());
-        return Ok(Json(JoinAnswer {
-            origin,
-            event: Some(event_json),
-            state: kept,
-            auth_chain: chain,
-            members_omitted: Some(true),
-            servers_in_room: Some(servers),
-        })
-        .into_response());
-    }
+    // With omit_members the owner left the members out (but those of an
+    // unnamed room's heroes) and gave the auth chain of what it kept.
     Ok(Json(JoinAnswer {
-        origin,
+        origin: state.server_name.as_str(),
         event: Some(event_json),
         state: raw_all(accepted.state),
         auth_chain: raw_all(accepted.auth_chain),
-        members_omitted: Some(false),
+        members_omitted: Some(accepted.members_omitted),
         servers_in_room: Some(servers),
     })
     .into_response())
-}
-
-/// What an `omit_members` answer needs to know of a state event, read
-/// without building its JSON tree: a room with 20,000 members answers every
-/// join from a server that asks for `omit_members` (Synapse always does),
-/// and the whole state as trees costs ten times its size.
-#[derive(Deserialize)]
-struct StateHead<'a> {
-    #[serde(rename = "type", borrow)]
-    kind: Cow<'a, str>,
-    #[serde(default, borrow)]
-    state_key: Option<Cow<'a, str>>,
-    /// Event IDs, or `[ID, hashes]` pairs in room versions 1 and 2.
-    #[serde(default)]
-    auth_events: Vec<Value>,
-}
-
-/// The state for an `omit_members` join: every event but the memberships,
-/// except those of the room's heroes when it has neither a name nor an
-/// alias (the joining server needs them to name the room). Each kept event
-/// comes with its auth events.
-async fn state_without_members(
-    state: &AppState,
-    room: &str,
-    joiner: &str,
-    events: Vec<String>,
-) -> Result<Vec<(Vec<Value>, String)>, MatrixError> {
-    let heads: Vec<(StateHead<'_>, &String)> = events
-        .iter()
-        .filter_map(|json| Some((serde_json::from_str(json).ok()?, json)))
-        .collect();
-    let named = heads
-        .iter()
-        .any(|(head, _)| matches!(&*head.kind, "m.room.name" | "m.room.canonical_alias"));
-    let heroes = if named {
-        Vec::new()
-    } else {
-        state.store.heroes(room, joiner, 5).await?
-    };
-    Ok(heads
-        .into_iter()
-        .filter(|(head, _)| {
-            head.kind != "m.room.member"
-                || head
-                    .state_key
-                    .as_deref()
-                    .is_some_and(|member| heroes.iter().any(|h| h == member))
-        })
-        .map(|(head, json)| (head.auth_events, json.clone()))
-        .collect())
-}
-
-/// The auth chain of the join event and of the state events kept (what an
-/// `omit_members` answer must hold at least), from storage.
-async fn auth_chain_of(
-    state: &AppState,
-    room: &str,
-    join: &Value,
-    kept: &[(Vec<Value>, String)],
-) -> Result<Vec<Box<RawValue>>, MatrixError> {
-    let room_id = RoomId::parse(room).map_err(|e| MatrixError::invalid_param(e.to_string()))?;
-    let join_auth = join["auth_events"].as_array().map(Vec::as_slice);
-    let roots: Vec<tessera_events::ruma::OwnedEventId> = join_auth
-        .into_iter()
-        .chain(kept.iter().map(|(auth, _)| auth.as_slice()))
-        .flatten()
-        .filter_map(|a| a.as_str().or_else(|| a.get(0).and_then(Value::as_str)))
-        .filter_map(|id| tessera_events::ruma::EventId::parse(id).ok())
-        .collect();
-    let chain = crate::dag::auth_chain_from(&state.store, &room_id, roots).await?;
-    Ok(raw_all(
-        chain.iter().map(|p| p.canonical_string()).collect(),
-    ))
 }
 
 pub async fn send_join_v1(
@@ -458,7 +378,7 @@ pub async fn send_join_v1(
     Path((room, event)): Path<(String, String)>,
     signed: Signed,
 ) -> Result<Response, MatrixError> {
-    let (_, accepted) = submit(&state, &room, &event, &signed, "join").await?;
+    let (_, accepted) = submit(&state, &room, &event, &signed, "join", false).await?;
     Ok(Json((
         200,
         JoinAnswer {
@@ -478,7 +398,7 @@ pub async fn send_leave(
     Path((room, event)): Path<(String, String)>,
     signed: Signed,
 ) -> Result<Json<Value>, MatrixError> {
-    submit(&state, &room, &event, &signed, "leave").await?;
+    submit(&state, &room, &event, &signed, "leave", false).await?;
     Ok(Json(json!({})))
 }
 
@@ -487,7 +407,7 @@ pub async fn send_leave_v1(
     Path((room, event)): Path<(String, String)>,
     signed: Signed,
 ) -> Result<Json<Value>, MatrixError> {
-    submit(&state, &room, &event, &signed, "leave").await?;
+    submit(&state, &room, &event, &signed, "leave", false).await?;
     Ok(Json(json!([200, {}])))
 }
 
@@ -496,7 +416,7 @@ pub async fn send_knock(
     Path((room, event)): Path<(String, String)>,
     signed: Signed,
 ) -> Result<Json<Value>, MatrixError> {
-    let (_, accepted) = submit(&state, &room, &event, &signed, "knock").await?;
+    let (_, accepted) = submit(&state, &room, &event, &signed, "knock", false).await?;
     const STRIPPED: [&str; 7] = [
         "m.room.create",
         "m.room.join_rules",

@@ -51,6 +51,8 @@ pub struct FederationSpec {
     pub staged_batch: i64,
     pub origin_pdus_per_second: u64,
     pub origin_pdu_burst: u64,
+    /// The receiver's `federation_receiver.concurrent_memberships`.
+    pub concurrent_memberships: usize,
 }
 
 impl Default for FederationSpec {
@@ -61,6 +63,8 @@ impl Default for FederationSpec {
             staged_batch: 200,
             origin_pdus_per_second: 100_000,
             origin_pdu_burst: 100_000,
+            concurrent_memberships: tessera_runtime::config::FederationReceiverConfig::default()
+                .concurrent_memberships,
         }
     }
 }
@@ -261,6 +265,7 @@ origin_pdu_burst = {}
 listen = "127.0.0.1:{federation_port}"
 tls_certificate = "{}"
 tls_private_key = "{}"
+concurrent_memberships = {}
 "#,
                     f.missing_prev_wait_ms,
                     f.max_staged_per_room,
@@ -268,7 +273,8 @@ tls_private_key = "{}"
                     f.origin_pdus_per_second,
                     f.origin_pdu_burst,
                     cert_path.display(),
-                    key_path.display()
+                    key_path.display(),
+                    f.concurrent_memberships
                 )
             }
             None => String::new(),

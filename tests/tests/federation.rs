@@ -1643,8 +1643,9 @@ async fn backpressure_slows_only_the_busy_origin_and_room() {
         );
     };
 
-    // Per origin: the burst is spent, the next transaction waits.
-    let burst: Vec<Value> = (0..30).map(|i| message(&hasty, &quiet, &h, i)).collect();
+    // Per origin: the burst is spent (the join took one), the next
+    // transaction waits.
+    let burst: Vec<Value> = (0..29).map(|i| message(&hasty, &quiet, &h, i)).collect();
     assert_eq!(hasty.send("h1", &burst, &[]).await.0, 200);
     let next: Vec<Value> = (30..50).map(|i| message(&hasty, &quiet, &h, i)).collect();
     assert_429(
@@ -1653,8 +1654,8 @@ async fn backpressure_slows_only_the_busy_origin_and_room() {
     );
     let calm_hello = message(&calm, &quiet, &c, 0);
     assert_eq!(calm.send("c1", &[calm_hello], &[]).await.0, 200);
-    // EDUs take tokens too: 40 of them are more than the 29 calm has left,
-    // and none is kept.
+    // EDUs take tokens too: 40 of them are more than the 28 calm has left
+    // (after its join and its message), and none is kept.
     let typing = json!({
         "edu_type": "m.typing",
         "content": { "room_id": quiet.as_str(), "user_id": c.as_str(), "typing": true }
@@ -1701,6 +1702,95 @@ async fn backpressure_slows_only_the_busy_origin_and_room() {
         wanted.iter().all(|body| seen.contains(body))
     })
     .await;
+}
+
+/// A membership event sent through send_join (or leave, or knock) is a PDU
+/// of its origin's: it takes a token from the origin's rate like any other.
+/// And however many come at once, a receiver hands only
+/// `federation_receiver.concurrent_memberships` of them to owners at a time
+/// (a join's answer can hold a large room's whole state); the others wait,
+/// and none is lost.
+#[tokio::test(flavor = "multi_thread")]
+async fn membership_events_take_tokens_and_wait_for_permits() {
+    let cluster = TestCluster::start(Spec {
+        federation: Some(FederationSpec {
+            origin_pdus_per_second: 1,
+            origin_pdu_burst: 2,
+            concurrent_memberships: 1,
+            ..FederationSpec::default()
+        }),
+        ..Spec::default()
+    })
+    .await;
+    let api = cluster.api();
+    let alice = cluster.register("alice").await;
+    let room = api
+        .create_room(&alice, json!({ "preset": "public_chat" }))
+        .await;
+
+    // Joins one after another from one server: the burst admits two, then
+    // the rate (one a second) refuses most of the rest.
+    let eager = FakeRemote::start(&cluster.server_name).await;
+    let mut refusals = Vec::new();
+    let mut joined = 0;
+    for i in 0..10 {
+        match eager.join(&room, &eager.user(&format!("u{i}"))).await {
+            Ok(()) => joined += 1,
+            Err(tessera_federation::FederationError::Status { status, body, .. }) => {
+                refusals.push((status, serde_json::from_str::<Value>(&body).unwrap()))
+            }
+            Err(other) => panic!("join {i}: {other}"),
+        }
+    }
+    assert!(joined >= 2, "the burst admits two joins ({joined})");
+    let (status, body) = refusals.first().expect("some joins are over the rate");
+    assert_eq!(*status, 429, "{body}");
+    assert_eq!(body["errcode"], "M_LIMIT_EXCEEDED", "{body}");
+    assert!(
+        body["retry_after_ms"].as_u64().is_some_and(|ms| ms > 0),
+        "{body}"
+    );
+
+    // Eight servers join at once through one permit: all get in.
+    let mut remotes = Vec::new();
+    for _ in 0..8 {
+        remotes.push(FakeRemote::start(&cluster.server_name).await);
+    }
+    let joins: Vec<_> = remotes
+        .iter()
+        .map(|remote| {
+            let (remote, room) = (Arc::clone(remote), room.clone());
+            tokio::spawn(async move { remote.join(&room, &remote.user("w")).await })
+        })
+        .collect();
+    for (i, join) in joins.into_iter().enumerate() {
+        join.await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("join {i}: {e}"));
+    }
+    let store = cluster.store().await;
+    for remote in &remotes {
+        let user = remote.user("w");
+        assert_eq!(
+            store
+                .membership(&room, user.as_str())
+                .await
+                .unwrap()
+                .as_deref(),
+            Some("join")
+        );
+    }
+    let waited = cluster
+        .metrics("federation-receiver")
+        .await
+        .lines()
+        .find_map(|l| l.strip_prefix("tessera_federation_memberships_waited_total "))
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(
+        waited >= 1.0,
+        "with one permit, some of eight joins at once waited"
+    );
 }
 
 /// An event must pass the auth rules against its own auth events as well as

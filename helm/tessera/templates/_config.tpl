@@ -19,6 +19,7 @@ listen = "0.0.0.0:{{ .Values.ports.http }}"
 
 [federation_receiver]
 listen = "0.0.0.0:{{ .Values.ports.http }}"
+concurrent_memberships = {{ int .Values.federationReceiver.concurrentMemberships }}
 
 [room_worker]
 listen = "0.0.0.0:{{ .Values.ports.grpc }}"

@@ -28,6 +28,9 @@ pub struct Inner {
     /// (room, origin) pairs a room's owner refused by the room's server ACL,
     /// with when that was and the owner's message.
     acl_refusals: Mutex<HashMap<(String, String), (Instant, String)>>,
+    /// Permits for membership events handed to owners at once
+    /// (`federation_receiver.concurrent_memberships`).
+    pub memberships: tokio::sync::Semaphore,
 }
 
 /// How long an owner's refusal of an origin by a room's server ACL is
@@ -70,7 +73,10 @@ impl AppState {
         config: Config,
         bulk: tokio::runtime::Handle,
     ) -> Self {
+        let memberships =
+            tokio::sync::Semaphore::new(config.federation_receiver.concurrent_memberships);
         Self(Arc::new(Inner {
+            memberships,
             store,
             keyring,
             router,

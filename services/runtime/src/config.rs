@@ -332,6 +332,12 @@ pub struct FederationReceiverConfig {
     /// PEM certificate chain and private key: serve TLS directly (as on 8448).
     pub tls_certificate: Option<String>,
     pub tls_private_key: Option<String>,
+    /// Membership events (send_join, send_leave, send_knock) handed to the
+    /// rooms' owners at once; more wait their turn. A join's answer can hold
+    /// a large room's whole state (tens of MB in a room with 20,000 members
+    /// when the joining server does not ask for `omit_members`), so this
+    /// bounds what a wave of joins can make a receiver hold.
+    pub concurrent_memberships: usize,
 }
 
 impl Default for FederationReceiverConfig {
@@ -340,6 +346,7 @@ impl Default for FederationReceiverConfig {
             listen: "127.0.0.1:8448".parse().expect("literal address"),
             tls_certificate: None,
             tls_private_key: None,
+            concurrent_memberships: 8,
         }
     }
 }
@@ -484,6 +491,11 @@ impl Config {
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return Err(ConfigError::Semantic(
                 "log.format must be \"text\" or \"json\"".to_owned(),
+            ));
+        }
+        if self.federation_receiver.concurrent_memberships == 0 {
+            return Err(ConfigError::Semantic(
+                "federation_receiver.concurrent_memberships must be at least 1".to_owned(),
             ));
         }
         if !(0.0..=1.0).contains(&self.telemetry.sample_ratio) {

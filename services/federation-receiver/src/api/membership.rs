@@ -19,6 +19,7 @@ use tessera_events::ruma::{
 };
 use tessera_matrix_http::MatrixError;
 use tessera_proto::room_worker::{RemoteMembershipRequest, remote_membership_response};
+use tokio::sync::SemaphorePermit;
 
 use super::room_for;
 use crate::request::Signed;
@@ -242,8 +243,8 @@ async fn vouch_for_join(
 }
 
 /// Check a signed membership event and hand it to the room's owner.
-async fn submit(
-    state: &AppState,
+async fn submit<'a>(
+    state: &'a AppState,
     room: &str,
     event: &str,
     signed: &Signed,
@@ -253,6 +254,7 @@ async fn submit(
     (
         RoomVersionId,
         tessera_proto::room_worker::MembershipAccepted,
+        SemaphorePermit<'a>,
     ),
     MatrixError,
 > {
@@ -283,6 +285,22 @@ async fn submit(
             "the event is not from the requesting server, or not for this room",
         ));
     }
+    // A membership event is a PDU of its origin's, and its answer can hold
+    // the room's whole state: it takes a token from the origin's rate, and
+    // waits for one of the receiver's permits, which the caller holds until
+    // its answer is built.
+    state
+        .take_tokens(origin, 1)
+        .map_err(MatrixError::limit_exceeded)?;
+    let waited = state.memberships.available_permits() == 0;
+    if waited {
+        metrics::counter!("tessera_federation_memberships_waited_total").increment(1);
+    }
+    let permit = state
+        .memberships
+        .acquire()
+        .await
+        .map_err(|_| MatrixError::unavailable("shutting down"))?;
     // For omit_members, the members a room without a name is named after
     // (the five `/sync` picks); the owner keeps them if it has no name.
     let keep_members = if omit_members {
@@ -308,7 +326,9 @@ async fn submit(
             MatrixError::unavailable("the room's owner is unavailable; try again")
         })?;
     match response.outcome {
-        Some(remote_membership_response::Outcome::Accepted(accepted)) => Ok((version, accepted)),
+        Some(remote_membership_response::Outcome::Accepted(accepted)) => {
+            Ok((version, accepted, permit))
+        }
         Some(remote_membership_response::Outcome::Refusal(r)) => {
             Err(MatrixError::from_errcode(&r.errcode, r.message))
         }
@@ -357,7 +377,8 @@ pub async fn send_join(
         .unwrap_or_default()
         .split('&')
         .any(|pair| pair == "omit_members=true");
-    let (_, accepted) = submit(&state, &room, &event, &signed, "join", omit_members).await?;
+    let (_, accepted, _permit) =
+        submit(&state, &room, &event, &signed, "join", omit_members).await?;
     let servers = state.store.servers_in_room(&room).await?;
     let event_json = serde_json::from_str::<Value>(&accepted.event_json).unwrap_or(Value::Null);
     // With omit_members the owner left the members out (but those of an
@@ -378,7 +399,7 @@ pub async fn send_join_v1(
     Path((room, event)): Path<(String, String)>,
     signed: Signed,
 ) -> Result<Response, MatrixError> {
-    let (_, accepted) = submit(&state, &room, &event, &signed, "join", false).await?;
+    let (_, accepted, _permit) = submit(&state, &room, &event, &signed, "join", false).await?;
     Ok(Json((
         200,
         JoinAnswer {
@@ -398,7 +419,7 @@ pub async fn send_leave(
     Path((room, event)): Path<(String, String)>,
     signed: Signed,
 ) -> Result<Json<Value>, MatrixError> {
-    submit(&state, &room, &event, &signed, "leave", false).await?;
+    let (_, _, _permit) = submit(&state, &room, &event, &signed, "leave", false).await?;
     Ok(Json(json!({})))
 }
 
@@ -407,7 +428,7 @@ pub async fn send_leave_v1(
     Path((room, event)): Path<(String, String)>,
     signed: Signed,
 ) -> Result<Json<Value>, MatrixError> {
-    submit(&state, &room, &event, &signed, "leave", false).await?;
+    let (_, _, _permit) = submit(&state, &room, &event, &signed, "leave", false).await?;
     Ok(Json(json!([200, {}])))
 }
 
@@ -416,7 +437,7 @@ pub async fn send_knock(
     Path((room, event)): Path<(String, String)>,
     signed: Signed,
 ) -> Result<Json<Value>, MatrixError> {
-    let (_, accepted) = submit(&state, &room, &event, &signed, "knock", false).await?;
+    let (_, accepted, _permit) = submit(&state, &room, &event, &signed, "knock", false).await?;
     const STRIPPED: [&str; 7] = [
         "m.room.create",
         "m.room.join_rules",

@@ -1793,6 +1793,60 @@ async fn membership_events_take_tokens_and_wait_for_permits() {
     );
 }
 
+/// A redaction from another server hides its target when the redaction's
+/// sender is on the same server as the target's sender (that server vouches
+/// for its users), or may redact others' events; bob, of the remote server
+/// and without that power, cannot hide alice's message, though his
+/// redaction is accepted into the room.
+#[tokio::test(flavor = "multi_thread")]
+async fn remote_redactions_hide_what_the_spec_lets_them() {
+    let Joined {
+        cluster,
+        api,
+        alice,
+        room,
+        remote,
+        bob,
+    } = joined().await;
+    let own = remote.text(&room, &bob, "mine");
+    send_accepted(&remote, "t1", &own).await;
+    let hers = api.send_text(&alice, &room, "a1", "hers").await;
+    let redact = |target: &str| {
+        remote.build(
+            &room,
+            &bob,
+            "m.room.redaction",
+            None,
+            json!({ "redacts": target, "reason": "spam" }),
+        )
+    };
+    let of_own = redact(own.event_id().as_str());
+    send_accepted(&remote, "t2", &of_own).await;
+    let of_hers = redact(&hers);
+    send_accepted(&remote, "t3", &of_hers).await;
+    for redaction in [&of_own, &of_hers] {
+        assert_eq!(
+            wait_stored(&cluster, redaction.event_id().as_str()).await,
+            (false, false),
+            "the redaction is accepted"
+        );
+    }
+    let event = |id: String| {
+        let api = &api;
+        let alice = &alice;
+        let path = format!("/_matrix/client/v3/rooms/{}/event/{}", enc(&room), enc(&id));
+        async move { api.ok(reqwest::Method::GET, &path, alice, None).await }
+    };
+    let mine = event(own.event_id().to_string()).await;
+    assert_eq!(mine["content"], json!({}), "{mine}");
+    assert_eq!(
+        mine["unsigned"]["redacted_because"]["content"]["reason"],
+        "spam"
+    );
+    let theirs = event(hers.clone()).await;
+    assert_eq!(theirs["content"]["body"], "hers", "{theirs}");
+}
+
 /// An event must pass the auth rules against its own auth events as well as
 /// against the state before it: here Bob cites the power levels from before
 /// Alice promoted him, while building on the promotion. The state before

@@ -123,6 +123,40 @@ async fn a_synapse_user_joins_talks_and_joins_a_restricted_room() {
         "the event Synapse made"
     );
 
+    // sam takes it back: Synapse's redaction hides it here too.
+    let said = body["event_id"].as_str().expect("event_id").to_owned();
+    let (status, body) = synapse
+        .call(
+            Method::PUT,
+            &format!(
+                "/_matrix/client/v3/rooms/{}/redact/{}/r1",
+                enc(&lobby),
+                enc(&said)
+            ),
+            Some(&token),
+            Some(json!({ "reason": "typo" })),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let path = format!(
+        "/_matrix/client/v3/rooms/{}/event/{}",
+        enc(&lobby),
+        enc(&said)
+    );
+    let mut seen = Value::Null;
+    for _ in 0..100 {
+        seen = api.ok(Method::GET, &path, &alice, None).await;
+        if seen["content"] == json!({}) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(seen["content"], json!({}), "{seen}");
+    assert_eq!(
+        seen["unsigned"]["redacted_because"]["content"]["reason"], "typo",
+        "{seen}"
+    );
+
     // A room restricted to the lobby's members: we vouch for sam.
     let restricted = restricted_to(&cluster, &alice, &lobby).await;
     let (status, body) = synapse_join(&synapse, &token, &restricted, &ours).await;

@@ -276,6 +276,21 @@ impl RoomState {
             .is_none_or(|level| level >= required)
     }
 
+    /// Whether a redaction received over federation hides its target from
+    /// clients: as the spec has servers apply redactions, when the redaction's
+    /// sender is on the same server as the target's sender (that server
+    /// vouches for its users), or may redact others' events. (A local user's
+    /// redaction is held to [`RoomState::redaction_applies`], which is
+    /// per user.)
+    pub fn federated_redaction_applies(
+        &self,
+        redactor: &ruma::UserId,
+        target_sender: &ruma::UserId,
+    ) -> bool {
+        redactor.server_name() == target_sender.server_name()
+            || self.redaction_applies(redactor, target_sender)
+    }
+
     /// Build, hash and sign a new event on top of the current state and check it
     /// against the authorization rules. Does not change the state: call
     /// [`RoomState::apply`] once the event is accepted.

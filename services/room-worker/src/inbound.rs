@@ -803,6 +803,13 @@ impl<'e> Turn<'e> {
                 .await?
         };
         let prev_state = state_map::key_of(&pdu).and_then(|k| before.get(&k).cloned());
+        let redacts = match (rejected || soft_failed, pdu.redacts()) {
+            (false, Some(target)) => self
+                .redaction_target(&pdu, target)
+                .await
+                .map_err(|e| format!("storage: {e}"))?,
+            _ => None,
+        };
         self.events.push((
             EventToPersist {
                 event_id: id.to_string(),
@@ -816,7 +823,7 @@ impl<'e> Turn<'e> {
                 prev_state_event_id: prev_state.map(|e| e.to_string()),
                 json: canonical(&pdu),
                 state_changes,
-                redacts: None,
+                redacts,
                 txn: None,
                 state_group: Some(group_after),
                 state_group_before: Some(group_before),
@@ -845,6 +852,30 @@ impl<'e> Turn<'e> {
             }
         };
         Ok(outcome)
+    }
+
+    /// The target of an accepted redaction from another server, when it
+    /// should hide it from clients
+    /// ([`RoomState::federated_redaction_applies`]). A target not seen yet
+    /// stays shown (the redaction is kept, not applied).
+    async fn redaction_target(
+        &self,
+        redaction: &Pdu,
+        target: &EventId,
+    ) -> Result<Option<String>, StoreError> {
+        let target_sender = match self.pdus.get(target) {
+            Some(pdu) => pdu.sender().to_owned(),
+            None => match self.store.event(target.as_str()).await? {
+                Some(stored) if stored.room_id == self.room.room_id().as_str() => {
+                    stored.pdu()?.sender().to_owned()
+                }
+                _ => return Ok(None),
+            },
+        };
+        Ok(self
+            .room
+            .federated_redaction_applies(redaction.sender(), &target_sender)
+            .then(|| target.to_string()))
     }
 
     /// Move the room to a new head after an accepted event: resolve the

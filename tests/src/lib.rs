@@ -693,3 +693,29 @@ filter = "{log_filter}"
         .await
     }
 }
+
+/// An event's (rejected, soft-failed) flags, if it is stored (either keeps it
+/// from clients).
+pub async fn stored_flags(cluster: &TestCluster, event_id: &str) -> Option<(bool, bool)> {
+    let row = cluster
+        .db()
+        .await
+        .query_opt(
+            "SELECT rejected, soft_failed FROM events WHERE event_id = $1",
+            &[&event_id],
+        )
+        .await
+        .unwrap();
+    row.map(|r| (r.get(0), r.get(1)))
+}
+
+/// Wait (bounded) until an event is stored; its (rejected, soft-failed) flags.
+pub async fn wait_stored(cluster: &TestCluster, event_id: &str) -> (bool, bool) {
+    for _ in 0..100 {
+        if let Some(flags) = stored_flags(cluster, event_id).await {
+            return flags;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{event_id} was never stored");
+}

@@ -10,7 +10,7 @@ use tessera_events::Pdu;
 use tessera_events::ruma::{OwnedUserId, UserId};
 use tessera_tests::client::{enc, timeline};
 use tessera_tests::fake_remote::{FakeRemote, json_of};
-use tessera_tests::{Api, FederationSpec, Spec, TestCluster, TestUser};
+use tessera_tests::{Api, FederationSpec, Spec, TestCluster, TestUser, stored_flags, wait_stored};
 
 fn federated(room_workers: usize) -> Spec {
     Spec::federated(room_workers)
@@ -288,30 +288,6 @@ async fn pdus_from_a_server_the_acl_denies_are_dropped() {
             .await
             .is_none()
     );
-}
-
-/// Whether an event is stored as rejected (and so never shown).
-async fn stored_flags(cluster: &TestCluster, event_id: &str) -> Option<(bool, bool)> {
-    let row = cluster
-        .db()
-        .await
-        .query_opt(
-            "SELECT rejected, soft_failed FROM events WHERE event_id = $1",
-            &[&event_id],
-        )
-        .await
-        .unwrap();
-    row.map(|r| (r.get(0), r.get(1)))
-}
-
-async fn wait_stored(cluster: &TestCluster, event_id: &str) -> (bool, bool) {
-    for _ in 0..100 {
-        if let Some(flags) = stored_flags(cluster, event_id).await {
-            return flags;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("{event_id} was never stored");
 }
 
 /// Remote state events, each built on the room's head and each in a turn of

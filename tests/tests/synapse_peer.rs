@@ -9,7 +9,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 use tessera_tests::client::{bodies, enc, restricted_room, timeline};
 use tessera_tests::synapse::Synapse;
-use tessera_tests::{Spec, TestCluster, TestUser};
+use tessera_tests::{Spec, TestCluster, TestUser, wait_stored};
 
 /// Synapse's user joins `room` here, naming our server as the one to ask.
 async fn synapse_join(synapse: &Synapse, token: &str, room: &str, via: &str) -> (u16, Value) {
@@ -418,4 +418,95 @@ async fn synapse_reads_aliases_profiles_and_history_from_us() {
         .map(|i| format!("before you came {i}"))
         .collect();
     assert_eq!(seen, expected, "{}", synapse.log_tail());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn synapse_users_rename_rejoin_and_are_banned() {
+    let Peers {
+        cluster,
+        synapse,
+        alice,
+        sam,
+        token,
+        ours,
+    } = peers().await;
+    let api = cluster.api();
+    let lobby = api
+        .create_room(&alice, json!({ "preset": "public_chat" }))
+        .await;
+    let (status, body) = synapse_join(&synapse, &token, &lobby, &ours).await;
+    assert_eq!(status, 200, "{body}");
+    let member_path = format!(
+        "/_matrix/client/v3/rooms/{}/state/m.room.member/{}",
+        enc(&lobby),
+        enc(&sam)
+    );
+
+    // A new display name: Synapse sends sam's membership again, with it.
+    let (status, body) = synapse
+        .call(
+            Method::PUT,
+            &format!("/_matrix/client/v3/profile/{}/displayname", enc(&sam)),
+            Some(&token),
+            Some(json!({ "displayname": "Sam of Synapse" })),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    eventually("sam's new display name", &synapse, || async {
+        api.ok(Method::GET, &member_path, &alice, None).await["displayname"] == "Sam of Synapse"
+    })
+    .await;
+
+    // Leaving and joining again.
+    let leave = format!("/_matrix/client/v3/rooms/{}/leave", enc(&lobby));
+    let (status, body) = synapse
+        .call(Method::POST, &leave, Some(&token), Some(json!({})))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    eventually("sam's leave", &synapse, || async {
+        api.ok(Method::GET, &member_path, &alice, None).await["membership"] == "leave"
+    })
+    .await;
+    let (status, body) = synapse_join(&synapse, &token, &lobby, &ours).await;
+    assert_eq!(status, 200, "{body}\n{}", synapse.log_tail());
+    assert_eq!(
+        api.ok(Method::GET, &member_path, &alice, None).await["membership"],
+        "join"
+    );
+
+    // Banned here (Synapse does not hear of it: we send nothing yet), sam
+    // writes on: the message passes against the state Synapse built it on,
+    // not against the room's current state, so it is soft-failed, never shown.
+    api.ok(
+        Method::POST,
+        &format!("/_matrix/client/v3/rooms/{}/ban", enc(&lobby)),
+        &alice,
+        Some(json!({ "user_id": sam, "reason": "spam" })),
+    )
+    .await;
+    let (status, body) = synapse
+        .call(
+            Method::PUT,
+            &format!(
+                "/_matrix/client/v3/rooms/{}/send/m.room.message/b1",
+                enc(&lobby)
+            ),
+            Some(&token),
+            Some(json!({ "msgtype": "m.text", "body": "after the ban" })),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let event_id = body["event_id"].as_str().expect("event_id");
+    assert_eq!(
+        wait_stored(&cluster, event_id).await,
+        (false, true),
+        "soft-failed"
+    );
+    let path = format!(
+        "/_matrix/client/v3/rooms/{}/event/{}",
+        enc(&lobby),
+        enc(event_id)
+    );
+    let (status, body) = api.call(Method::GET, &path, Some(&alice.token), None).await;
+    assert_eq!(status, 404, "{body}");
 }

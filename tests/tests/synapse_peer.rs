@@ -510,3 +510,94 @@ async fn synapse_users_rename_rejoin_and_are_banned() {
     let (status, body) = api.call(Method::GET, &path, Some(&alice.token), None).await;
     assert_eq!(status, 404, "{body}");
 }
+
+/// Every room version we support, as Synapse builds its events: a state
+/// event (the topic, which the room lets anyone set), a message, and a
+/// redaction (`redacts` at the top level before version 11, in the content
+/// from 11 on).
+#[tokio::test(flavor = "multi_thread")]
+async fn synapse_writes_state_and_redacts_in_every_room_version() {
+    let Peers {
+        cluster,
+        synapse,
+        alice,
+        token,
+        ours,
+        ..
+    } = peers().await;
+    let api = cluster.api();
+    for version in ["10", "11", "12"] {
+        let room = api
+            .create_room(
+                &alice,
+                json!({
+                    "preset": "public_chat",
+                    "room_version": version,
+                    "power_level_content_override": { "events": { "m.room.topic": 0 } },
+                }),
+            )
+            .await;
+        let (status, body) = synapse_join(&synapse, &token, &room, &ours).await;
+        assert_eq!(status, 200, "v{version}: {body}\n{}", synapse.log_tail());
+        let (status, body) = synapse
+            .call(
+                Method::PUT,
+                &format!(
+                    "/_matrix/client/v3/rooms/{}/state/m.room.topic/",
+                    enc(&room)
+                ),
+                Some(&token),
+                Some(json!({ "topic": format!("set from Synapse in v{version}") })),
+            )
+            .await;
+        assert_eq!(status, 200, "v{version}: {body}");
+        let topic_path = format!(
+            "/_matrix/client/v3/rooms/{}/state/m.room.topic/",
+            enc(&room)
+        );
+        eventually(&format!("the v{version} topic"), &synapse, || async {
+            let (status, topic) = api
+                .call(Method::GET, &topic_path, Some(&alice.token), None)
+                .await;
+            status == 200 && topic["topic"] == format!("set from Synapse in v{version}")
+        })
+        .await;
+
+        let (status, body) = synapse
+            .call(
+                Method::PUT,
+                &format!(
+                    "/_matrix/client/v3/rooms/{}/send/m.room.message/m{version}",
+                    enc(&room)
+                ),
+                Some(&token),
+                Some(json!({ "msgtype": "m.text", "body": format!("v{version}") })),
+            )
+            .await;
+        assert_eq!(status, 200, "v{version}: {body}");
+        let said = body["event_id"].as_str().expect("event_id").to_owned();
+        wait_for_message(&cluster, &alice, &room, &format!("v{version}")).await;
+        let (status, body) = synapse
+            .call(
+                Method::PUT,
+                &format!(
+                    "/_matrix/client/v3/rooms/{}/redact/{}/r{version}",
+                    enc(&room),
+                    enc(&said)
+                ),
+                Some(&token),
+                Some(json!({})),
+            )
+            .await;
+        assert_eq!(status, 200, "v{version}: {body}");
+        let path = format!(
+            "/_matrix/client/v3/rooms/{}/event/{}",
+            enc(&room),
+            enc(&said)
+        );
+        eventually(&format!("the v{version} redaction"), &synapse, || async {
+            api.ok(Method::GET, &path, &alice, None).await["content"] == json!({})
+        })
+        .await;
+    }
+}

@@ -601,3 +601,83 @@ async fn synapse_writes_state_and_redacts_in_every_room_version() {
         .await;
     }
 }
+
+/// A burst from Synapse's user (its transactions as Synapse batches them)
+/// reaches our user whole and in order.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_burst_from_synapse_arrives_whole_and_in_order() {
+    const BURST: usize = 200;
+    let Peers {
+        cluster,
+        synapse,
+        alice,
+        token,
+        ours,
+        ..
+    } = peers().await;
+    let api = cluster.api();
+    let room = api
+        .create_room(&alice, json!({ "preset": "public_chat" }))
+        .await;
+    let (status, body) = synapse_join(&synapse, &token, &room, &ours).await;
+    assert_eq!(status, 200, "{body}");
+    // One after another: Synapse batches what queues up while a
+    // transaction to us is in flight.
+    for i in 0..BURST {
+        let (status, body) = synapse
+            .call(
+                Method::PUT,
+                &format!(
+                    "/_matrix/client/v3/rooms/{}/send/m.room.message/b{i}",
+                    enc(&room)
+                ),
+                Some(&token),
+                Some(json!({ "msgtype": "m.text", "body": format!("burst {i}") })),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    // The last one here means all are (they arrive in order); then the
+    // room's history as our user reads it.
+    wait_for_message(&cluster, &alice, &room, &format!("burst {}", BURST - 1)).await;
+    let history = api
+        .ok(
+            Method::GET,
+            &format!(
+                "/_matrix/client/v3/rooms/{}/messages?dir=b&limit={BURST}",
+                enc(&room)
+            ),
+            &alice,
+            None,
+        )
+        .await;
+    let mut seen = bodies(history["chunk"].as_array().expect("chunk"));
+    seen.reverse();
+    // Synapse orders them by when it persisted them; each must be here
+    // exactly once, and the room's order must be Synapse's.
+    let mut sorted = seen.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(
+        sorted.len(),
+        BURST,
+        "{} of {BURST} arrived once: {seen:?}",
+        sorted.len()
+    );
+    assert_eq!(seen.len(), BURST, "no duplicates: {seen:?}");
+    let (status, body) = synapse
+        .call(
+            Method::GET,
+            &format!(
+                "/_matrix/client/v3/rooms/{}/messages?dir=b&limit={BURST}",
+                enc(&room)
+            ),
+            Some(&token),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let mut synapse_order = bodies(body["chunk"].as_array().expect("chunk"));
+    synapse_order.reverse();
+    assert_eq!(seen, synapse_order, "the same order as Synapse's");
+}

@@ -47,7 +47,7 @@ pub async fn auth_chain(
 }
 
 /// Some auth events and their full auth chain, lowest depth first.
-pub async fn auth_chain_from(
+async fn auth_chain_from(
     store: &Store,
     room_id: &RoomId,
     auth_events: Vec<OwnedEventId>,

@@ -5,7 +5,9 @@ use std::sync::Arc;
 use tessera_events::Pdu;
 use tessera_events::restricted_join;
 use tessera_events::room_state::RoomState;
-use tessera_events::ruma::{EventId, OwnedEventId, RoomId, RoomVersionId, ServerName, UserId};
+use tessera_events::ruma::{
+    EventId, OwnedEventId, OwnedUserId, RoomId, RoomVersionId, ServerName, UserId,
+};
 
 use crate::events::{EVENT_COLUMNS, EVENT_JOINS, StoredEvent};
 use crate::{Result, Store, StoreError, conflict};
@@ -275,6 +277,23 @@ impl Store {
             )
             .await?;
         Ok(row.and_then(|r| r.get(0)))
+    }
+
+    /// The member of `server_name`'s who vouches for `user`'s join into a
+    /// restricted room (one that [`restricted_join::needs_authoriser`]), once
+    /// our view of the rooms its join rule allows lets the user join; or why
+    /// we cannot vouch.
+    pub async fn vouching_member(
+        &self,
+        state: &RoomState,
+        user: &UserId,
+        server_name: &ServerName,
+    ) -> Result<Result<OwnedUserId, restricted_join::RestrictedJoinError>> {
+        let allowed = restricted_join::allowed_rooms(state).unwrap_or_default();
+        let views = self
+            .allowed_room_views(&allowed, user.as_str(), server_name.as_str())
+            .await?;
+        Ok(restricted_join::authorise(state, user, server_name, &views))
     }
 
     /// What we see of `user_id` in each of `rooms` (those a restricted join

@@ -141,17 +141,11 @@ async fn vouching_member(
     if !restricted_join::needs_authoriser(&room, user) {
         return Ok(None);
     }
-    let allowed = restricted_join::allowed_rooms(&room).unwrap_or_default();
-    let views = state
+    let authoriser = state
         .store
-        .allowed_room_views(&allowed, user.as_str(), state.server_name.as_str())
-        .await?;
-    Ok(Some(restricted_join::authorise(
-        &room,
-        user,
-        &state.server_name,
-        &views,
-    )?))
+        .vouching_member(&room, user, &state.server_name)
+        .await??;
+    Ok(Some(authoriser))
 }
 
 pub async fn join_by_id(

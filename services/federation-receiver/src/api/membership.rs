@@ -11,11 +11,10 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use tessera_events::restricted_join;
-use tessera_events::room_state::RoomState;
 use tessera_events::ruma::events::StateEventType;
 use tessera_events::ruma::room_version_rules::RoomVersionRules;
 use tessera_events::ruma::{
-    CanonicalJsonObject, CanonicalJsonValue, OwnedUserId, RoomId, RoomVersionId, UserId,
+    CanonicalJsonObject, CanonicalJsonValue, RoomId, RoomVersionId, UserId,
 };
 use tessera_matrix_http::MatrixError;
 use tessera_proto::room_worker::{RemoteMembershipRequest, remote_membership_response};
@@ -78,7 +77,10 @@ async fn make(
     let allowed = match membership {
         "join" if membership_now.as_deref() == Some("ban") => false,
         "join" if restricted_join::needs_authoriser(&room_state, &user_id) => {
-            let authoriser = authorise_join(state, &room_state, &user_id).await?;
+            let authoriser = state
+                .store
+                .vouching_member(&room_state, &user_id, &state.server_name)
+                .await??;
             content["join_authorised_via_users_server"] = json!(authoriser);
             true
         }
@@ -167,27 +169,6 @@ pub async fn make_knock(
         query.as_deref(),
     )
     .await
-}
-
-/// Pick the member of ours who vouches for `user`'s join into a restricted
-/// room, after checking, from our view of the rooms the join rule allows,
-/// that the user may join.
-async fn authorise_join(
-    state: &AppState,
-    room_state: &RoomState,
-    user: &UserId,
-) -> Result<OwnedUserId, MatrixError> {
-    let allowed = restricted_join::allowed_rooms(room_state).unwrap_or_default();
-    let views = state
-        .store
-        .allowed_room_views(&allowed, user.as_str(), state.server_name.as_str())
-        .await?;
-    Ok(restricted_join::authorise(
-        room_state,
-        user,
-        &state.server_name,
-        &views,
-    )?)
 }
 
 /// A join that names one of our users in `join_authorised_via_users_server`
@@ -292,8 +273,7 @@ async fn submit<'a>(
     state
         .take_tokens(origin, 1)
         .map_err(MatrixError::limit_exceeded)?;
-    let waited = state.memberships.available_permits() == 0;
-    if waited {
+    if state.memberships.available_permits() == 0 {
         metrics::counter!("tessera_federation_memberships_waited_total").increment(1);
     }
     let permit = state

@@ -865,11 +865,14 @@ impl<'e> Turn<'e> {
     ) -> Result<Option<String>, StoreError> {
         let target_sender = match self.pdus.get(target) {
             Some(pdu) => pdu.sender().to_owned(),
-            None => match self.store.event(target.as_str()).await? {
-                Some(stored) if stored.room_id == self.room.room_id().as_str() => {
-                    stored.pdu()?.sender().to_owned()
-                }
-                _ => return Ok(None),
+            None => match self
+                .store
+                .event_sender(target.as_str(), self.room.room_id().as_str())
+                .await?
+                .and_then(|sender| tessera_events::ruma::OwnedUserId::try_from(sender).ok())
+            {
+                Some(sender) => sender,
+                None => return Ok(None),
             },
         };
         Ok(self

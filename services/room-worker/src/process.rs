@@ -394,11 +394,12 @@ async fn redaction_target(
     let target_sender: OwnedUserId = match accepted.iter().find(|a| a.pdu.event_id() == target) {
         Some(a) => a.pdu.sender().to_owned(),
         None => {
-            let stored = engine.store.event(target.as_str()).await.ok()??;
-            if stored.room_id != room.room_id().as_str() {
-                return None;
-            }
-            stored.pdu().ok()?.sender().to_owned()
+            let sender = engine
+                .store
+                .event_sender(target.as_str(), room.room_id().as_str())
+                .await
+                .ok()??;
+            OwnedUserId::try_from(sender).ok()?
         }
     };
     room.redaction_applies(redaction.sender(), &target_sender)

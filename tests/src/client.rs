@@ -129,6 +129,16 @@ impl Api {
         .await;
     }
 
+    /// `member`'s current `m.room.member` content in `room`, read by `user`.
+    pub async fn member(&self, user: &TestUser, room: &str, member: &str) -> Value {
+        let path = format!(
+            "/_matrix/client/v3/rooms/{}/state/m.room.member/{}",
+            enc(room),
+            enc(member)
+        );
+        self.ok(Method::GET, &path, user, None).await
+    }
+
     pub async fn invite(&self, user: &TestUser, room: &str, target: &str) {
         self.ok(
             Method::POST,

@@ -12,6 +12,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 use tokio::process::{Child, Command};
 
+use crate::client::enc;
 use crate::{free_port, http_client_builder, self_signed, venv_python};
 
 /// The matrix-synapse release the tests (and the benchmark) install.
@@ -169,6 +170,42 @@ presence: {{ enabled: false }}
         let status = answer.status().as_u16();
         let body = answer.json().await.unwrap_or(Value::Null);
         (status, body)
+    }
+
+    /// Send a text message to `room` as `token`'s user: (status, body).
+    pub async fn send_text(&self, token: &str, room: &str, txn: &str, text: &str) -> (u16, Value) {
+        let path = format!(
+            "/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}",
+            enc(room)
+        );
+        let content = json!({ "msgtype": "m.text", "body": text });
+        self.call(Method::PUT, &path, Some(token), Some(content))
+            .await
+    }
+
+    /// Redact `event_id` in `room` as `token`'s user: (status, body).
+    pub async fn redact(
+        &self,
+        token: &str,
+        room: &str,
+        event_id: &str,
+        txn: &str,
+        reason: Option<&str>,
+    ) -> (u16, Value) {
+        let path = format!(
+            "/_matrix/client/v3/rooms/{}/redact/{}/{txn}",
+            enc(room),
+            enc(event_id)
+        );
+        let body = reason.map_or_else(|| json!({}), |reason| json!({ "reason": reason }));
+        self.call(Method::PUT, &path, Some(token), Some(body)).await
+    }
+
+    /// Leave `room` as `token`'s user: (status, body).
+    pub async fn leave(&self, token: &str, room: &str) -> (u16, Value) {
+        let path = format!("/_matrix/client/v3/rooms/{}/leave", enc(room));
+        self.call(Method::POST, &path, Some(token), Some(json!({})))
+            .await
     }
 
     /// Register a user (open registration); returns (user ID, access token).

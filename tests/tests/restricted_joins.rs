@@ -180,18 +180,7 @@ async fn local_members_of_an_allowed_room_join_without_an_invite() {
 
     api.join(&dan, &space).await;
     api.join(&dan, &room).await;
-    let member = api
-        .ok(
-            Method::GET,
-            &format!(
-                "/_matrix/client/v3/rooms/{}/state/m.room.member/{}",
-                enc(&room),
-                enc(&dan.user_id)
-            ),
-            &dan,
-            None,
-        )
-        .await;
+    let member = api.member(&dan, &room, &dan.user_id).await;
     assert_eq!(member["membership"], "join");
     assert_eq!(
         member["join_authorised_via_users_server"],

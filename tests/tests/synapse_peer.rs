@@ -105,15 +105,7 @@ async fn a_synapse_user_joins_talks_and_joins_a_restricted_room() {
         Some("join")
     );
     let (status, body) = synapse
-        .call(
-            Method::PUT,
-            &format!(
-                "/_matrix/client/v3/rooms/{}/send/m.room.message/s1",
-                enc(&lobby)
-            ),
-            Some(&token),
-            Some(json!({ "msgtype": "m.text", "body": "hello from synapse" })),
-        )
+        .send_text(&token, &lobby, "s1", "hello from synapse")
         .await;
     assert_eq!(status, 200, "{body}");
     let event = wait_for_message(&cluster, &alice, &lobby, "hello from synapse").await;
@@ -126,16 +118,7 @@ async fn a_synapse_user_joins_talks_and_joins_a_restricted_room() {
     // sam takes it back: Synapse's redaction hides it here too.
     let said = body["event_id"].as_str().expect("event_id").to_owned();
     let (status, body) = synapse
-        .call(
-            Method::PUT,
-            &format!(
-                "/_matrix/client/v3/rooms/{}/redact/{}/r1",
-                enc(&lobby),
-                enc(&said)
-            ),
-            Some(&token),
-            Some(json!({ "reason": "typo" })),
-        )
+        .redact(&token, &lobby, &said, "r1", Some("typo"))
         .await;
     assert_eq!(status, 200, "{body}");
     let path = format!(
@@ -161,18 +144,7 @@ async fn a_synapse_user_joins_talks_and_joins_a_restricted_room() {
     let restricted = restricted_to(&cluster, &alice, &lobby).await;
     let (status, body) = synapse_join(&synapse, &token, &restricted, &ours).await;
     assert_eq!(status, 200, "{body}\n{}", synapse.log_tail());
-    let member = api
-        .ok(
-            Method::GET,
-            &format!(
-                "/_matrix/client/v3/rooms/{}/state/m.room.member/{}",
-                enc(&restricted),
-                enc(&sam)
-            ),
-            &alice,
-            None,
-        )
-        .await;
+    let member = api.member(&alice, &restricted, &sam).await;
     assert_eq!(member["membership"], "join");
     assert_eq!(
         member["join_authorised_via_users_server"],
@@ -281,14 +253,7 @@ async fn a_synapse_user_knocks_invites_types_and_leaves() {
     .await;
 
     // Leaving: Synapse sends its own leave event in a transaction.
-    let (status, body) = synapse
-        .call(
-            Method::POST,
-            &format!("/_matrix/client/v3/rooms/{}/leave", enc(&lobby)),
-            Some(&token),
-            Some(json!({})),
-        )
-        .await;
+    let (status, body) = synapse.leave(&token, &lobby).await;
     assert_eq!(status, 200, "{body}");
     eventually("sam's leave", &synapse, || async {
         store.membership(&lobby, &sam).await.unwrap().as_deref() == Some("leave")
@@ -436,11 +401,6 @@ async fn synapse_users_rename_rejoin_and_are_banned() {
         .await;
     let (status, body) = synapse_join(&synapse, &token, &lobby, &ours).await;
     assert_eq!(status, 200, "{body}");
-    let member_path = format!(
-        "/_matrix/client/v3/rooms/{}/state/m.room.member/{}",
-        enc(&lobby),
-        enc(&sam)
-    );
 
     // A new display name: Synapse sends sam's membership again, with it.
     let (status, body) = synapse
@@ -453,26 +413,20 @@ async fn synapse_users_rename_rejoin_and_are_banned() {
         .await;
     assert_eq!(status, 200, "{body}");
     eventually("sam's new display name", &synapse, || async {
-        api.ok(Method::GET, &member_path, &alice, None).await["displayname"] == "Sam of Synapse"
+        api.member(&alice, &lobby, &sam).await["displayname"] == "Sam of Synapse"
     })
     .await;
 
     // Leaving and joining again.
-    let leave = format!("/_matrix/client/v3/rooms/{}/leave", enc(&lobby));
-    let (status, body) = synapse
-        .call(Method::POST, &leave, Some(&token), Some(json!({})))
-        .await;
+    let (status, body) = synapse.leave(&token, &lobby).await;
     assert_eq!(status, 200, "{body}");
     eventually("sam's leave", &synapse, || async {
-        api.ok(Method::GET, &member_path, &alice, None).await["membership"] == "leave"
+        api.member(&alice, &lobby, &sam).await["membership"] == "leave"
     })
     .await;
     let (status, body) = synapse_join(&synapse, &token, &lobby, &ours).await;
     assert_eq!(status, 200, "{body}\n{}", synapse.log_tail());
-    assert_eq!(
-        api.ok(Method::GET, &member_path, &alice, None).await["membership"],
-        "join"
-    );
+    assert_eq!(api.member(&alice, &lobby, &sam).await["membership"], "join");
 
     // Banned here (Synapse does not hear of it: we send nothing yet), sam
     // writes on: the message passes against the state Synapse built it on,
@@ -485,15 +439,7 @@ async fn synapse_users_rename_rejoin_and_are_banned() {
     )
     .await;
     let (status, body) = synapse
-        .call(
-            Method::PUT,
-            &format!(
-                "/_matrix/client/v3/rooms/{}/send/m.room.message/b1",
-                enc(&lobby)
-            ),
-            Some(&token),
-            Some(json!({ "msgtype": "m.text", "body": "after the ban" })),
-        )
+        .send_text(&token, &lobby, "b1", "after the ban")
         .await;
     assert_eq!(status, 200, "{body}");
     let event_id = body["event_id"].as_str().expect("event_id");
@@ -564,30 +510,18 @@ async fn synapse_writes_state_and_redacts_in_every_room_version() {
         .await;
 
         let (status, body) = synapse
-            .call(
-                Method::PUT,
-                &format!(
-                    "/_matrix/client/v3/rooms/{}/send/m.room.message/m{version}",
-                    enc(&room)
-                ),
-                Some(&token),
-                Some(json!({ "msgtype": "m.text", "body": format!("v{version}") })),
+            .send_text(
+                &token,
+                &room,
+                &format!("m{version}"),
+                &format!("v{version}"),
             )
             .await;
         assert_eq!(status, 200, "v{version}: {body}");
         let said = body["event_id"].as_str().expect("event_id").to_owned();
         wait_for_message(&cluster, &alice, &room, &format!("v{version}")).await;
         let (status, body) = synapse
-            .call(
-                Method::PUT,
-                &format!(
-                    "/_matrix/client/v3/rooms/{}/redact/{}/r{version}",
-                    enc(&room),
-                    enc(&said)
-                ),
-                Some(&token),
-                Some(json!({})),
-            )
+            .redact(&token, &room, &said, &format!("r{version}"), None)
             .await;
         assert_eq!(status, 200, "v{version}: {body}");
         let path = format!(
@@ -625,15 +559,7 @@ async fn a_burst_from_synapse_arrives_whole_and_in_order() {
     // transaction to us is in flight.
     for i in 0..BURST {
         let (status, body) = synapse
-            .call(
-                Method::PUT,
-                &format!(
-                    "/_matrix/client/v3/rooms/{}/send/m.room.message/b{i}",
-                    enc(&room)
-                ),
-                Some(&token),
-                Some(json!({ "msgtype": "m.text", "body": format!("burst {i}") })),
-            )
+            .send_text(&token, &room, &format!("b{i}"), &format!("burst {i}"))
             .await;
         assert_eq!(status, 200, "{body}");
     }

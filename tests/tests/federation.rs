@@ -1823,6 +1823,62 @@ async fn remote_redactions_hide_what_the_spec_lets_them() {
     assert_eq!(theirs["content"]["body"], "hers", "{theirs}");
 }
 
+/// A redaction may arrive before its target (here on a sibling branch, so
+/// the target is never fetched as a prev_event): it is kept, and hides the
+/// target when the target arrives, as the target's sender (carol) is on the
+/// redactor's (bob's) server.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_redaction_hides_a_target_that_arrives_after_it() {
+    let Joined {
+        cluster,
+        api,
+        alice,
+        room,
+        remote,
+        bob,
+    } = joined().await;
+    let joins = remote.member_joins(&room, 1);
+    send_accepted(&remote, "t0", &joins[0]).await;
+    let carol = remote.user("member-0");
+    let late = remote.build_unchecked(
+        &room,
+        &carol,
+        "m.room.message",
+        None,
+        json!({ "msgtype": "m.text", "body": "spam from carol" }),
+    );
+    let redaction = remote.build_unchecked(
+        &room,
+        &bob,
+        "m.room.redaction",
+        None,
+        json!({ "redacts": late.event_id(), "reason": "spam" }),
+    );
+    send_accepted(&remote, "t1", &redaction).await;
+    assert_eq!(
+        wait_stored(&cluster, redaction.event_id().as_str()).await,
+        (false, false),
+        "the redaction is accepted before its target exists here"
+    );
+    send_accepted(&remote, "t2", &late).await;
+    assert_eq!(
+        wait_stored(&cluster, late.event_id().as_str()).await,
+        (false, false)
+    );
+    let path = format!(
+        "/_matrix/client/v3/rooms/{}/event/{}",
+        enc(&room),
+        enc(late.event_id().as_str())
+    );
+    let shown = api.ok(reqwest::Method::GET, &path, &alice, None).await;
+    assert_eq!(shown["content"], json!({}), "{shown}");
+    assert_eq!(
+        shown["unsigned"]["redacted_because"]["event_id"],
+        redaction.event_id().as_str(),
+        "{shown}"
+    );
+}
+
 /// An event must pass the auth rules against its own auth events as well as
 /// against the state before it: here Bob cites the power levels from before
 /// Alice promoted him, while building on the promotion. The state before

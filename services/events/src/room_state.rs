@@ -57,6 +57,30 @@ pub struct Applied {
     pub new_group: Option<GroupDelta>,
 }
 
+/// Whose events a redaction hides from clients, decided when the redaction
+/// is accepted (the redactor's power then) so it can be applied to a target
+/// that arrives later.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedactionReach {
+    /// Anyone's: the redactor has the room's `redact` level.
+    Anyone,
+    /// Only the redactor's own.
+    Sender(ruma::OwnedUserId),
+    /// Only those of users on this server.
+    Server(ruma::OwnedServerName),
+}
+
+impl RedactionReach {
+    /// Whether the redaction hides an event sent by `target_sender`.
+    pub fn covers(&self, target_sender: &ruma::UserId) -> bool {
+        match self {
+            Self::Anyone => true,
+            Self::Sender(user) => user == target_sender,
+            Self::Server(server) => server == target_sender.server_name(),
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct RoomState {
     room_id: OwnedRoomId,
@@ -263,32 +287,34 @@ impl RoomState {
             .map_or(without_power_levels, i64::from)
     }
 
-    /// Whether a redaction by `redactor` hides an event sent by `target_sender`
-    /// from clients: senders may redact their own events, others need the
-    /// room's `redact` level.
-    pub fn redaction_applies(&self, redactor: &ruma::UserId, target_sender: &ruma::UserId) -> bool {
-        if redactor == target_sender {
-            return true;
+    /// Whose events a local user's redaction hides from clients: senders may
+    /// redact their own events, others need the room's `redact` level.
+    pub fn redaction_reach(&self, redactor: &ruma::UserId) -> RedactionReach {
+        if self.may_redact_others(redactor) {
+            RedactionReach::Anyone
+        } else {
+            RedactionReach::Sender(redactor.to_owned())
         }
+    }
+
+    /// Whose events a redaction received over federation hides from
+    /// clients: as the spec has servers apply redactions, events of users on
+    /// the redactor's server (that server vouches for its users), or anyone's
+    /// when the redactor has the room's `redact` level. (A local user's
+    /// redaction is held to [`RoomState::redaction_reach`], which is per user.)
+    pub fn federated_redaction_reach(&self, redactor: &ruma::UserId) -> RedactionReach {
+        if self.may_redact_others(redactor) {
+            RedactionReach::Anyone
+        } else {
+            RedactionReach::Server(redactor.server_name().to_owned())
+        }
+    }
+
+    fn may_redact_others(&self, redactor: &ruma::UserId) -> bool {
         let required =
             self.required_level(ruma::state_res::events::RoomPowerLevelsIntField::Redact, 50);
         self.power_level(redactor)
             .is_none_or(|level| level >= required)
-    }
-
-    /// Whether a redaction received over federation hides its target from
-    /// clients: as the spec has servers apply redactions, when the redaction's
-    /// sender is on the same server as the target's sender (that server
-    /// vouches for its users), or may redact others' events. (A local user's
-    /// redaction is held to [`RoomState::redaction_applies`], which is
-    /// per user.)
-    pub fn federated_redaction_applies(
-        &self,
-        redactor: &ruma::UserId,
-        target_sender: &ruma::UserId,
-    ) -> bool {
-        redactor.server_name() == target_sender.server_name()
-            || self.redaction_applies(redactor, target_sender)
     }
 
     /// Build, hash and sign a new event on top of the current state and check it

@@ -40,7 +40,9 @@ use tessera_events::state_map::{self, StateIds, StateKey};
 use tessera_federation::KeyRing;
 use tessera_replication::EventEntry;
 use tessera_storage::federation::StagedPdu;
-use tessera_storage::persist::{Batch, EventToPersist, NewStateGroup, Outlier, StateChange};
+use tessera_storage::persist::{
+    Batch, EventToPersist, NewStateGroup, Outlier, Redacts, StateChange,
+};
 use tessera_storage::{Store, StoreError};
 
 use crate::engine::Engine;
@@ -854,31 +856,37 @@ impl<'e> Turn<'e> {
         Ok(outcome)
     }
 
-    /// The target of an accepted redaction from another server, when it
-    /// should hide it from clients
-    /// ([`RoomState::federated_redaction_applies`]). A target not seen yet
-    /// stays shown (the redaction is kept, not applied).
+    /// What an accepted redaction from another server hides
+    /// ([`RoomState::federated_redaction_reach`]): its target when stored and
+    /// within reach, or the target once it arrives when it has not.
     async fn redaction_target(
         &self,
         redaction: &Pdu,
         target: &EventId,
-    ) -> Result<Option<String>, StoreError> {
+    ) -> Result<Option<Redacts>, StoreError> {
+        let reach = self.room.federated_redaction_reach(redaction.sender());
         let target_sender = match self.pdus.get(target) {
             Some(pdu) => pdu.sender().to_owned(),
             None => match self
                 .store
                 .event_sender(target.as_str(), self.room.room_id().as_str())
                 .await?
-                .and_then(|sender| tessera_events::ruma::OwnedUserId::try_from(sender).ok())
             {
-                Some(sender) => sender,
-                None => return Ok(None),
+                Some(sender) => match tessera_events::ruma::OwnedUserId::try_from(sender) {
+                    Ok(sender) => sender,
+                    Err(_) => return Ok(None),
+                },
+                None => {
+                    return Ok(Some(Redacts::Unseen {
+                        target: target.to_string(),
+                        reach,
+                    }));
+                }
             },
         };
-        Ok(self
-            .room
-            .federated_redaction_applies(redaction.sender(), &target_sender)
-            .then(|| target.to_string()))
+        Ok(reach
+            .covers(&target_sender)
+            .then(|| Redacts::Stored(target.to_string())))
     }
 
     /// Move the room to a new head after an accepted event: resolve the

@@ -21,7 +21,7 @@ use tessera_events::ruma::{EventId, OwnedEventId, OwnedUserId, RoomId, RoomVersi
 use tessera_replication::EventEntry;
 use tessera_storage::StoreError;
 use tessera_storage::persist::{
-    Batch, EventToPersist, NewRoom, NewStateGroup, StateChange, TxnKey,
+    Batch, EventToPersist, NewRoom, NewStateGroup, Redacts, StateChange, TxnKey,
 };
 
 use crate::engine::{Engine, Job};
@@ -234,7 +234,7 @@ struct Accepted {
     pdu: Arc<Pdu>,
     applied: Applied,
     txn: Option<TxnKey>,
-    redacts: Option<String>,
+    redacts: Option<Redacts>,
 }
 
 async fn submit(engine: &Engine, room_id: &RoomId, jobs: Vec<Job>) {
@@ -383,27 +383,40 @@ async fn build_turn(
     (working, accepted, outcomes)
 }
 
-/// The target of a redaction, if the redaction should hide it from clients.
+/// What a local user's redaction hides: its target when stored (or created
+/// earlier in this batch) and within the redactor's reach, or the target
+/// once it arrives when it has not ([`Redacts::Unseen`]).
 async fn redaction_target(
     engine: &Engine,
     room: &RoomState,
     accepted: &[Accepted],
     redaction: &Pdu,
     target: &EventId,
-) -> Option<String> {
+) -> Option<Redacts> {
+    let reach = room.redaction_reach(redaction.sender());
     let target_sender: OwnedUserId = match accepted.iter().find(|a| a.pdu.event_id() == target) {
         Some(a) => a.pdu.sender().to_owned(),
-        None => {
-            let sender = engine
-                .store
-                .event_sender(target.as_str(), room.room_id().as_str())
-                .await
-                .ok()??;
-            OwnedUserId::try_from(sender).ok()?
-        }
+        None => match engine
+            .store
+            .event_sender(target.as_str(), room.room_id().as_str())
+            .await
+        {
+            Ok(Some(sender)) => OwnedUserId::try_from(sender).ok()?,
+            Ok(None) => {
+                return Some(Redacts::Unseen {
+                    target: target.to_string(),
+                    reach,
+                });
+            }
+            Err(error) => {
+                tracing::warn!(%error, %target, "cannot read a redaction's target: not applied");
+                return None;
+            }
+        },
     };
-    room.redaction_applies(redaction.sender(), &target_sender)
-        .then(|| target.to_string())
+    reach
+        .covers(&target_sender)
+        .then(|| Redacts::Stored(target.to_string()))
 }
 
 fn answer_all(jobs: Vec<Job>, answer: Answer) {

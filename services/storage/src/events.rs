@@ -42,7 +42,7 @@ pub(crate) const EVENT_COLUMNS: &str = "
 pub(crate) const EVENT_JOINS: &str = "
     JOIN rooms rm ON rm.room_id = e.room_id
     LEFT JOIN event_redactions er ON er.redacted_event_id = e.event_id
-    LEFT JOIN events r ON r.event_id = er.redaction_event_id
+    LEFT JOIN events r ON r.event_id = er.redaction_event_id AND r.room_id = e.room_id
     LEFT JOIN events p ON p.event_id = e.prev_state_event_id
     LEFT JOIN event_txns t ON t.event_id = e.event_id";
 

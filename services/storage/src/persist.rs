@@ -8,6 +8,7 @@
 //! has seen position N of a partition has seen everything before it.
 
 use crate::{Result, Store, StoreError, conflict};
+use tessera_events::room_state::RedactionReach;
 
 /// A room being created by this batch.
 pub struct NewRoom {
@@ -34,6 +35,19 @@ pub struct TxnKey {
     pub txn_id: String,
 }
 
+/// What an accepted redaction hides.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Redacts {
+    /// An event stored in the room, which the redaction hides.
+    Stored(String),
+    /// An event not seen in the room yet: hidden when it is persisted there
+    /// (by this batch or a later one), if its sender is within `reach`.
+    Unseen {
+        target: String,
+        reach: RedactionReach,
+    },
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct EventToPersist {
     pub event_id: String,
@@ -48,8 +62,8 @@ pub struct EventToPersist {
     /// Canonical JSON of the PDU.
     pub json: String,
     pub state_changes: Vec<StateChange>,
-    /// The event this (valid) redaction redacts.
-    pub redacts: Option<String>,
+    /// What this (accepted) redaction hides.
+    pub redacts: Option<Redacts>,
     pub txn: Option<TxnKey>,
     /// State group of the state after the event, and before it.
     pub state_group: Option<String>,
@@ -220,10 +234,37 @@ WITH lease AS (
     WHERE event_id IS NOT NULL AND $50::text IS NULL
     ON CONFLICT (room_id, type, state_key) DO UPDATE
     SET event_id = EXCLUDED.event_id, membership = EXCLUDED.membership, pos = EXCLUDED.pos
+), unseen AS (
+    SELECT u.target, u.redaction, u.only_sender, u.only_server
+    FROM unnest($52::text[], $53::text[], $54::text[], $55::text[])
+         AS u(target, redaction, only_sender, only_server)
+), waiting AS (
+    SELECT p.target_event_id AS target, p.redaction_event_id AS redaction, p.only_sender, p.only_server
+    FROM pending_redactions p WHERE p.room_id = $5 AND p.target_event_id = ANY($11::text[])
+    UNION ALL
+    SELECT * FROM unseen
+), arrived AS (
+    -- Redactions (earlier or in this batch) of events this batch brings, when
+    -- the event's sender is within the redaction's reach.
+    SELECT w.target, w.redaction
+    FROM waiting w JOIN unnest($11::text[], $14::text[]) AS e(event_id, sender) ON e.event_id = w.target
+    WHERE (w.only_sender IS NULL OR w.only_sender = e.sender)
+      AND (w.only_server IS NULL OR w.only_server = substring(e.sender FROM position(':' IN e.sender) + 1))
 ), redactions AS (
     INSERT INTO event_redactions (redacted_event_id, redaction_event_id)
-    SELECT r.target, r.redaction FROM lease, unnest($26::text[], $27::text[]) AS r(target, redaction)
+    SELECT r.target, r.redaction
+    FROM lease, (SELECT * FROM unnest($26::text[], $27::text[]) UNION ALL SELECT * FROM arrived)
+         AS r(target, redaction)
     ON CONFLICT DO NOTHING
+), still_unseen AS (
+    INSERT INTO pending_redactions (room_id, target_event_id, redaction_event_id, only_sender, only_server)
+    SELECT $5, u.target, u.redaction, u.only_sender, u.only_server
+    FROM lease, unseen u WHERE u.target <> ALL($11::text[])
+    ON CONFLICT DO NOTHING
+), settled AS (
+    -- A target arrives once: whatever did not apply now never will.
+    DELETE FROM pending_redactions USING lease
+    WHERE pending_redactions.room_id = $5 AND pending_redactions.target_event_id = ANY($11::text[])
 ), txns AS (
     INSERT INTO event_txns (user_id, device_id, txn_id, event_id)
     SELECT t.user_id, t.device_id, t.txn_id, t.event_id
@@ -275,10 +316,29 @@ impl Store {
                 c_membership.push(change.membership.clone());
             }
         }
-        let (targets, redactions): (Vec<String>, Vec<String>) = events
-            .iter()
-            .filter_map(|e| Some((e.redacts.clone()?, e.event_id.clone())))
-            .unzip();
+        let (mut targets, mut redactions) = (Vec::new(), Vec::new());
+        let (mut unseen_targets, mut unseen_redactions) = (Vec::new(), Vec::new());
+        let (mut only_senders, mut only_servers) = (Vec::new(), Vec::new());
+        for event in events {
+            match &event.redacts {
+                None => {}
+                Some(Redacts::Stored(target)) => {
+                    targets.push(target.as_str());
+                    redactions.push(event.event_id.as_str());
+                }
+                Some(Redacts::Unseen { target, reach }) => {
+                    unseen_targets.push(target.as_str());
+                    unseen_redactions.push(event.event_id.as_str());
+                    let (sender, server) = match reach {
+                        RedactionReach::Anyone => (None, None),
+                        RedactionReach::Sender(user) => (Some(user.to_string()), None),
+                        RedactionReach::Server(server) => (None, Some(server.to_string())),
+                    };
+                    only_senders.push(sender);
+                    only_servers.push(server);
+                }
+            }
+        }
         let txns: Vec<(&TxnKey, &String)> = events
             .iter()
             .filter_map(|e| Some((e.txn.as_ref()?, &e.event_id)))
@@ -385,6 +445,10 @@ impl Store {
                     &outlier_rejected,
                     &out_of_band_version,
                     &out_of_band_state,
+                    &unseen_targets,
+                    &unseen_redactions,
+                    &only_senders,
+                    &only_servers,
                 ],
             )
             .await

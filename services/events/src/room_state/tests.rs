@@ -306,14 +306,29 @@ fn power_levels_and_redaction_rights() {
             assert_eq!(room.power_level(&alice), Some(100));
         }
         assert_eq!(room.power_level(&bob), Some(0));
-        assert!(room.redaction_applies(&bob, &bob), "own events");
+        assert!(room.redaction_reach(&bob).covers(&bob), "own events");
         assert!(
-            !room.redaction_applies(&bob, &alice),
+            !room.redaction_reach(&bob).covers(&alice),
             "not others' without power"
         );
         assert!(
-            room.redaction_applies(&alice, &bob),
+            room.redaction_reach(&alice).covers(&bob),
             "moderators redact anyone"
+        );
+        let remote_bob = ruma::UserId::parse("@bob:remote.example").unwrap();
+        let remote_carol = ruma::UserId::parse("@carol:remote.example").unwrap();
+        let remote_reach = room.federated_redaction_reach(&remote_bob);
+        assert!(
+            remote_reach.covers(&remote_carol),
+            "a server vouches for its users"
+        );
+        assert!(
+            !remote_reach.covers(&bob),
+            "not another server's users without power"
+        );
+        assert_eq!(
+            room.federated_redaction_reach(&alice),
+            RedactionReach::Anyone
         );
     }
 }

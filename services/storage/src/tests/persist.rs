@@ -1,7 +1,8 @@
 use std::time::Duration;
 
-use crate::persist::{Batch, EventToPersist, NewRoom, StateChange, TxnKey};
+use crate::persist::{Batch, EventToPersist, NewRoom, Redacts, StateChange, TxnKey};
 use crate::{StoreError, test_util};
+use tessera_events::room_state::RedactionReach;
 
 const TTL: Duration = Duration::from_secs(10);
 
@@ -290,5 +291,102 @@ async fn state_groups_are_walked_back_to_their_snapshot() {
     assert_eq!(
         store.state_group_with_chain("$none").await.unwrap(),
         (Vec::new(), None)
+    );
+}
+
+fn sent_by(mut event: EventToPersist, sender: &str) -> EventToPersist {
+    event.sender = sender.to_owned();
+    event
+}
+
+fn redaction_of_unseen(id: &str, target: &str, reach: RedactionReach) -> EventToPersist {
+    let mut redaction = event(id, "m.room.redaction", None);
+    redaction.redacts = Some(Redacts::Unseen {
+        target: target.to_owned(),
+        reach,
+    });
+    redaction
+}
+
+#[tokio::test]
+async fn redactions_of_unseen_events_apply_when_their_target_arrives_within_reach() {
+    let store = test_util::store().await;
+    store.init_cluster("example.org", 4).await.unwrap();
+    let epoch = store.claim_partition(2, "a", TTL).await.unwrap().unwrap();
+    let remote = || RedactionReach::Server("remote.example".try_into().unwrap());
+    let only_b = RedactionReach::Sender("@b:example.org".try_into().unwrap());
+    store
+        .persist(&batch(
+            epoch,
+            "a",
+            true,
+            vec![
+                event("$create", "m.room.create", Some("")),
+                redaction_of_unseen("$r1", "$t1", remote()),
+                redaction_of_unseen("$r2", "$t2", only_b),
+                redaction_of_unseen("$r5", "$t5", remote()),
+            ],
+        ))
+        .await
+        .unwrap();
+    // A moderator of another room names an event of this one.
+    let mut other = batch(
+        epoch,
+        "a",
+        true,
+        vec![
+            event("$other-create", "m.room.create", Some("")),
+            redaction_of_unseen("$o1", "$t3", RedactionReach::Anyone),
+        ],
+    );
+    other.room_id = "!other:example.org".to_owned();
+    store.persist(&other).await.unwrap();
+
+    store
+        .persist(&batch(
+            epoch,
+            "a",
+            false,
+            vec![
+                sent_by(event("$t1", "m.room.message", None), "@x:remote.example"),
+                event("$t2", "m.room.message", None),
+                event("$t3", "m.room.message", None),
+                // Redaction first, target later in the same batch.
+                redaction_of_unseen("$r4", "$t4", RedactionReach::Anyone),
+                event("$t4", "m.room.message", None),
+            ],
+        ))
+        .await
+        .unwrap();
+    let redacted_by = async |id: &str| {
+        store
+            .event(id)
+            .await
+            .unwrap()
+            .unwrap()
+            .redaction_json
+            .is_some()
+    };
+    assert!(redacted_by("$t1").await, "a server's user, by that server");
+    assert!(!redacted_by("$t2").await, "another user's, without power");
+    assert!(!redacted_by("$t3").await, "a redaction from another room");
+    assert!(redacted_by("$t4").await, "a redaction earlier in the batch");
+
+    // The one still waiting applies in a later batch, and only in its room.
+    store
+        .persist(&batch(
+            epoch,
+            "a",
+            false,
+            vec![sent_by(
+                event("$t5", "m.room.message", None),
+                "@y:remote.example",
+            )],
+        ))
+        .await
+        .unwrap();
+    assert!(
+        redacted_by("$t5").await,
+        "a target that arrives later still"
     );
 }

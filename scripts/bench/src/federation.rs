@@ -16,6 +16,8 @@
 //! - the busy room's end-to-end ingest rate (flood events visible per second
 //!   in `/sync`, overall and per quarter of the flood);
 //! - how many flood events became visible (counted with `/messages` at the end);
+//! - quiet messages lost: those sent in a phase that either alice or bob had
+//!   not seen in `/sync` when the tool stopped (each counted once);
 //! - the target's resident memory before and during the flood;
 //! - storage flush stalls (`tessera_bench::flush_probe`) in each phase, and
 //!   the quiet latencies again without the messages that were on their way
@@ -846,6 +848,19 @@ async fn main() -> anyhow::Result<()> {
         .iter()
         .cloned()
         .fold(0.0, f64::max);
+    // A quiet message is lost when either viewer never saw it; each viewer's
+    // own count goes to stderr.
+    let lost = |during: bool| {
+        sent.iter()
+            .filter(|(body, at)| {
+                in_phase(at, during)
+                    && !(seen.quiet.contains_key(body) && seen_by_bob.quiet.contains_key(body))
+            })
+            .count()
+    };
+    eprintln!(
+        "   quiet messages never seen: bob {idle_missing} idle, {during_missing} during; alice {alice_idle_missing} idle, {alice_during_missing} during"
+    );
     println!(
         "| {} | {:.1} / {:.1} ms | {:.1} / {:.1} ms | {:.1} / {:.1} ms | {} of {} | {:.0} events/s ({} per quarter) | {:.0} → {:.0} MiB | {} / {} |",
         args.target,
@@ -861,8 +876,8 @@ async fn main() -> anyhow::Result<()> {
         quarter_rates.join(" / "),
         rss_before,
         rss_during,
-        idle_missing + alice_idle_missing,
-        during_missing + alice_during_missing,
+        lost(false),
+        lost(true),
     );
     eprintln!(
         "   alice (also in the busy room): quiet p50 / p99 idle {:.1} / {:.1} ms, during the flood {:.1} / {:.1} ms",
@@ -903,11 +918,11 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     eprintln!(
-        "   flood sent in {:.1} s, last flood event visible after {:.1} s; quiet messages: {} idle, {} during",
+        "   flood sent in {:.1} s, last flood event visible after {:.1} s; quiet messages sent: {} idle, {} during",
         flood_sent.as_secs_f64(),
         last_visible,
-        idle.len(),
-        during.len()
+        sent.iter().filter(|(_, at)| in_phase(at, false)).count(),
+        sent.iter().filter(|(_, at)| in_phase(at, true)).count(),
     );
     Ok(())
 }

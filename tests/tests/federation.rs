@@ -1572,7 +1572,8 @@ async fn staged_pdus_survive_a_killed_room_worker_exactly_once() {
 
 /// Backpressure is per origin and per room: an origin over its PDU rate, or
 /// a transaction for a room whose backlog is over the limit, gets 429 with
-/// `retry_after_ms`; other origins and other rooms go on as before.
+/// `retry_after_ms`; other origins and other rooms go on as before, and the
+/// EDUs of a transaction refused for a room's backlog are kept.
 #[tokio::test(flavor = "multi_thread")]
 async fn backpressure_slows_only_the_busy_origin_and_room() {
     let cluster = TestCluster::start(Spec {
@@ -1646,12 +1647,31 @@ async fn backpressure_slows_only_the_busy_origin_and_room() {
     let _gap = backlogged.text(&busy, &b, "never sent");
     let waiting = messages(&backlogged, &busy, &b, 60, "w ");
     stage_directly(&cluster, &busy, backlogged.server_name.as_str(), &waiting).await;
-    assert_429(
-        backlogged
-            .send("b1", &[message(&backlogged, &busy, &b, 61)], &[])
-            .await,
-        "a transaction for a room over its backlog",
-    );
+    // Its EDUs are kept all the same (a flooded room holds back no one's
+    // to-device messages), once however often the origin retries.
+    let to_device = json!({
+        "edu_type": "m.direct_to_device",
+        "content": {
+            "sender": b.as_str(),
+            "type": "m.room_key_request",
+            "message_id": "m1",
+            "messages": { alice.user_id.as_str(): { "*": { "action": "request_cancellation" } } }
+        }
+    });
+    let refused = message(&backlogged, &busy, &b, 61);
+    for attempt in ["first", "retried"] {
+        assert_429(
+            backlogged
+                .send(
+                    "b1",
+                    std::slice::from_ref(&refused),
+                    std::slice::from_ref(&to_device),
+                )
+                .await,
+            &format!("a transaction for a room over its backlog, {attempt}"),
+        );
+        assert_eq!(received_edus(&cluster, "m.direct_to_device").await, 1);
+    }
     // The same origin's transaction for another room, and another origin's, go through.
     let mut since = api.initial_token(&alice).await;
     let elsewhere = message(&backlogged, &quiet, &b, 0);

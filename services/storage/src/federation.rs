@@ -310,18 +310,23 @@ impl Store {
             .collect())
     }
 
-    /// Keep an EDU until the feature that consumes its type exists.
+    /// Keep a transaction's EDUs (type, content) until the feature that
+    /// consumes each type exists; an EDU of a transaction seen before (the
+    /// same origin, transaction ID and place in it) is kept once.
     pub async fn store_edus(
         &self,
         origin: &str,
+        txn_id: &str,
         edus: &[(String, serde_json::Value)],
     ) -> Result<()> {
         let kinds: Vec<&str> = edus.iter().map(|e| e.0.as_str()).collect();
         let contents: Vec<&serde_json::Value> = edus.iter().map(|e| &e.1).collect();
         self.execute(
-            "INSERT INTO received_edus (origin, edu_type, content)
-             SELECT $1, * FROM unnest($2::text[], $3::jsonb[])",
-            &[&origin, &kinds, &contents],
+            "INSERT INTO received_edus (origin, txn_id, position, edu_type, content)
+             SELECT $1, $2, e.position, e.edu_type, e.content
+             FROM unnest($3::text[], $4::jsonb[]) WITH ORDINALITY AS e(edu_type, content, position)
+             ON CONFLICT DO NOTHING",
+            &[&origin, &txn_id, &kinds, &contents],
         )
         .await?;
         Ok(())

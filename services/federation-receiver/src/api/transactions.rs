@@ -131,46 +131,23 @@ pub async fn send(
     // nothing (their owner skips known events), so the lookup runs beside
     // the PDUs' checks and staging rather than ahead of them: a quiet room's
     // one-PDU transaction waits for its owner, not also for a read before
-    // that. Only the EDUs wait for the verdict, so a repeat never delivers
-    // them twice.
-    let (repeat, staged) = tokio::join!(
+    // that. EDUs take their own path beside both: they are kept whatever
+    // becomes of the PDUs (a room's backlog, an unavailable owner), so a
+    // flooded room never holds back another server's to-device messages or
+    // device list updates; the origin's retry of the transaction brings them
+    // again, and they are kept once.
+    let (repeat, staged, edus_kept) = tokio::join!(
         state.store.federation_txn(origin.as_str(), &txn),
-        check_and_stage(&state, origin.as_str(), pdus)
+        check_and_stage(&state, origin.as_str(), pdus),
+        keep_edus(&state, origin.as_str(), &txn, edus),
     );
+    edus_kept?;
     if let Some(response) = repeat? {
         metrics::counter!("tessera_federation_server_transactions_total", "result" => "repeat")
             .increment(1);
         return Ok(Json(response));
     }
     let results = staged?;
-
-    // EDUs take their own path: kept until the features that consume them exist.
-    let edus: Vec<(String, Value)> = edus
-        .into_iter()
-        .filter_map(|e| {
-            Some((
-                e.get("edu_type")?.as_str()?.to_owned(),
-                e.get("content")?.clone(),
-            ))
-        })
-        .collect();
-    if !edus.is_empty() {
-        for (kind, _) in &edus {
-            // Label values from a fixed list: a remote names the type.
-            let label = match kind.as_str() {
-                "m.typing"
-                | "m.receipt"
-                | "m.presence"
-                | "m.device_list_update"
-                | "m.direct_to_device"
-                | "m.signing_key_update" => kind.clone(),
-                _ => "other".to_owned(),
-            };
-            metrics::counter!("tessera_federation_server_received_edus_total", "type" => label)
-                .increment(1);
-        }
-        state.store.store_edus(origin.as_str(), &edus).await?;
-    }
 
     let response = json!({ "pdus": results });
     // The record only lets a repeated transaction be answered without being
@@ -189,6 +166,42 @@ pub async fn send(
     metrics::counter!("tessera_federation_server_transactions_total", "result" => "ok")
         .increment(1);
     Ok(Json(response))
+}
+
+/// Keeps a transaction's EDUs (those with a type and content) until the
+/// features that consume them exist.
+async fn keep_edus(
+    state: &AppState,
+    origin: &str,
+    txn: &str,
+    edus: Vec<Value>,
+) -> Result<(), MatrixError> {
+    let edus: Vec<(String, Value)> = edus
+        .into_iter()
+        .filter_map(|mut e| {
+            let kind = e.get("edu_type")?.as_str()?.to_owned();
+            Some((kind, e.get_mut("content")?.take()))
+        })
+        .collect();
+    if edus.is_empty() {
+        return Ok(());
+    }
+    for (kind, _) in &edus {
+        // Label values from a fixed list: a remote names the type.
+        let label = match kind.as_str() {
+            "m.typing"
+            | "m.receipt"
+            | "m.presence"
+            | "m.device_list_update"
+            | "m.direct_to_device"
+            | "m.signing_key_update" => kind.clone(),
+            _ => "other".to_owned(),
+        };
+        metrics::counter!("tessera_federation_server_received_edus_total", "type" => label)
+            .increment(1);
+    }
+    state.store.store_edus(origin, txn, &edus).await?;
+    Ok(())
 }
 
 /// Checks each PDU, hands each room's good ones to the room's owner (all

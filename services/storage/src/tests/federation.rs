@@ -45,6 +45,43 @@ async fn old_transaction_records_are_pruned_and_young_ones_kept() {
     assert_eq!(store.prune_federation_txns(day, 2).await.unwrap(), 0);
 }
 
+/// A transaction's EDUs are kept once however often it comes; another
+/// transaction's, or another origin's with the same ID, are kept as well.
+#[tokio::test]
+async fn edus_of_a_repeated_transaction_are_kept_once() {
+    let store = test_util::store().await;
+    let edus: Vec<(String, serde_json::Value)> = (0..3)
+        .map(|i| ("m.receipt".to_owned(), json!({ "n": i })))
+        .collect();
+    for (origin, txn) in [
+        ("remote.example", "t1"),
+        ("remote.example", "t1"),
+        ("remote.example", "t2"),
+        ("other.example", "t1"),
+    ] {
+        store.store_edus(origin, txn, &edus).await.unwrap();
+    }
+    let kept: Vec<(String, String, i64)> = store
+        .query(
+            "SELECT origin, txn_id, count(*) FROM received_edus GROUP BY 1, 2 ORDER BY 1, 2",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let row = |origin: &str, txn: &str| (origin.to_owned(), txn.to_owned(), 3);
+    assert_eq!(
+        kept,
+        [
+            row("other.example", "t1"),
+            row("remote.example", "t1"),
+            row("remote.example", "t2")
+        ]
+    );
+}
+
 /// Old EDUs of the listed types go; other types, and young ones, stay.
 #[tokio::test]
 async fn old_edus_of_the_given_types_are_pruned() {
@@ -54,7 +91,10 @@ async fn old_edus_of_the_given_types_are_pruned() {
             .iter()
             .map(|kind| (kind.to_string(), json!({ "age": "old" })))
             .collect();
-    store.store_edus("remote.example", &edus).await.unwrap();
+    store
+        .store_edus("remote.example", "t1", &edus)
+        .await
+        .unwrap();
     store
         .execute(
             "UPDATE received_edus SET received_at = now() - interval '2 hours'",
@@ -63,7 +103,10 @@ async fn old_edus_of_the_given_types_are_pruned() {
         .await
         .unwrap();
     let young = vec![("m.typing".to_owned(), json!({ "age": "young" }))];
-    store.store_edus("remote.example", &young).await.unwrap();
+    store
+        .store_edus("remote.example", "t2", &young)
+        .await
+        .unwrap();
 
     let hour = Duration::from_secs(3600);
     let ephemeral = ["m.typing", "m.presence"];

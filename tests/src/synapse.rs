@@ -18,6 +18,9 @@ use crate::{free_port, http_client_builder, self_signed, venv_python};
 /// The matrix-synapse release the tests (and the benchmark) install.
 pub const VERSION: &str = "1.163.0";
 
+/// The password of every user [`Synapse::register`] makes.
+pub const PASSWORD: &str = "a-long-test-password";
+
 pub struct Synapse {
     pub server_name: String,
     pub client_url: String,
@@ -208,7 +211,8 @@ presence: {{ enabled: false }}
             .await
     }
 
-    /// Register a user (open registration); returns (user ID, access token).
+    /// Register a user (open registration, with [`PASSWORD`]); returns
+    /// (user ID, access token).
     pub async fn register(&self, localpart: &str) -> (String, String) {
         let (status, body) = self
             .call(
@@ -217,7 +221,7 @@ presence: {{ enabled: false }}
                 None,
                 Some(json!({
                     "username": localpart,
-                    "password": "a-long-test-password",
+                    "password": PASSWORD,
                     "auth": { "type": "m.login.dummy" },
                 })),
             )

@@ -240,15 +240,55 @@ async fn a_synapse_user_knocks_invites_types_and_leaves() {
         .await;
     assert_eq!(status, 200, "{body}");
     let db = cluster.db().await;
-    eventually("Synapse's typing EDU", &synapse, || async {
-        let row = db
-            .query_one(
-                "SELECT count(*) FROM received_edus WHERE edu_type = 'm.typing' AND origin = $1",
-                &[&synapse.server_name],
-            )
-            .await
-            .unwrap();
-        row.get::<_, i64>(0) > 0
+    let kept = |kind: &'static str| {
+        let (db, origin) = (&db, &synapse.server_name);
+        async move {
+            let row = db
+                .query_one(
+                    "SELECT count(*) FROM received_edus WHERE edu_type = $1 AND origin = $2",
+                    &[&kind, origin],
+                )
+                .await
+                .unwrap();
+            row.get::<_, i64>(0) > 0
+        }
+    };
+    eventually("Synapse's typing EDU", &synapse, || kept("m.typing")).await;
+
+    // A read receipt, and a new device (a second login): Synapse's receipt
+    // and device list update EDUs are kept too.
+    let (status, body) = synapse.send_text(&token, &lobby, "r1", "read me").await;
+    assert_eq!(status, 200, "{body}");
+    let read = body["event_id"].as_str().expect("event_id").to_owned();
+    let (status, body) = synapse
+        .call(
+            Method::POST,
+            &format!(
+                "/_matrix/client/v3/rooms/{}/receipt/m.read/{}",
+                enc(&lobby),
+                enc(&read)
+            ),
+            Some(&token),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    eventually("Synapse's receipt EDU", &synapse, || kept("m.receipt")).await;
+    let (status, body) = synapse
+        .call(
+            Method::POST,
+            "/_matrix/client/v3/login",
+            None,
+            Some(json!({
+                "type": "m.login.password",
+                "identifier": { "type": "m.id.user", "user": sam.as_str() },
+                "password": tessera_tests::synapse::PASSWORD,
+            })),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    eventually("Synapse's device list update", &synapse, || {
+        kept("m.device_list_update")
     })
     .await;
 

@@ -60,6 +60,8 @@ async fn bad_requests_get_matrix_errors_and_never_crash_anything() {
         .create_room(&alice, json!({ "room_alias_name": "here" }))
         .await;
     let event = api.send_text(&alice, &room, "t0", "hello").await;
+    let other_room = api.create_room(&alice, json!({})).await;
+    let o = enc(&other_room);
     let r = enc(&room);
     let e = enc(&event);
     let u = enc(&alice.user_id);
@@ -138,6 +140,7 @@ async fn bad_requests_get_matrix_errors_and_never_crash_anything() {
         case(Method::PUT, format!("/_matrix/client/v3/rooms/{r}/state/m.room.canonical_alias"), Some(br##"{"alias":"#nope:test.local"}"##), true, Some("M_BAD_ALIAS")),
         case(Method::PUT, format!("/_matrix/client/v3/rooms/{r}/state/m.room.name/{}", "k".repeat(300)), Some(b"{}"), true, Some("M_INVALID_PARAM")),
         case(Method::PUT, format!("/_matrix/client/v3/rooms/{r}/redact/not-an-event/r1"), Some(b"{}"), true, Some("M_INVALID_PARAM")),
+        case(Method::PUT, format!("/_matrix/client/v3/rooms/{o}/redact/{e}/r4"), Some(b"{}"), true, Some("M_INVALID_PARAM")),
         case(Method::PUT, format!("/_matrix/client/v3/rooms/{r}/redact/{e}/r2"), Some(br#"{"reason": 7}"#), true, Some("M_BAD_JSON")),
         case(Method::PUT, format!("/_matrix/client/v3/rooms/{r}/redact/{e}/r3"), Some(not_json), true, Some("M_NOT_JSON")),
         // Membership.

@@ -165,6 +165,16 @@ pub async fn redact(
         .room(room_id.as_str())
         .await?
         .ok_or_else(|| MatrixError::not_found("Unknown room"))?;
+    // As Synapse does: a redaction names an event of its own room. (One we
+    // have not seen is accepted: it may still arrive, and the redaction
+    // waits for it.)
+    if let Some(stored) = state.store.event(target.as_str()).await?
+        && stored.room_id != room_id.as_str()
+    {
+        return Err(MatrixError::invalid_param(
+            "the event to redact is in another room",
+        ));
+    }
     let version = ruma::RoomVersionId::try_from(room_row.room_version.as_str())
         .map_err(|e| MatrixError::internal(e.to_string()))?;
     let content_redacts = version

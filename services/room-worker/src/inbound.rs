@@ -857,36 +857,17 @@ impl<'e> Turn<'e> {
     }
 
     /// What an accepted redaction from another server hides
-    /// ([`RoomState::federated_redaction_reach`]): its target when stored and
-    /// within reach, or the target once it arrives when it has not.
+    /// ([`RoomState::federated_redaction_reach`], [`Store::redacts`]).
     async fn redaction_target(
         &self,
         redaction: &Pdu,
         target: &EventId,
     ) -> Result<Option<Redacts>, StoreError> {
         let reach = self.room.federated_redaction_reach(redaction.sender());
-        let target_sender = match self.pdus.get(target) {
-            Some(pdu) => pdu.sender().to_owned(),
-            None => match self
-                .store
-                .event_sender(target.as_str(), self.room.room_id().as_str())
-                .await?
-            {
-                Some(sender) => match tessera_events::ruma::OwnedUserId::try_from(sender) {
-                    Ok(sender) => sender,
-                    Err(_) => return Ok(None),
-                },
-                None => {
-                    return Ok(Some(Redacts::Unseen {
-                        target: target.to_string(),
-                        reach,
-                    }));
-                }
-            },
-        };
-        Ok(reach
-            .covers(&target_sender)
-            .then(|| Redacts::Stored(target.to_string())))
+        let sender = self.pdus.get(target).map(|pdu| pdu.sender());
+        self.store
+            .redacts(self.room.room_id().as_str(), target.as_str(), reach, sender)
+            .await
     }
 
     /// Move the room to a new head after an accepted event: resolve the

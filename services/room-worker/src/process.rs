@@ -17,7 +17,7 @@ use tessera_events::Pdu;
 use tessera_events::build::{BuildError, EventTemplate, build_create_event, v12_room_id};
 use tessera_events::room_state::{Applied, CreateError, RoomState};
 use tessera_events::room_version;
-use tessera_events::ruma::{EventId, OwnedEventId, OwnedUserId, RoomId, RoomVersionId, UserId};
+use tessera_events::ruma::{EventId, OwnedEventId, RoomId, RoomVersionId, UserId};
 use tessera_replication::EventEntry;
 use tessera_storage::StoreError;
 use tessera_storage::persist::{
@@ -383,9 +383,9 @@ async fn build_turn(
     (working, accepted, outcomes)
 }
 
-/// What a local user's redaction hides: its target when stored (or created
-/// earlier in this batch) and within the redactor's reach, or the target
-/// once it arrives when it has not ([`Redacts::Unseen`]).
+/// What a local user's redaction hides ([`RoomState::redaction_reach`],
+/// [`tessera_storage::Store::redacts`]; a target created earlier in this
+/// batch counts as stored).
 async fn redaction_target(
     engine: &Engine,
     room: &RoomState,
@@ -394,29 +394,19 @@ async fn redaction_target(
     target: &EventId,
 ) -> Option<Redacts> {
     let reach = room.redaction_reach(redaction.sender());
-    let target_sender: OwnedUserId = match accepted.iter().find(|a| a.pdu.event_id() == target) {
-        Some(a) => a.pdu.sender().to_owned(),
-        None => match engine
-            .store
-            .event_sender(target.as_str(), room.room_id().as_str())
-            .await
-        {
-            Ok(Some(sender)) => OwnedUserId::try_from(sender).ok()?,
-            Ok(None) => {
-                return Some(Redacts::Unseen {
-                    target: target.to_string(),
-                    reach,
-                });
-            }
-            Err(error) => {
-                tracing::warn!(%error, %target, "cannot read a redaction's target: not applied");
-                return None;
-            }
-        },
-    };
-    reach
-        .covers(&target_sender)
-        .then(|| Redacts::Stored(target.to_string()))
+    let sender = accepted
+        .iter()
+        .find(|a| a.pdu.event_id() == target)
+        .map(|a| a.pdu.sender());
+    engine
+        .store
+        .redacts(room.room_id().as_str(), target.as_str(), reach, sender)
+        .await
+        .inspect_err(
+            |error| tracing::warn!(%error, %target, "cannot read a redaction's target: not applied"),
+        )
+        .ok()
+        .flatten()
 }
 
 fn answer_all(jobs: Vec<Job>, answer: Answer) {

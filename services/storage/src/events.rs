@@ -141,18 +141,6 @@ impl Store {
         Ok(row.as_ref().map(StoredEvent::from_row))
     }
 
-    /// The sender of a stored event of `room_id` (what deciding whether a
-    /// redaction applies to it needs), without reading the event itself.
-    pub async fn event_sender(&self, event_id: &str, room_id: &str) -> Result<Option<String>> {
-        let row = self
-            .query_opt(
-                "SELECT sender FROM events WHERE event_id = $1 AND room_id = $2",
-                &[&event_id, &room_id],
-            )
-            .await?;
-        Ok(row.map(|r| r.get(0)))
-    }
-
     pub async fn events_by_ids(&self, event_ids: &[String]) -> Result<Vec<StoredEvent>> {
         let sql = format!(
             "SELECT {EVENT_COLUMNS} FROM events e {EVENT_JOINS} WHERE e.event_id = ANY($1)"

@@ -9,6 +9,7 @@
 
 use crate::{Result, Store, StoreError, conflict};
 use tessera_events::room_state::RedactionReach;
+use tessera_events::ruma::UserId;
 
 /// A room being created by this batch.
 pub struct NewRoom {
@@ -280,6 +281,40 @@ WITH lease AS (
 SELECT first FROM lease";
 
 impl Store {
+    /// What a redaction with `reach` hides of `target`, in `room_id`: the
+    /// target when it is stored there and its sender (`sender`, when the
+    /// caller knows it already) is within reach; the target once it arrives
+    /// when it is not stored there yet.
+    pub async fn redacts(
+        &self,
+        room_id: &str,
+        target: &str,
+        reach: RedactionReach,
+        sender: Option<&UserId>,
+    ) -> Result<Option<Redacts>> {
+        let covered = match sender {
+            Some(sender) => reach.covers(sender),
+            None => match self
+                .query_opt(
+                    "SELECT sender FROM events WHERE event_id = $1 AND room_id = $2",
+                    &[&target, &room_id],
+                )
+                .await?
+            {
+                Some(row) => {
+                    UserId::parse(row.get::<_, &str>(0)).is_ok_and(|sender| reach.covers(&sender))
+                }
+                None => {
+                    return Ok(Some(Redacts::Unseen {
+                        target: target.to_owned(),
+                        reach,
+                    }));
+                }
+            },
+        };
+        Ok(covered.then(|| Redacts::Stored(target.to_owned())))
+    }
+
     /// Persist a batch in one round trip. Returns the position of each event,
     /// in order.
     pub async fn persist(&self, batch: &Batch) -> Result<Vec<i64>> {

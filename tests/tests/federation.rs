@@ -104,11 +104,17 @@ async fn a_remote_server_joins_and_talks() {
     remote.join(&room, &bob).await.expect("join");
     let loaded_after_join = metric(&cluster, "tessera_room_worker_events_loaded_total").await;
     let message = remote.text(&room, &bob, "hello from afar");
+    // A receipt in a room the remote has no member in is not kept.
+    let elsewhere = api
+        .create_room(&alice, json!({ "preset": "public_chat" }))
+        .await;
+    let read = json!({ "event_ids": [message.event_id().as_str()], "data": { "ts": 1 } });
     let receipt = json!({
         "edu_type": "m.receipt",
-        "content": { room.as_str(): { "m.read": { bob.as_str(): {
-            "event_ids": [message.event_id().as_str()], "data": { "ts": 1 }
-        } } } }
+        "content": {
+            room.as_str(): { "m.read": { bob.as_str(): read } },
+            elsewhere.as_str(): { "m.read": { bob.as_str(): read } }
+        }
     });
     let (status, answer) = remote
         .send("txn1", &[json_of(&message)], std::slice::from_ref(&receipt))
@@ -142,7 +148,7 @@ async fn a_remote_server_joins_and_talks() {
     );
 
     // The same transaction again, once its answer is recorded, changes
-    // nothing: the same answer, no second event, the EDU kept once.
+    // nothing: the same answer, no second event, the receipt kept once.
     let store = cluster.store().await;
     for _ in 0..100 {
         if store
@@ -160,7 +166,28 @@ async fn a_remote_server_joins_and_talks() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let sync = api.sync(&alice, Some(&since), 0).await;
     assert!(bodies(&timeline(&sync, &room)).is_empty(), "nothing twice");
-    assert_eq!(received_edus(&cluster, "m.receipt").await, 1);
+    assert_eq!(
+        remote_receipts(&cluster, &room).await,
+        [(bob.to_string(), json!([message.event_id().as_str()]))],
+        "the receipt is kept as bob's one receipt in the room"
+    );
+    assert!(remote_receipts(&cluster, &elsewhere).await.is_empty());
+}
+
+/// The remote read receipts kept for a room: (user, event IDs).
+async fn remote_receipts(cluster: &TestCluster, room: &str) -> Vec<(String, Value)> {
+    cluster
+        .db()
+        .await
+        .query(
+            "SELECT user_id, event_ids FROM remote_receipts WHERE room_id = $1 ORDER BY user_id",
+            &[&room],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
 }
 
 /// A message from the remote whose signature is replaced by a wrong one:

@@ -273,7 +273,17 @@ async fn a_synapse_user_knocks_invites_types_and_leaves() {
         )
         .await;
     assert_eq!(status, 200, "{body}");
-    eventually("Synapse's receipt EDU", &synapse, || kept("m.receipt")).await;
+    eventually("Synapse's read receipt", &synapse, || async {
+        db.query_opt(
+            "SELECT 1 FROM remote_receipts WHERE room_id = $1 AND user_id = $2 AND receipt_type = 'm.read'
+             AND event_ids ? $3",
+            &[&lobby, &sam, &read],
+        )
+        .await
+        .unwrap()
+        .is_some()
+    })
+    .await;
     let (status, body) = synapse
         .call(
             Method::POST,

@@ -1,5 +1,6 @@
 //! Routes of the server-server API and the key API.
 
+mod edus;
 mod invite;
 mod keys;
 mod membership;

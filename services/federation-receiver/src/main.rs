@@ -119,8 +119,8 @@ async fn run(started: Started) -> anyhow::Result<()> {
 
 /// EDUs whose meaning expires within seconds (who is typing, who is
 /// online): kept for an hour at most, so that a stream of them cannot
-/// fill the database while nothing consumes them. Receipts, device lists
-/// and to-device messages are kept.
+/// fill the database while nothing consumes them. Device lists and
+/// to-device messages are kept (receipts are kept apart, one per reader).
 const EPHEMERAL_EDUS: [&str; 2] = ["m.typing", "m.presence"];
 const EPHEMERAL_EDU_RETENTION: Duration = Duration::from_secs(3600);
 

@@ -1,9 +1,28 @@
 //! Federation state: remote servers' keys, inbound transactions, the staging
-//! queue of PDUs waiting for their room's owner, outliers and received EDUs.
+//! queue of PDUs waiting for their room's owner, outliers, received EDUs and
+//! remote read receipts.
+
+use std::collections::HashMap;
 
 use tokio_postgres::types::Type;
 
 use crate::{Result, Store, conflict};
+
+/// A remote user's read receipt in a room, from an `m.receipt` EDU.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RemoteReceipt {
+    pub room_id: String,
+    pub receipt_type: String,
+    pub user_id: String,
+    /// Empty for an unthreaded receipt.
+    pub thread_id: String,
+    pub event_ids: Vec<String>,
+    /// The receipt's `data` (its `ts`, and `thread_id` when threaded).
+    pub data: serde_json::Value,
+    /// `data.ts`; 0 when absent.
+    pub ts: i64,
+    pub origin: String,
+}
 
 /// A PDU waiting in staging.
 #[derive(Debug, Clone)]
@@ -308,6 +327,56 @@ impl Store {
                 state_group: r.get(6),
             })
             .collect())
+    }
+
+    /// Keep remote users' receipts, the newest (by `ts`) of each room,
+    /// receipt type, user and thread replacing the one before.
+    pub async fn store_receipts(&self, receipts: &[RemoteReceipt]) -> Result<()> {
+        // One row per key in a statement: the last of the batch wins.
+        let mut newest: HashMap<(&str, &str, &str, &str), &RemoteReceipt> = HashMap::new();
+        for r in receipts {
+            let key = (
+                r.room_id.as_str(),
+                r.receipt_type.as_str(),
+                r.user_id.as_str(),
+                r.thread_id.as_str(),
+            );
+            if newest.get(&key).is_none_or(|kept| kept.ts <= r.ts) {
+                newest.insert(key, r);
+            }
+        }
+        if newest.is_empty() {
+            return Ok(());
+        }
+        let rows: Vec<&RemoteReceipt> = newest.into_values().collect();
+        let column = |f: fn(&RemoteReceipt) -> &str| rows.iter().map(|r| f(r)).collect::<Vec<_>>();
+        let event_ids: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|r| serde_json::json!(r.event_ids))
+            .collect();
+        let data: Vec<&serde_json::Value> = rows.iter().map(|r| &r.data).collect();
+        let ts: Vec<i64> = rows.iter().map(|r| r.ts).collect();
+        self.execute(
+            "INSERT INTO remote_receipts (room_id, receipt_type, user_id, thread_id, event_ids, data, ts, origin)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::jsonb[],
+                                  $7::bigint[], $8::text[])
+             ON CONFLICT (room_id, receipt_type, user_id, thread_id) DO UPDATE
+             SET event_ids = EXCLUDED.event_ids, data = EXCLUDED.data, ts = EXCLUDED.ts,
+                 origin = EXCLUDED.origin, received_at = now()
+             WHERE remote_receipts.ts <= EXCLUDED.ts",
+            &[
+                &column(|r| r.room_id.as_str()),
+                &column(|r| r.receipt_type.as_str()),
+                &column(|r| r.user_id.as_str()),
+                &column(|r| r.thread_id.as_str()),
+                &event_ids,
+                &data,
+                &ts,
+                &column(|r| r.origin.as_str()),
+            ],
+        )
+        .await?;
+        Ok(())
     }
 
     /// Keep a transaction's EDUs (type, content) until the feature that

@@ -139,7 +139,7 @@ pub async fn send(
     let (repeat, staged, edus_kept) = tokio::join!(
         state.store.federation_txn(origin.as_str(), &txn),
         check_and_stage(&state, origin.as_str(), pdus),
-        keep_edus(&state, origin.as_str(), &txn, edus),
+        super::edus::keep(&state, origin.as_str(), &txn, edus),
     );
     edus_kept?;
     if let Some(response) = repeat? {
@@ -166,42 +166,6 @@ pub async fn send(
     metrics::counter!("tessera_federation_server_transactions_total", "result" => "ok")
         .increment(1);
     Ok(Json(response))
-}
-
-/// Keeps a transaction's EDUs (those with a type and content) until the
-/// features that consume them exist.
-async fn keep_edus(
-    state: &AppState,
-    origin: &str,
-    txn: &str,
-    edus: Vec<Value>,
-) -> Result<(), MatrixError> {
-    let edus: Vec<(String, Value)> = edus
-        .into_iter()
-        .filter_map(|mut e| {
-            let kind = e.get("edu_type")?.as_str()?.to_owned();
-            Some((kind, e.get_mut("content")?.take()))
-        })
-        .collect();
-    if edus.is_empty() {
-        return Ok(());
-    }
-    for (kind, _) in &edus {
-        // Label values from a fixed list: a remote names the type.
-        let label = match kind.as_str() {
-            "m.typing"
-            | "m.receipt"
-            | "m.presence"
-            | "m.device_list_update"
-            | "m.direct_to_device"
-            | "m.signing_key_update" => kind.clone(),
-            _ => "other".to_owned(),
-        };
-        metrics::counter!("tessera_federation_server_received_edus_total", "type" => label)
-            .increment(1);
-    }
-    state.store.store_edus(origin, txn, &edus).await?;
-    Ok(())
 }
 
 /// Checks each PDU, hands each room's good ones to the room's owner (all

@@ -1,9 +1,11 @@
-//! Inbound transaction records (kept for retries) and kept EDUs: pruned by age.
+//! Inbound transaction records (kept for retries), kept EDUs (pruned by age)
+//! and remote read receipts (the newest per reader).
 
 use std::time::Duration;
 
 use serde_json::json;
 
+use crate::federation::RemoteReceipt;
 use crate::test_util;
 
 /// Records older than the retention go, in batches, and younger ones stay
@@ -132,6 +134,52 @@ async fn old_edus_of_the_given_types_are_pruned() {
         [
             ("m.receipt".to_owned(), "old".to_owned()),
             ("m.typing".to_owned(), "young".to_owned())
+        ]
+    );
+}
+
+/// A reader's newer receipt replaces the older one (in one batch or
+/// across batches); an older one arriving late changes nothing.
+#[tokio::test]
+async fn a_readers_newest_receipt_is_kept() {
+    let store = test_util::store().await;
+    let receipt = |user: &str, event: &str, ts: i64| RemoteReceipt {
+        room_id: "!r:here".to_owned(),
+        receipt_type: "m.read".to_owned(),
+        user_id: user.to_owned(),
+        thread_id: String::new(),
+        event_ids: vec![event.to_owned()],
+        data: json!({ "ts": ts }),
+        ts,
+        origin: "there".to_owned(),
+    };
+    store
+        .store_receipts(&[
+            receipt("@a:there", "$1", 1),
+            receipt("@a:there", "$2", 2),
+            receipt("@b:there", "$1", 1),
+        ])
+        .await
+        .unwrap();
+    store
+        .store_receipts(&[receipt("@a:there", "$3", 3), receipt("@b:there", "$0", 0)])
+        .await
+        .unwrap();
+    let kept: Vec<(String, serde_json::Value)> = store
+        .query(
+            "SELECT user_id, event_ids FROM remote_receipts ORDER BY user_id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        kept,
+        [
+            ("@a:there".to_owned(), json!(["$3"])),
+            ("@b:there".to_owned(), json!(["$1"]))
         ]
     );
 }

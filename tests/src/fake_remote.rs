@@ -438,6 +438,18 @@ impl FakeRemote {
         self.build_after(room_id, sender, kind, state_key, content, None)
     }
 
+    /// A text message that skips the auth rules, as [`Self::build_unchecked`]
+    /// makes it.
+    pub fn text_unchecked(&self, room_id: &str, sender: &UserId, body: &str) -> Arc<Pdu> {
+        self.build_unchecked(
+            room_id,
+            sender,
+            "m.room.message",
+            None,
+            json!({ "msgtype": "m.text", "body": body }),
+        )
+    }
+
     /// As [`Self::build_unchecked`], but on the given prev_events (and their
     /// depth) when given: auth events still come from this server's view of
     /// the room, which may be older than those prev_events.

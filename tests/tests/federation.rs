@@ -198,13 +198,7 @@ fn forged_message(
     sender: &UserId,
     body: &str,
 ) -> (Arc<Pdu>, Value) {
-    let forged = remote.build_unchecked(
-        room,
-        sender,
-        "m.room.message",
-        None,
-        json!({ "msgtype": "m.text", "body": body }),
-    );
+    let forged = remote.text_unchecked(room, sender, body);
     let mut forged_json = json_of(&forged);
     let signatures = forged_json["signatures"][remote.server_name.as_str()]
         .as_object_mut()
@@ -270,13 +264,7 @@ async fn pdus_from_a_server_the_acl_denies_are_dropped() {
     .await;
     // Not applied to the remote's own view of the room, so the next message
     // does not build on it.
-    let denied = remote.build_unchecked(
-        &room,
-        &bob,
-        "m.room.message",
-        None,
-        json!({ "msgtype": "m.text", "body": "denied" }),
-    );
+    let denied = remote.text_unchecked(&room, &bob, "denied");
     let (status, answer) = remote.send("acl1", &[json_of(&denied)], &[]).await;
     assert_eq!(status, 200, "{answer}");
     assert!(
@@ -406,33 +394,15 @@ async fn broken_pdus_are_dropped_redacted_or_rejected() {
     // A bad signature: dropped, with an error for that PDU.
     let (forged, forged_json) = forged_message(&remote, &room, &bob, "forged");
     // A bad content hash: the body changed after signing. Kept, redacted.
-    let tampered = remote.build_unchecked(
-        &room,
-        &bob,
-        "m.room.message",
-        None,
-        json!({ "msgtype": "m.text", "body": "original" }),
-    );
+    let tampered = remote.text_unchecked(&room, &bob, "original");
     let mut tampered_json = json_of(&tampered);
     tampered_json["content"]["body"] = json!("tampered");
     // Oversized: over 65,536 bytes. Dropped.
-    let mut huge = json_of(&remote.build_unchecked(
-        &room,
-        &bob,
-        "m.room.message",
-        None,
-        json!({ "msgtype": "m.text", "body": "big" }),
-    ));
+    let mut huge = json_of(&remote.text_unchecked(&room, &bob, "big"));
     huge["content"]["padding"] = json!("x".repeat(70_000));
     // Fails the auth rules: a server that never joined speaks. Rejected.
     let mallory = remote.user("mallory");
-    let intruder = remote.build_unchecked(
-        &room,
-        &mallory,
-        "m.room.message",
-        None,
-        json!({ "msgtype": "m.text", "body": "let me in" }),
-    );
+    let intruder = remote.text_unchecked(&room, &mallory, "let me in");
     // Fails the auth rules: Bob (power 0) renames the room. Rejected.
     let rename = remote.build_unchecked(
         &room,
@@ -1887,13 +1857,7 @@ async fn a_redaction_hides_a_target_that_arrives_after_it() {
     let joins = remote.member_joins(&room, 1);
     send_accepted(&remote, "t0", &joins[0]).await;
     let carol = remote.user("member-0");
-    let late = remote.build_unchecked(
-        &room,
-        &carol,
-        "m.room.message",
-        None,
-        json!({ "msgtype": "m.text", "body": "spam from carol" }),
-    );
+    let late = remote.text_unchecked(&room, &carol, "spam from carol");
     let redaction = remote.build_unchecked(
         &room,
         &bob,

@@ -3,8 +3,9 @@
 //! remote servers use the same code with a self-signed certificate).
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
@@ -35,6 +36,22 @@ pub fn acceptor_from_pem(cert_pem: &[u8], key_pem: &[u8]) -> Result<TlsAcceptor,
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
+/// A peer that has not finished its TLS handshake by then is dropped, and
+/// one that has not sent a request's headers (HTTP/1.1) by
+/// [`HEADER_TIMEOUT`] after the last request is closed: a listener exposed
+/// directly (8448) has no proxy in front to cut off peers that open
+/// connections and then stall, each holding a socket and a task.
+const HANDSHAKE_TIMEOUT: Duration = if cfg!(test) {
+    Duration::from_millis(300)
+} else {
+    Duration::from_secs(10)
+};
+const HEADER_TIMEOUT: Duration = if cfg!(test) {
+    Duration::from_millis(300)
+} else {
+    Duration::from_secs(30)
+};
+
 /// Serve `routes` over TLS until `shutdown` resolves; then stop accepting,
 /// and return once the requests under way are answered (each connection
 /// closes after its current request, as `axum::serve`'s graceful shutdown
@@ -61,15 +78,23 @@ pub async fn serve(
         let _ = tcp.set_nodelay(true);
         let (acceptor, routes, watcher) = (acceptor.clone(), routes.clone(), connections.watcher());
         tokio::spawn(async move {
-            let stream = match acceptor.accept(tcp).await {
-                Ok(stream) => stream,
-                Err(error) => {
+            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(error)) => {
                     tracing::debug!(%peer, %error, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "TLS handshake timed out");
                     return;
                 }
             };
             let service = TowerToHyperService::new(routes);
-            let builder = Builder::new(TokioExecutor::new());
+            let mut builder = Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT);
             let connection = builder.serve_connection(TokioIo::new(stream), service);
             if let Err(error) = watcher.watch(connection).await {
                 tracing::debug!(%peer, %error, "connection ended with an error");
@@ -89,18 +114,93 @@ mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::sync::Notify;
 
-    /// Shutdown stops new connections at once, and `serve` returns only once
-    /// the request under way has been answered.
-    #[tokio::test]
-    async fn shutdown_lets_the_requests_under_way_finish() {
+    /// A TLS server on loopback, the stop for it, and its certificate.
+    struct Server {
+        address: std::net::SocketAddr,
+        stop: tokio::sync::oneshot::Sender<()>,
+        task: tokio::task::JoinHandle<()>,
+        certificate: rustls::pki_types::CertificateDer<'static>,
+    }
+
+    async fn start(routes: axum::Router) -> Server {
         let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
         let acceptor = super::acceptor_from_pem(
             cert.cert.pem().as_bytes(),
             cert.signing_key.serialize_pem().as_bytes(),
         )
         .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(super::serve(listener, acceptor, routes, async {
+            let _ = stopped.await;
+        }));
+        Server {
+            address,
+            stop,
+            task,
+            certificate: cert.cert.der().clone(),
+        }
+    }
+
+    /// Whether the server closes `stream` (EOF or reset) within 10 s.
+    async fn closed_by_server(mut stream: impl tokio::io::AsyncRead + Unpin) -> bool {
+        let mut buffer = [0u8; 1024];
+        let read = async {
+            loop {
+                match stream.read(&mut buffer).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => continue,
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), read)
+            .await
+            .is_ok()
+    }
+
+    /// A peer that connects and never starts its TLS handshake, or finishes
+    /// it and never finishes a request's headers, is disconnected.
+    #[tokio::test]
+    async fn peers_that_stall_are_disconnected() {
+        let routes = axum::Router::new().route("/", axum::routing::get(|| async { "hi" }));
+        let server = start(routes).await;
+
+        let silent = tokio::net::TcpStream::connect(server.address)
+            .await
+            .unwrap();
+        assert!(closed_by_server(silent).await, "no handshake: dropped");
+
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(server.certificate.clone()).unwrap();
+        let mut config = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let tcp = tokio::net::TcpStream::connect(server.address)
+            .await
+            .unwrap();
+        let mut tls = connector
+            .connect("127.0.0.1".try_into().unwrap(), tcp)
+            .await
+            .expect("handshake");
+        tls.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        assert!(
+            closed_by_server(tls).await,
+            "headers never finished: closed"
+        );
+    }
+
+    /// Shutdown stops new connections at once, and `serve` returns only once
+    /// the request under way has been answered.
+    #[tokio::test]
+    async fn shutdown_lets_the_requests_under_way_finish() {
         let (entered, release) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
         let routes = axum::Router::new().route(
             "/slow",
@@ -113,12 +213,12 @@ mod tests {
                 }
             }),
         );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(super::serve(listener, acceptor, routes, async {
-            let _ = stopped.await;
-        }));
+        let Server {
+            address,
+            stop,
+            task: server,
+            ..
+        } = start(routes).await;
         let client = reqwest::Client::builder()
             .danger_accept_invalid_certs(true)
             .build()

@@ -3,7 +3,8 @@
 //! content hash), grouped by room and staged at each room's owner, which
 //! also applies the room's server ACL. Answered when every group is staged;
 //! processing goes on per room. The same transaction ID from the same origin
-//! gets the same answer.
+//! gets the same answer. The transaction's EDUs are kept beside all this
+//! (`edus.rs`), whatever becomes of its PDUs.
 
 use std::collections::{BTreeMap, HashMap};
 

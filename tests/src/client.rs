@@ -103,6 +103,12 @@ impl Api {
         value["room_id"].as_str().expect("room_id").to_owned()
     }
 
+    /// A public room (`preset: public_chat`) created by `user`.
+    pub async fn public_room(&self, user: &TestUser) -> String {
+        self.create_room(user, json!({ "preset": "public_chat" }))
+            .await
+    }
+
     pub async fn send_text(&self, user: &TestUser, room: &str, txn: &str, body: &str) -> String {
         let path = format!(
             "/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}",

@@ -27,9 +27,7 @@ async fn admins_review_recent_signups_and_deactivate_spammers() {
     let admin = cluster.register_admin("moderator").await;
     let alice = cluster.register("alice").await;
     let spammer = cluster.register("spammer").await;
-    let room = api
-        .create_room(&alice, json!({ "preset": "public_chat" }))
-        .await;
+    let room = api.public_room(&alice).await;
     api.join(&spammer, &room).await;
 
     // Newest first: the spammer signed up last.

@@ -60,9 +60,7 @@ async fn joined() -> Joined {
     let cluster = TestCluster::start(federated(1)).await;
     let api = cluster.api();
     let alice = cluster.register("alice").await;
-    let room = api
-        .create_room(&alice, json!({ "preset": "public_chat" }))
-        .await;
+    let room = api.public_room(&alice).await;
     let remote = FakeRemote::start(&cluster.server_name).await;
     let bob = remote.user("bob");
     remote.join(&room, &bob).await.expect("join");
@@ -94,9 +92,7 @@ async fn a_remote_server_joins_and_talks() {
     let cluster = TestCluster::start(federated(1)).await;
     let api = cluster.api();
     let alice = cluster.register("alice").await;
-    let room = api
-        .create_room(&alice, json!({ "preset": "public_chat" }))
-        .await;
+    let room = api.public_room(&alice).await;
     let mut since = api.initial_token(&alice).await;
 
     let remote = FakeRemote::start(&cluster.server_name).await;
@@ -105,9 +101,7 @@ async fn a_remote_server_joins_and_talks() {
     let loaded_after_join = metric(&cluster, "tessera_room_worker_events_loaded_total").await;
     let message = remote.text(&room, &bob, "hello from afar");
     // A receipt in a room the remote has no member in is not kept.
-    let elsewhere = api
-        .create_room(&alice, json!({ "preset": "public_chat" }))
-        .await;
+    let elsewhere = api.public_room(&alice).await;
     let read = json!({ "event_ids": [message.event_id().as_str()], "data": { "ts": 1 } });
     let receipt = json!({
         "edu_type": "m.receipt",
@@ -1351,12 +1345,8 @@ async fn a_flooded_room_does_not_hold_back_a_quiet_one() {
     let cluster = TestCluster::start(federated(1)).await;
     let api = cluster.api();
     let alice = cluster.register("alice").await;
-    let busy = api
-        .create_room(&alice, json!({ "preset": "public_chat" }))
-        .await;
-    let quiet = api
-        .create_room(&alice, json!({ "preset": "public_chat" }))
-        .await;
+    let busy = api.public_room(&alice).await;
+    let quiet = api.public_room(&alice).await;
     let flooder = FakeRemote::start(&cluster.server_name).await;
     let talker = FakeRemote::start(&cluster.server_name).await;
     let spammer = flooder.user("spam");
@@ -1499,9 +1489,7 @@ async fn staged_pdus_survive_a_killed_room_worker_exactly_once() {
     .await;
     let api = cluster.api();
     let alice = cluster.register("alice").await;
-    let room = api
-        .create_room(&alice, json!({ "preset": "public_chat" }))
-        .await;
+    let room = api.public_room(&alice).await;
     let remote = FakeRemote::start(&cluster.server_name).await;
     let bob = remote.user("bob");
     remote.join(&room, &bob).await.unwrap();
@@ -1590,12 +1578,8 @@ async fn backpressure_slows_only_the_busy_origin_and_room() {
     .await;
     let api = cluster.api();
     let alice = cluster.register("alice").await;
-    let busy = api
-        .create_room(&alice, json!({ "preset": "public_chat" }))
-        .await;
-    let quiet = api
-        .create_room(&alice, json!({ "preset": "public_chat" }))
-        .await;
+    let busy = api.public_room(&alice).await;
+    let quiet = api.public_room(&alice).await;
     let hasty = FakeRemote::start(&cluster.server_name).await;
     let backlogged = FakeRemote::start(&cluster.server_name).await;
     let calm = FakeRemote::start(&cluster.server_name).await;
@@ -1717,9 +1701,7 @@ async fn membership_events_take_tokens_and_wait_for_permits() {
     .await;
     let api = cluster.api();
     let alice = cluster.register("alice").await;
-    let room = api
-        .create_room(&alice, json!({ "preset": "public_chat" }))
-        .await;
+    let room = api.public_room(&alice).await;
 
     // Joins one after another from one server: the burst admits two, then
     // the rate (one a second) refuses most of the rest.
@@ -1987,9 +1969,7 @@ async fn a_join_with_omit_members_gets_the_heroes_and_the_auth_chain_only() {
     let cluster = TestCluster::start(federated(1)).await;
     let api = cluster.api();
     let alice = cluster.register("alice").await;
-    let unnamed = api
-        .create_room(&alice, json!({ "preset": "public_chat" }))
-        .await;
+    let unnamed = api.public_room(&alice).await;
     let named = api
         .create_room(&alice, json!({ "preset": "public_chat", "name": "Lobby" }))
         .await;

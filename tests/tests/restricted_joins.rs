@@ -47,10 +47,7 @@ fn refusal(result: Result<impl std::fmt::Debug, FederationError>) -> (u16, Strin
 async fn federated_with_a_space() -> (TestCluster, TestUser, String) {
     let cluster = TestCluster::start(Spec::federated(1)).await;
     let alice = cluster.register("alice").await;
-    let space = cluster
-        .api()
-        .create_room(&alice, json!({ "preset": "public_chat" }))
-        .await;
+    let space = cluster.api().public_room(&alice).await;
     (cluster, alice, space)
 }
 
@@ -163,9 +160,7 @@ async fn local_members_of_an_allowed_room_join_without_an_invite() {
     let api = cluster.api();
     let alice = cluster.register("alice").await;
     let dan = cluster.register("dan").await;
-    let space = api
-        .create_room(&alice, json!({ "preset": "public_chat" }))
-        .await;
+    let space = api.public_room(&alice).await;
     let room = create_restricted_room(&cluster, &alice, "10", &space, json!({})).await;
     let join = format!("/_matrix/client/v3/join/{}", enc(&room));
 

@@ -27,6 +27,12 @@ async fn synapse_join(synapse: &Synapse, token: &str, room: &str, via: &str) -> 
         .await
 }
 
+/// Synapse's user joins `room` through `via`, which must succeed.
+async fn synapse_joins(synapse: &Synapse, token: &str, room: &str, via: &str) {
+    let (status, body) = synapse_join(synapse, token, room, via).await;
+    assert_eq!(status, 200, "join {room}: {body}\n{}", synapse.log_tail());
+}
+
 /// Sync as `user` (bounded) until `room`'s timeline holds a message `body`.
 async fn wait_for_message(cluster: &TestCluster, user: &TestUser, room: &str, body: &str) -> Value {
     let api = cluster.api();
@@ -97,8 +103,7 @@ async fn a_synapse_user_joins_talks_and_joins_a_restricted_room() {
         .await;
     api.send_text(&alice, &lobby, "t1", "hello from tessera")
         .await;
-    let (status, body) = synapse_join(&synapse, &token, &lobby, &ours).await;
-    assert_eq!(status, 200, "{body}\n{}", synapse.log_tail());
+    synapse_joins(&synapse, &token, &lobby, &ours).await;
     let store = cluster.store().await;
     assert_eq!(
         store.membership(&lobby, &sam).await.unwrap().as_deref(),
@@ -142,8 +147,7 @@ async fn a_synapse_user_joins_talks_and_joins_a_restricted_room() {
 
     // A room restricted to the lobby's members: we vouch for sam.
     let restricted = restricted_to(&cluster, &alice, &lobby).await;
-    let (status, body) = synapse_join(&synapse, &token, &restricted, &ours).await;
-    assert_eq!(status, 200, "{body}\n{}", synapse.log_tail());
+    synapse_joins(&synapse, &token, &restricted, &ours).await;
     let member = api.member(&alice, &restricted, &sam).await;
     assert_eq!(member["membership"], "join");
     assert_eq!(
@@ -221,11 +225,8 @@ async fn a_synapse_user_knocks_invites_types_and_leaves() {
     );
 
     // Typing in a room both are in: Synapse's EDU is accepted and kept.
-    let lobby = api
-        .create_room(&alice, json!({ "preset": "public_chat" }))
-        .await;
-    let (status, body) = synapse_join(&synapse, &token, &lobby, &ours).await;
-    assert_eq!(status, 200, "{body}");
+    let lobby = api.public_room(&alice).await;
+    synapse_joins(&synapse, &token, &lobby, &ours).await;
     let (status, body) = synapse
         .call(
             Method::PUT,
@@ -446,11 +447,8 @@ async fn synapse_users_rename_rejoin_and_are_banned() {
         ours,
     } = peers().await;
     let api = cluster.api();
-    let lobby = api
-        .create_room(&alice, json!({ "preset": "public_chat" }))
-        .await;
-    let (status, body) = synapse_join(&synapse, &token, &lobby, &ours).await;
-    assert_eq!(status, 200, "{body}");
+    let lobby = api.public_room(&alice).await;
+    synapse_joins(&synapse, &token, &lobby, &ours).await;
 
     // A new display name: Synapse sends sam's membership again, with it.
     let (status, body) = synapse
@@ -474,8 +472,7 @@ async fn synapse_users_rename_rejoin_and_are_banned() {
         api.member(&alice, &lobby, &sam).await["membership"] == "leave"
     })
     .await;
-    let (status, body) = synapse_join(&synapse, &token, &lobby, &ours).await;
-    assert_eq!(status, 200, "{body}\n{}", synapse.log_tail());
+    synapse_joins(&synapse, &token, &lobby, &ours).await;
     assert_eq!(api.member(&alice, &lobby, &sam).await["membership"], "join");
 
     // Banned here (Synapse does not hear of it: we send nothing yet), sam
@@ -600,11 +597,8 @@ async fn a_burst_from_synapse_arrives_whole_and_in_order() {
         ..
     } = peers().await;
     let api = cluster.api();
-    let room = api
-        .create_room(&alice, json!({ "preset": "public_chat" }))
-        .await;
-    let (status, body) = synapse_join(&synapse, &token, &room, &ours).await;
-    assert_eq!(status, 200, "{body}");
+    let room = api.public_room(&alice).await;
+    synapse_joins(&synapse, &token, &room, &ours).await;
     // One after another: Synapse batches what queues up while a
     // transaction to us is in flight.
     for i in 0..BURST {

@@ -59,9 +59,7 @@ async fn trace_context_crosses_http_grpc_and_redis() {
     .await;
     let api = cluster.api();
     let alice = cluster.register("alice").await;
-    let room = api
-        .create_room(&alice, json!({ "preset": "public_chat" }))
-        .await;
+    let room = api.public_room(&alice).await;
 
     // A client message with the caller's own trace context.
     let trace = "4bf92f3577b34da6a3ce929d0e0e4736";

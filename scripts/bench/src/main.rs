@@ -101,9 +101,7 @@ async fn measure(args: &Args, room_workers: usize) -> anyhow::Result<Report> {
     let bob = cluster.register("bob").await;
     let mut rooms = Vec::new();
     for _ in 0..args.rooms {
-        let room = api
-            .create_room(&alice, json!({ "preset": "public_chat" }))
-            .await;
+        let room = api.public_room(&alice).await;
         api.join(&bob, &room).await;
         rooms.push(room);
     }

@@ -108,9 +108,12 @@ async fn run(started: Started) -> anyhow::Result<()> {
         }
         (None, None) => {
             tracing::info!(listen = %listener.local_addr()?, "federation API listening (plain HTTP: terminate TLS in front)");
-            axum::serve(tessera_runtime::nodelay(listener), routes)
-                .with_graceful_shutdown(async move { shutdown.cancelled().await })
-                .await?;
+            tessera_runtime::http::serve(
+                listener,
+                routes,
+                async move { shutdown.cancelled().await },
+            )
+            .await;
         }
         _ => anyhow::bail!("federation_receiver.tls_certificate and tls_private_key go together"),
     }

@@ -5,10 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto::Builder;
-use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
+use tessera_runtime::http::Timeouts;
 use tokio_rustls::TlsAcceptor;
 
 /// A TLS acceptor from PEM files; the error says which file is wrong.
@@ -36,77 +33,50 @@ pub fn acceptor_from_pem(cert_pem: &[u8], key_pem: &[u8]) -> Result<TlsAcceptor,
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
-/// A peer that has not finished its TLS handshake by then is dropped, and
-/// one that has not sent a request's headers (HTTP/1.1) by
-/// [`HEADER_TIMEOUT`] after the last request is closed: a listener exposed
-/// directly (8448) has no proxy in front to cut off peers that open
-/// connections and then stall, each holding a socket and a task.
+/// A peer that has not finished its TLS handshake by then is dropped: a
+/// listener exposed directly (8448) has no proxy in front to cut off peers
+/// that open connections and then stall, each holding a socket and a task.
+/// Once the handshake is done, the timeouts of every HTTP listener apply.
 const HANDSHAKE_TIMEOUT: Duration = if cfg!(test) {
     Duration::from_millis(300)
 } else {
     Duration::from_secs(10)
 };
-const HEADER_TIMEOUT: Duration = if cfg!(test) {
-    Duration::from_millis(300)
+const TIMEOUTS: Timeouts = if cfg!(test) {
+    Timeouts {
+        first_byte: Duration::from_millis(300),
+        headers: Duration::from_millis(300),
+    }
 } else {
-    Duration::from_secs(30)
+    Timeouts::STANDARD
 };
 
-/// Serve `routes` over TLS until `shutdown` resolves; then stop accepting,
-/// and return once the requests under way are answered (each connection
-/// closes after its current request, as `axum::serve`'s graceful shutdown
-/// does for plain HTTP), so a rolling restart cuts no transaction short.
+/// Serve `routes` over TLS until `shutdown` resolves, then drain as
+/// [`tessera_runtime::http::serve_with`] does, so a rolling restart cuts no
+/// transaction short.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     acceptor: TlsAcceptor,
     routes: axum::Router,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    tokio::pin!(shutdown);
-    let connections = GracefulShutdown::new();
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    tracing::warn!(%error, "accept failed");
-                    continue;
-                }
-            },
-        };
-        let _ = tcp.set_nodelay(true);
-        let (acceptor, routes, watcher) = (acceptor.clone(), routes.clone(), connections.watcher());
-        tokio::spawn(async move {
-            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(stream)) => stream,
+    let handshake = move |tcp, peer: std::net::SocketAddr| {
+        let acceptor = acceptor.clone();
+        async move {
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(stream)) => Some(stream),
                 Ok(Err(error)) => {
                     tracing::debug!(%peer, %error, "TLS handshake failed");
-                    return;
+                    None
                 }
                 Err(_) => {
                     tracing::debug!(%peer, "TLS handshake timed out");
-                    return;
+                    None
                 }
-            };
-            let service = TowerToHyperService::new(routes);
-            let mut builder = Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT);
-            let connection = builder.serve_connection(TokioIo::new(stream), service);
-            if let Err(error) = watcher.watch(connection).await {
-                tracing::debug!(%peer, %error, "connection ended with an error");
             }
-        });
-    }
-    drop(listener);
-    let open = connections.count();
-    if open > 0 {
-        tracing::info!(open, "finishing the requests under way");
-    }
-    connections.shutdown().await;
+        }
+    };
+    tessera_runtime::http::serve_with(listener, routes, TIMEOUTS, shutdown, handshake).await
 }
 
 #[cfg(test)]
@@ -114,8 +84,8 @@ mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::sync::Notify;
+    use tessera_runtime::http::testing::closed_by_server;
+    use tokio::io::AsyncWriteExt;
 
     /// A TLS server on loopback, the stop for it, and its certificate.
     struct Server {
@@ -146,24 +116,9 @@ mod tests {
         }
     }
 
-    /// Whether the server closes `stream` (EOF or reset) within 10 s.
-    async fn closed_by_server(mut stream: impl tokio::io::AsyncRead + Unpin) -> bool {
-        let mut buffer = [0u8; 1024];
-        let read = async {
-            loop {
-                match stream.read(&mut buffer).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(_) => continue,
-                }
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(10), read)
-            .await
-            .is_ok()
-    }
-
     /// A peer that connects and never starts its TLS handshake, or finishes
-    /// it and never finishes a request's headers, is disconnected.
+    /// it and then sends nothing or never finishes a request's headers, is
+    /// disconnected.
     #[tokio::test]
     async fn peers_that_stall_are_disconnected() {
         let routes = axum::Router::new().route("/", axum::routing::get(|| async { "hi" }));
@@ -181,38 +136,36 @@ mod tests {
             .with_no_client_auth();
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-        let tcp = tokio::net::TcpStream::connect(server.address)
-            .await
-            .unwrap();
-        let mut tls = connector
-            .connect("127.0.0.1".try_into().unwrap(), tcp)
-            .await
-            .expect("handshake");
-        tls.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        let connect = || async {
+            let tcp = tokio::net::TcpStream::connect(server.address)
+                .await
+                .unwrap();
+            connector
+                .connect("127.0.0.1".try_into().unwrap(), tcp)
+                .await
+                .expect("handshake")
+        };
+
+        let quiet = connect().await;
+        assert!(
+            closed_by_server(quiet).await,
+            "nothing after the handshake: closed"
+        );
+
+        let mut half = connect().await;
+        half.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
             .await
             .unwrap();
         assert!(
-            closed_by_server(tls).await,
+            closed_by_server(half).await,
             "headers never finished: closed"
         );
     }
 
-    /// Shutdown stops new connections at once, and `serve` returns only once
-    /// the request under way has been answered.
+    /// A request over TLS is answered, and shutdown waits for it.
     #[tokio::test]
-    async fn shutdown_lets_the_requests_under_way_finish() {
-        let (entered, release) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
-        let routes = axum::Router::new().route(
-            "/slow",
-            axum::routing::get({
-                let (entered, release) = (Arc::clone(&entered), Arc::clone(&release));
-                move || async move {
-                    entered.notify_one();
-                    release.notified().await;
-                    "answered"
-                }
-            }),
-        );
+    async fn answers_over_tls_and_drains_on_shutdown() {
+        let routes = axum::Router::new().route("/", axum::routing::get(|| async { "hi" }));
         let Server {
             address,
             stop,
@@ -223,33 +176,17 @@ mod tests {
             .danger_accept_invalid_certs(true)
             .build()
             .unwrap();
-        let request = tokio::spawn(client.get(format!("https://{address}/slow")).send());
-        entered.notified().await;
-        stop.send(()).unwrap();
-
-        // New connections are refused (bounded wait), while serve still
-        // waits for the request under way.
-        let mut refused = false;
-        for _ in 0..100 {
-            if tokio::net::TcpStream::connect(address).await.is_err() {
-                refused = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert!(refused, "the listener closed on shutdown");
-        assert!(
-            !server.is_finished(),
-            "serve waits for the request under way"
-        );
-
-        release.notify_one();
-        let response = request.await.unwrap().unwrap();
+        let response = client
+            .get(format!("https://{address}/"))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(response.status(), 200);
-        assert_eq!(response.text().await.unwrap(), "answered");
+        assert_eq!(response.text().await.unwrap(), "hi");
+        stop.send(()).unwrap();
         tokio::time::timeout(Duration::from_secs(10), server)
             .await
-            .expect("serve returns once the request is answered")
+            .expect("serve returns on shutdown")
             .unwrap();
     }
 }

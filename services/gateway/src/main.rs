@@ -19,7 +19,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use sha2::{Digest, Sha256};
 use tessera_runtime::start::Started;
 
@@ -66,7 +66,13 @@ async fn run(started: Started) -> anyhow::Result<()> {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     let gateway = Arc::new(Gateway {
-        client: Client::builder(TokioExecutor::new()).build(connector),
+        // Idle upstream connections are dropped before the upstream's own
+        // keep-alive limit closes them, so no request goes out on a
+        // connection the other end is just closing.
+        client: Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(tessera_runtime::http::Timeouts::STANDARD.headers / 2)
+            .build(connector),
         client_api: parse_upstreams(&config.client_api, "client_api")?,
         sync_workers: parse_upstreams(&config.sync_workers, "sync_workers")?,
         next: AtomicUsize::new(0),
@@ -78,9 +84,7 @@ async fn run(started: Started) -> anyhow::Result<()> {
     started.health.set_ready(true);
     let app = axum::Router::new().fallback(proxy).with_state(gateway);
     let shutdown = started.shutdown.clone();
-    axum::serve(tessera_runtime::nodelay(listener), app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await?;
+    tessera_runtime::http::serve(listener, app, async move { shutdown.cancelled().await }).await;
     Ok(())
 }
 

@@ -79,8 +79,9 @@ pub async fn serve(
         .await
         .map_err(|e| anyhow::anyhow!("cannot bind admin listener on {addr}: {e}"))?;
     tracing::info!(%addr, "admin listener (health, metrics) started");
-    axum::serve(crate::nodelay(listener), router(health, Some(metrics)))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await?;
+    crate::http::serve(listener, router(health, Some(metrics)), async move {
+        shutdown.cancelled().await
+    })
+    .await;
     Ok(())
 }

@@ -7,6 +7,8 @@
 //!   start always explains itself, plus the Prometheus recorder.
 //! - [`admin`]: the admin HTTP listener every process serves: `/health/live`,
 //!   `/health/ready` and `/metrics`.
+//! - [`http`]: the accept loop of every HTTP listener, with header timeouts and a
+//!   drain on shutdown.
 //! - [`shutdown`]: SIGTERM/SIGINT handling and a cancellation token that tasks watch.
 //! - [`start`]: the common start-up sequence a binary's `main` calls.
 //! - [`bulk`]: low-priority threads for CPU-heavy bulk work.
@@ -15,6 +17,7 @@
 pub mod admin;
 pub mod bulk;
 pub mod config;
+pub mod http;
 pub mod shutdown;
 pub mod start;
 pub mod telemetry;
@@ -29,17 +32,4 @@ pub fn now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
-}
-
-/// A listener whose connections send small writes at once (`TCP_NODELAY`):
-/// request/response traffic on loopback otherwise waits on delayed ACKs.
-pub fn nodelay(
-    listener: tokio::net::TcpListener,
-) -> impl axum::serve::Listener<Addr = std::net::SocketAddr> {
-    use axum::serve::ListenerExt;
-    listener.tap_io(|tcp| {
-        if let Err(error) = tcp.set_nodelay(true) {
-            tracing::debug!(%error, "cannot set TCP_NODELAY");
-        }
-    })
 }

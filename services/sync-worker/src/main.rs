@@ -103,11 +103,11 @@ async fn run(started: Started) -> anyhow::Result<()> {
     tracing::info!(listen = %listener.local_addr()?, "sync listening");
     started.health.set_ready(true);
     let shutdown = started.shutdown.clone();
-    axum::serve(
-        tessera_runtime::nodelay(listener),
+    tessera_runtime::http::serve(
+        listener,
         api::router(state, started.admin_routes_for_main_listener(true)),
+        async move { shutdown.cancelled().await },
     )
-    .with_graceful_shutdown(async move { shutdown.cancelled().await })
-    .await?;
+    .await;
     Ok(())
 }

@@ -184,6 +184,97 @@ async fn remote_receipts(cluster: &TestCluster, room: &str) -> Vec<(String, Valu
         .collect()
 }
 
+/// Each EDU type is kept where its feature will read it, and only what the
+/// origin may send: its own users' device list and signing key updates, its
+/// own users' to-device messages for our devices; not another server's
+/// user's, nor an EDU type no one handles; typing as it came.
+#[tokio::test(flavor = "multi_thread")]
+async fn edus_are_kept_where_they_belong() {
+    let Joined {
+        cluster,
+        alice,
+        room,
+        remote,
+        bob,
+        ..
+    } = joined().await;
+    let edu = |kind: &str, content: Value| json!({ "edu_type": kind, "content": content });
+    let device = |user: &str, device: &str, stream_id: i64| {
+        edu(
+            "m.device_list_update",
+            json!({ "user_id": user, "device_id": device, "stream_id": stream_id, "keys": {} }),
+        )
+    };
+    let to_alice = |sender: &str, message_id: &str| {
+        edu(
+            "m.direct_to_device",
+            json!({
+                "sender": sender, "type": "m.room_key_request", "message_id": message_id,
+                "messages": {
+                    alice.user_id.as_str(): { "*": { "from": sender } },
+                    "@nobody:elsewhere": { "*": { "from": sender } }
+                }
+            }),
+        )
+    };
+    let edus = [
+        device(bob.as_str(), "BOBPHONE", 2),
+        device(bob.as_str(), "BOBPHONE", 1),
+        device("@mallory:elsewhere", "M", 1),
+        edu(
+            "m.signing_key_update",
+            json!({ "user_id": bob.as_str(), "master_key": { "user_id": bob.as_str() } }),
+        ),
+        to_alice(bob.as_str(), "m1"),
+        to_alice("@mallory:elsewhere", "m2"),
+        edu(
+            "m.typing",
+            json!({ "room_id": room.as_str(), "user_id": bob.as_str(), "typing": true }),
+        ),
+        edu("com.example.nonsense", json!({ "big": "x".repeat(1000) })),
+    ];
+    for txn in ["e1", "e1-again"] {
+        let (status, answer) = remote.send(txn, &[], &edus).await;
+        assert_eq!(status, 200, "{answer}");
+    }
+
+    let db = cluster.db().await;
+    let rows = |sql: &'static str| {
+        let db = &db;
+        async move {
+            db.query(sql, &[])
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| (0..r.len()).map(|i| r.get::<_, String>(i)).collect())
+                .collect::<Vec<Vec<String>>>()
+        }
+    };
+    assert_eq!(
+        rows("SELECT user_id, device_id, stream_id::text FROM remote_device_list_updates").await,
+        [[bob.as_str(), "BOBPHONE", "2"]]
+    );
+    assert_eq!(
+        rows("SELECT user_id, keys->'master_key'->>'user_id' FROM remote_signing_keys").await,
+        [[bob.as_str(), bob.as_str()]]
+    );
+    assert_eq!(
+        rows("SELECT user_id, device_id, sender, message_id FROM to_device_inbox").await,
+        [[
+            alice.user_id.as_str(),
+            alice.device_id.as_str(),
+            bob.as_str(),
+            "m1"
+        ]],
+        "once per device, however often sent; not from another server's user"
+    );
+    assert_eq!(
+        rows("SELECT edu_type FROM received_edus ORDER BY id").await,
+        [["m.typing"], ["m.typing"]],
+        "typing as it came (one per transaction); the unknown type dropped"
+    );
+}
+
 /// A message from the remote whose signature is replaced by a wrong one:
 /// the event (its ID is unchanged) and the JSON to send.
 fn forged_message(
@@ -221,6 +312,17 @@ async fn received_edus(cluster: &TestCluster, edu_type: &str) -> i64 {
             "SELECT count(*) FROM received_edus WHERE edu_type = $1",
             &[&edu_type],
         )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// How many to-device messages wait for our devices.
+async fn to_device_messages(cluster: &TestCluster) -> i64 {
+    cluster
+        .db()
+        .await
+        .query_one("SELECT count(*) FROM to_device_inbox", &[])
         .await
         .unwrap()
         .get(0)
@@ -1651,7 +1753,7 @@ async fn backpressure_slows_only_the_busy_origin_and_room() {
                 .await,
             &format!("a transaction for a room over its backlog, {attempt}"),
         );
-        assert_eq!(received_edus(&cluster, "m.direct_to_device").await, 1);
+        assert_eq!(to_device_messages(&cluster).await, 1);
     }
     // The same origin's transaction for another room, and another origin's, go through.
     let mut since = api.initial_token(&alice).await;

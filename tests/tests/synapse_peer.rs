@@ -298,8 +298,14 @@ async fn a_synapse_user_knocks_invites_types_and_leaves() {
         )
         .await;
     assert_eq!(status, 200, "{body}");
-    eventually("Synapse's device list update", &synapse, || {
-        kept("m.device_list_update")
+    eventually("Synapse's device list update", &synapse, || async {
+        db.query_opt(
+            "SELECT 1 FROM remote_device_list_updates WHERE user_id = $1",
+            &[&sam],
+        )
+        .await
+        .unwrap()
+        .is_some()
     })
     .await;
 

@@ -24,6 +24,36 @@ pub struct RemoteReceipt {
     pub origin: String,
 }
 
+/// A remote user's device, from an `m.device_list_update` EDU.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceListUpdate {
+    pub user_id: String,
+    pub device_id: String,
+    pub stream_id: i64,
+    /// The EDU's content as sent.
+    pub content: serde_json::Value,
+}
+
+/// A remote user's cross-signing keys, from an `m.signing_key_update` EDU.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SigningKeyUpdate {
+    pub user_id: String,
+    /// `master_key` and/or `self_signing_key`, as sent.
+    pub keys: serde_json::Map<String, serde_json::Value>,
+}
+
+/// A to-device message for one of our devices (or `*`: each of the user's
+/// devices), from an `m.direct_to_device` EDU.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToDeviceMessage {
+    pub sender: String,
+    pub event_type: String,
+    pub message_id: String,
+    pub user_id: String,
+    pub device_id: String,
+    pub content: serde_json::Value,
+}
+
 /// A PDU waiting in staging.
 #[derive(Debug, Clone)]
 pub struct StagedPdu {
@@ -379,8 +409,123 @@ impl Store {
         Ok(())
     }
 
-    /// Keep a transaction's EDUs (type, content) until the feature that
-    /// consumes each type exists; an EDU of a transaction seen before (the
+    /// Keep remote users' device list updates whose user is joined to a
+    /// room here (Synapse ignores the others too): the newest (by
+    /// `stream_id`) of each user and device replaces the one before.
+    pub async fn store_device_list_updates(
+        &self,
+        origin: &str,
+        updates: &[DeviceListUpdate],
+    ) -> Result<()> {
+        let mut newest: HashMap<(&str, &str), &DeviceListUpdate> = HashMap::new();
+        for u in updates {
+            let key = (u.user_id.as_str(), u.device_id.as_str());
+            if newest
+                .get(&key)
+                .is_none_or(|kept| kept.stream_id <= u.stream_id)
+            {
+                newest.insert(key, u);
+            }
+        }
+        if newest.is_empty() {
+            return Ok(());
+        }
+        let rows: Vec<&DeviceListUpdate> = newest.into_values().collect();
+        let users: Vec<&str> = rows.iter().map(|u| u.user_id.as_str()).collect();
+        let devices: Vec<&str> = rows.iter().map(|u| u.device_id.as_str()).collect();
+        let stream_ids: Vec<i64> = rows.iter().map(|u| u.stream_id).collect();
+        let contents: Vec<&serde_json::Value> = rows.iter().map(|u| &u.content).collect();
+        self.execute(
+            "INSERT INTO remote_device_list_updates (user_id, device_id, stream_id, content, origin)
+             SELECT u.user_id, u.device_id, u.stream_id, u.content, $5
+             FROM unnest($1::text[], $2::text[], $3::bigint[], $4::jsonb[])
+                  AS u(user_id, device_id, stream_id, content)
+             WHERE EXISTS (SELECT 1 FROM room_state s WHERE s.type = 'm.room.member'
+                           AND s.state_key = u.user_id AND s.membership = 'join')
+             ON CONFLICT (user_id, device_id) DO UPDATE
+             SET stream_id = EXCLUDED.stream_id, content = EXCLUDED.content,
+                 origin = EXCLUDED.origin, received_at = now()
+             WHERE remote_device_list_updates.stream_id <= EXCLUDED.stream_id",
+            &[&users, &devices, &stream_ids, &contents, &origin],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Keep remote users' cross-signing keys, for users joined to a room
+    /// here: each key sent replaces that key, the others stay.
+    pub async fn store_signing_key_updates(
+        &self,
+        origin: &str,
+        updates: &[SigningKeyUpdate],
+    ) -> Result<()> {
+        // One row per user in a statement: later updates win, key by key.
+        let mut merged: HashMap<&str, serde_json::Map<String, serde_json::Value>> = HashMap::new();
+        for u in updates {
+            merged
+                .entry(u.user_id.as_str())
+                .or_default()
+                .extend(u.keys.clone());
+        }
+        if merged.is_empty() {
+            return Ok(());
+        }
+        let (users, keys): (Vec<&str>, Vec<serde_json::Value>) = merged
+            .into_iter()
+            .map(|(user, keys)| (user, serde_json::Value::Object(keys)))
+            .unzip();
+        self.execute(
+            "INSERT INTO remote_signing_keys (user_id, keys, origin)
+             SELECT u.user_id, u.keys, $3
+             FROM unnest($1::text[], $2::jsonb[]) AS u(user_id, keys)
+             WHERE EXISTS (SELECT 1 FROM room_state s WHERE s.type = 'm.room.member'
+                           AND s.state_key = u.user_id AND s.membership = 'join')
+             ON CONFLICT (user_id) DO UPDATE
+             SET keys = remote_signing_keys.keys || EXCLUDED.keys, origin = EXCLUDED.origin,
+                 received_at = now()",
+            &[&users, &keys, &origin],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Keep to-device messages for our users' devices that exist (`*` as
+    /// each of the user's devices, except one the message also names itself;
+    /// others are dropped, as Synapse drops them), each once per origin,
+    /// message ID and device however often the origin sends it.
+    pub async fn store_to_device(&self, origin: &str, messages: &[ToDeviceMessage]) -> Result<()> {
+        if messages.is_empty() {
+            return Ok(());
+        }
+        let column =
+            |f: fn(&ToDeviceMessage) -> &str| messages.iter().map(f).collect::<Vec<&str>>();
+        let contents: Vec<&serde_json::Value> = messages.iter().map(|m| &m.content).collect();
+        self.execute(
+            "INSERT INTO to_device_inbox (user_id, device_id, sender, event_type, content, origin, message_id)
+             SELECT d.user_id, d.device_id, m.sender, m.event_type, m.content, $7, m.message_id
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::jsonb[])
+                  AS m(sender, event_type, message_id, user_id, device_id, content)
+             JOIN devices d ON d.user_id = m.user_id AND (m.device_id = '*' OR d.device_id = m.device_id)
+             -- Rows go in in this order and the first for a device stays:
+             -- a message for the device itself wins over one for '*'.
+             ORDER BY m.device_id = '*'
+             ON CONFLICT DO NOTHING",
+            &[
+                &column(|m| m.sender.as_str()),
+                &column(|m| m.event_type.as_str()),
+                &column(|m| m.message_id.as_str()),
+                &column(|m| m.user_id.as_str()),
+                &column(|m| m.device_id.as_str()),
+                &contents,
+                &origin,
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Keep a transaction's ephemeral EDUs (type, content: typing,
+    /// presence) until the features that consume them exist; an EDU of a transaction seen before (the
     /// same origin, transaction ID and place in it) is kept once.
     pub async fn store_edus(
         &self,

@@ -186,18 +186,20 @@ async fn remote_receipts(cluster: &TestCluster, room: &str) -> Vec<(String, Valu
 
 /// Each EDU type is kept where its feature will read it, and only what the
 /// origin may send: its own users' device list and signing key updates, its
-/// own users' to-device messages for our devices; not another server's
-/// user's, nor an EDU type no one handles; typing as it came.
+/// own users' to-device messages for our devices, its own users' typing in
+/// rooms it is in and presence; not another server's user's, nor an EDU
+/// type no one handles.
 #[tokio::test(flavor = "multi_thread")]
 async fn edus_are_kept_where_they_belong() {
     let Joined {
         cluster,
+        api,
         alice,
         room,
         remote,
         bob,
-        ..
     } = joined().await;
+    let elsewhere = api.public_room(&alice).await;
     let edu = |kind: &str, content: Value| json!({ "edu_type": kind, "content": content });
     let device = |user: &str, device: &str, stream_id: i64| {
         edu(
@@ -217,6 +219,12 @@ async fn edus_are_kept_where_they_belong() {
             }),
         )
     };
+    let typing = |room: &str, user: &str| {
+        edu(
+            "m.typing",
+            json!({ "room_id": room, "user_id": user, "typing": true }),
+        )
+    };
     let edus = [
         device(bob.as_str(), "BOBPHONE", 2),
         device(bob.as_str(), "BOBPHONE", 1),
@@ -227,9 +235,15 @@ async fn edus_are_kept_where_they_belong() {
         ),
         to_alice(bob.as_str(), "m1"),
         to_alice("@mallory:elsewhere", "m2"),
+        typing(&room, bob.as_str()),
+        typing(&elsewhere, bob.as_str()),
+        typing(&room, "@mallory:elsewhere"),
         edu(
-            "m.typing",
-            json!({ "room_id": room.as_str(), "user_id": bob.as_str(), "typing": true }),
+            "m.presence",
+            json!({ "push": [
+                { "user_id": bob.as_str(), "presence": "online" },
+                { "user_id": "@mallory:elsewhere", "presence": "online" }
+            ]}),
         ),
         edu("com.example.nonsense", json!({ "big": "x".repeat(1000) })),
     ];
@@ -269,9 +283,32 @@ async fn edus_are_kept_where_they_belong() {
         "once per device, however often sent; not from another server's user"
     );
     assert_eq!(
-        rows("SELECT edu_type FROM received_edus ORDER BY id").await,
-        [["m.typing"], ["m.typing"]],
-        "typing as it came (one per transaction); the unknown type dropped"
+        rows(
+            "SELECT txn_id, edu_type, coalesce(content->>'room_id', content->'push'->0->>'user_id')
+             FROM received_edus ORDER BY id"
+        )
+        .await,
+        [
+            ["e1", "m.typing", room.as_str()],
+            ["e1", "m.presence", bob.as_str()],
+            ["e1-again", "m.typing", room.as_str()],
+            ["e1-again", "m.presence", bob.as_str()]
+        ],
+        "typing and presence as they came, once per transaction; nothing of \
+         mallory's, nor in a room the remote is not in; the unknown type dropped"
+    );
+    let push: Value = db
+        .query_one(
+            "SELECT content->'push' FROM received_edus WHERE edu_type = 'm.presence' LIMIT 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        push,
+        json!([{ "user_id": bob.as_str(), "presence": "online" }]),
+        "mallory's part of the presence EDU dropped"
     );
 }
 

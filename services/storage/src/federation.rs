@@ -524,23 +524,25 @@ impl Store {
         Ok(())
     }
 
-    /// Keep a transaction's ephemeral EDUs (type, content: typing,
-    /// presence) until the features that consume them exist; an EDU of a transaction seen before (the
-    /// same origin, transaction ID and place in it) is kept once.
+    /// Keep a transaction's ephemeral EDUs (place in the transaction, type,
+    /// content: typing, presence) until the features that consume them
+    /// exist; an EDU of a transaction seen before (the same origin,
+    /// transaction ID and place in it) is kept once.
     pub async fn store_edus(
         &self,
         origin: &str,
         txn_id: &str,
-        edus: &[(String, serde_json::Value)],
+        edus: &[(i32, String, serde_json::Value)],
     ) -> Result<()> {
-        let kinds: Vec<&str> = edus.iter().map(|e| e.0.as_str()).collect();
-        let contents: Vec<&serde_json::Value> = edus.iter().map(|e| &e.1).collect();
+        let positions: Vec<i32> = edus.iter().map(|e| e.0).collect();
+        let kinds: Vec<&str> = edus.iter().map(|e| e.1.as_str()).collect();
+        let contents: Vec<&serde_json::Value> = edus.iter().map(|e| &e.2).collect();
         self.execute(
             "INSERT INTO received_edus (origin, txn_id, position, edu_type, content)
              SELECT $1, $2, e.position, e.edu_type, e.content
-             FROM unnest($3::text[], $4::jsonb[]) WITH ORDINALITY AS e(edu_type, content, position)
+             FROM unnest($3::int[], $4::text[], $5::jsonb[]) AS e(position, edu_type, content)
              ON CONFLICT DO NOTHING",
-            &[&origin, &txn_id, &kinds, &contents],
+            &[&origin, &txn_id, &positions, &kinds, &contents],
         )
         .await?;
         Ok(())

@@ -3,8 +3,9 @@
 //! remote reader's newest per room (`remote_receipts`), device list updates
 //! as each remote device's newest (`remote_device_list_updates`),
 //! cross-signing keys as each remote user's latest (`remote_signing_keys`),
-//! to-device messages per device of ours (`to_device_inbox`), typing and
-//! presence as they came (`received_edus`, pruned after an hour). Other
+//! to-device messages per device of ours (`to_device_inbox`), typing (in
+//! rooms the origin is in) and presence as they came (`received_edus`,
+//! pruned after an hour). Other
 //! types are dropped, as Synapse drops them.
 
 use std::collections::{HashMap, HashSet};
@@ -24,7 +25,10 @@ struct Kept {
     device_lists: Vec<DeviceListUpdate>,
     signing_keys: Vec<SigningKeyUpdate>,
     to_device: Vec<ToDeviceMessage>,
-    ephemeral: Vec<(String, Value)>,
+    /// Typing notices: (room, place in the transaction, content).
+    typing: Vec<(String, i32, Value)>,
+    /// Presence: (place in the transaction, content).
+    presence: Vec<(i32, Value)>,
 }
 
 /// Keeps a transaction's EDUs (those with a type and content).
@@ -35,7 +39,7 @@ pub async fn keep(
     edus: Vec<Value>,
 ) -> Result<(), MatrixError> {
     let mut kept = Kept::default();
-    for mut edu in edus {
+    for (mut edu, position) in edus.into_iter().zip(0..) {
         let Some(kind) = edu
             .get("edu_type")
             .and_then(Value::as_str)
@@ -67,13 +71,28 @@ pub async fn keep(
                 .signing_keys
                 .extend(signing_key_update_of(origin, &content)),
             "m.direct_to_device" => kept.to_device.extend(to_device_of(origin, &content)),
-            "m.typing" | "m.presence" => kept.ephemeral.push((kind, content)),
+            "m.typing" => kept
+                .typing
+                .extend(typing_of(origin, &content).map(|room| (room, position, content))),
+            "m.presence" => kept
+                .presence
+                .extend(presence_of(origin, content).map(|content| (position, content))),
             _ => {
                 tracing::debug!(%origin, edu_type = %kind, "dropped an EDU of a type we do not handle")
             }
         }
     }
-    let receipts = in_rooms_with(state, origin, kept.receipts).await?;
+    let receipts = in_rooms_with(state, origin, kept.receipts, |r| &r.room_id).await?;
+    let typing = in_rooms_with(state, origin, kept.typing, |t| &t.0).await?;
+    let ephemeral: Vec<(i32, String, Value)> = typing
+        .into_iter()
+        .map(|(_, position, content)| (position, "m.typing".to_owned(), content))
+        .chain(
+            kept.presence
+                .into_iter()
+                .map(|(position, content)| (position, "m.presence".to_owned(), content)),
+        )
+        .collect();
     let store = &state.store;
     let (receipts, device_lists, signing_keys, to_device, ephemeral) = tokio::join!(
         store.store_receipts(&receipts),
@@ -81,10 +100,10 @@ pub async fn keep(
         store.store_signing_key_updates(origin, &kept.signing_keys),
         store.store_to_device(origin, &kept.to_device),
         async {
-            if kept.ephemeral.is_empty() {
+            if ephemeral.is_empty() {
                 Ok(())
             } else {
-                store.store_edus(origin, txn, &kept.ephemeral).await
+                store.store_edus(origin, txn, &ephemeral).await
             }
         }
     );
@@ -101,6 +120,30 @@ fn of_server(user_id: &str, server: &str) -> bool {
     user_id
         .split_once(':')
         .is_some_and(|(_, server_of_user)| server_of_user == server)
+}
+
+/// The room of an `m.typing` of one of `origin`'s users.
+fn typing_of(origin: &str, content: &Value) -> Option<String> {
+    let room_id = content.get("room_id")?.as_str()?;
+    let user_id = content.get("user_id")?.as_str()?;
+    content.get("typing")?.as_bool()?;
+    if !of_server(user_id, origin) {
+        tracing::debug!(%origin, %user_id, "dropped a typing notice of another server's user");
+        return None;
+    }
+    Some(room_id.to_owned())
+}
+
+/// An `m.presence` cut down to the updates of `origin`'s own users (with
+/// a presence), if any.
+fn presence_of(origin: &str, mut content: Value) -> Option<Value> {
+    let push = content.get_mut("push")?.as_array_mut()?;
+    push.retain(|update| {
+        let user = update.get("user_id").and_then(Value::as_str);
+        user.is_some_and(|user| of_server(user, origin))
+            && update.get("presence").is_some_and(Value::is_string)
+    });
+    (!push.is_empty()).then_some(content)
 }
 
 /// An `m.device_list_update` of one of `origin`'s users, with a device ID
@@ -226,24 +269,26 @@ fn receipts_of(origin: &str, content: &Value) -> Vec<RemoteReceipt> {
     receipts
 }
 
-/// The receipts for rooms `origin` has a joined member in (one lookup per
-/// room): a server not in a room has no reader there.
-async fn in_rooms_with(
+/// The `items` (receipts, typing notices) for rooms `origin` has a joined
+/// member in (one lookup per room): a server not in a room has no reader or
+/// typist there.
+async fn in_rooms_with<T>(
     state: &AppState,
     origin: &str,
-    receipts: Vec<RemoteReceipt>,
-) -> Result<Vec<RemoteReceipt>, MatrixError> {
-    let rooms: HashSet<&str> = receipts.iter().map(|r| r.room_id.as_str()).collect();
+    items: Vec<T>,
+    room_of: impl Fn(&T) -> &String,
+) -> Result<Vec<T>, MatrixError> {
+    let rooms: HashSet<&String> = items.iter().map(&room_of).collect();
     let mut member_of = HashMap::new();
     for room in rooms {
         member_of.insert(
-            room.to_owned(),
+            room.clone(),
             state.store.server_in_room(room, origin).await?,
         );
     }
-    Ok(receipts
+    Ok(items
         .into_iter()
-        .filter(|r| member_of.get(&r.room_id).copied().unwrap_or(false))
+        .filter(|item| member_of.get(room_of(item)).copied().unwrap_or(false))
         .collect())
 }
 
@@ -251,7 +296,10 @@ async fn in_rooms_with(
 mod tests {
     use serde_json::json;
 
-    use super::{device_list_update_of, receipts_of, signing_key_update_of, to_device_of};
+    use super::{
+        device_list_update_of, presence_of, receipts_of, signing_key_update_of, to_device_of,
+        typing_of,
+    };
 
     #[test]
     fn only_the_origins_own_users_receipts_with_event_ids_are_kept() {
@@ -377,5 +425,44 @@ mod tests {
         let mut no_id = content.clone();
         no_id.as_object_mut().unwrap().remove("message_id");
         assert!(to_device_of("there", &no_id).is_empty(), "no message_id");
+    }
+
+    #[test]
+    fn typing_and_presence_are_the_origins_users_own() {
+        let typing = |user: &str| json!({ "room_id": "!r:here", "user_id": user, "typing": true });
+        assert_eq!(
+            typing_of("there", &typing("@ann:there")).as_deref(),
+            Some("!r:here")
+        );
+        assert_eq!(typing_of("there", &typing("@ann:elsewhere")), None);
+        assert_eq!(
+            typing_of(
+                "there",
+                &json!({ "room_id": "!r:here", "user_id": "@ann:there" })
+            ),
+            None,
+            "no typing flag"
+        );
+
+        let presence = json!({ "push": [
+            { "user_id": "@ann:there", "presence": "online", "last_active_ago": 5 },
+            { "user_id": "@eve:elsewhere", "presence": "online" },
+            { "user_id": "@bob:there" },
+            "nonsense"
+        ]});
+        assert_eq!(
+            presence_of("there", presence),
+            Some(json!({ "push": [
+                { "user_id": "@ann:there", "presence": "online", "last_active_ago": 5 }
+            ]}))
+        );
+        assert_eq!(
+            presence_of(
+                "there",
+                json!({ "push": [{ "user_id": "@eve:elsewhere", "presence": "online" }] })
+            ),
+            None
+        );
+        assert_eq!(presence_of("there", json!({ "push": 3 })), None);
     }
 }

@@ -55,8 +55,8 @@ async fn old_transaction_records_are_pruned_and_young_ones_kept() {
 #[tokio::test]
 async fn edus_of_a_repeated_transaction_are_kept_once() {
     let store = test_util::store().await;
-    let edus: Vec<(String, serde_json::Value)> = (0..3)
-        .map(|i| ("m.typing".to_owned(), json!({ "n": i })))
+    let edus: Vec<(i32, String, serde_json::Value)> = (0..3)
+        .map(|i| (i, "m.typing".to_owned(), json!({ "n": i })))
         .collect();
     for (origin, txn) in [
         ("remote.example", "t1"),
@@ -91,10 +91,11 @@ async fn edus_of_a_repeated_transaction_are_kept_once() {
 #[tokio::test]
 async fn old_edus_of_the_given_types_are_pruned() {
     let store = test_util::store().await;
-    let edus: Vec<(String, serde_json::Value)> =
+    let edus: Vec<(i32, String, serde_json::Value)> =
         ["m.typing", "m.typing", "m.presence", "m.receipt"]
             .iter()
-            .map(|kind| (kind.to_string(), json!({ "age": "old" })))
+            .zip(0..)
+            .map(|(kind, i)| (i, kind.to_string(), json!({ "age": "old" })))
             .collect();
     store
         .store_edus("remote.example", "t1", &edus)
@@ -107,7 +108,7 @@ async fn old_edus_of_the_given_types_are_pruned() {
         )
         .await
         .unwrap();
-    let young = vec![("m.typing".to_owned(), json!({ "age": "young" }))];
+    let young = vec![(0, "m.typing".to_owned(), json!({ "age": "young" }))];
     store
         .store_edus("remote.example", "t2", &young)
         .await
@@ -418,9 +419,10 @@ async fn the_v9_migration_moves_kept_edus_where_they_belong() {
         ("m.presence", json!({ "push": [] })),
         ("com.example.custom", json!({})),
     ];
-    let edus: Vec<(String, serde_json::Value)> = legacy
+    let edus: Vec<(i32, String, serde_json::Value)> = legacy
         .iter()
-        .map(|(kind, content)| (kind.to_string(), content.clone()))
+        .zip(0..)
+        .map(|((kind, content), i)| (i, kind.to_string(), content.clone()))
         .collect();
     store.store_edus("there", "t1", &edus).await.unwrap();
 

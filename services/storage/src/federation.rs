@@ -554,8 +554,7 @@ impl Store {
     pub async fn server_in_room(&self, room_id: &str, server: &str) -> Result<bool> {
         let row = self
             .query_opt(
-                "SELECT 1 FROM room_state WHERE room_id = $1 AND type = 'm.room.member' AND membership = 'join'
-                 AND substring(state_key FROM position(':' IN state_key) + 1) = $2 LIMIT 1",
+                "SELECT 1 FROM room_joined_servers WHERE room_id = $1 AND server_name = $2 AND joined > 0",
                 &[&room_id, &server],
             )
             .await?;
@@ -566,8 +565,7 @@ impl Store {
     pub async fn servers_in_room(&self, room_id: &str) -> Result<Vec<String>> {
         let rows = self
             .query(
-                "SELECT DISTINCT substring(state_key FROM position(':' IN state_key) + 1) FROM room_state
-                 WHERE room_id = $1 AND type = 'm.room.member' AND membership = 'join'",
+                "SELECT server_name FROM room_joined_servers WHERE room_id = $1 AND joined > 0",
                 &[&room_id],
             )
             .await?;

@@ -488,9 +488,10 @@ impl Store {
 
     /// (joined, invited) member counts, for room summaries.
     pub async fn member_counts(&self, room_id: &str) -> Result<(i64, i64)> {
-        let row = self.query_one(
-                "SELECT count(*) FILTER (WHERE membership = 'join'), count(*) FILTER (WHERE membership = 'invite')
-                 FROM room_state WHERE room_id = $1 AND type = 'm.room.member'",
+        let row = self
+            .query_one(
+                "SELECT coalesce(max(joined), 0), coalesce(max(invited), 0)
+                 FROM room_member_counts WHERE room_id = $1",
                 &[&room_id],
             )
             .await?;

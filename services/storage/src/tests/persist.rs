@@ -390,3 +390,94 @@ async fn redactions_of_unseen_events_apply_when_their_target_arrives_within_reac
         "a target that arrives later still"
     );
 }
+
+/// A membership event of `user`, changing their slot.
+fn member(id: &str, user: &str, membership: &str) -> EventToPersist {
+    let mut e = event(id, "m.room.member", Some(user));
+    e.membership = Some(membership.to_owned());
+    e.state_changes[0].membership = Some(membership.to_owned());
+    e
+}
+
+/// The room's member counts, servers and heroes as kept up to date by
+/// room_state's triggers follow every kind of change a persist makes (a new
+/// member, a changed membership, two changes of one slot in a batch, a slot
+/// removed), and equal a count of room_state itself.
+#[tokio::test]
+async fn member_counts_and_servers_follow_the_room_state() {
+    let store = test_util::store().await;
+    store.init_cluster("example.org", 4).await.unwrap();
+    let epoch = store.claim_partition(2, "a", TTL).await.unwrap().unwrap();
+    let room = "!r:example.org";
+    let mut removed = event("$gone", "m.room.topic", None);
+    removed.state_changes = vec![StateChange {
+        kind: "m.room.member".to_owned(),
+        state_key: "@a:example.org".to_owned(),
+        event_id: None,
+        membership: None,
+    }];
+    let batches = [
+        (
+            true,
+            vec![
+                event("$c", "m.room.create", Some("")),
+                member("$a", "@a:example.org", "join"),
+                member("$b", "@b:other.org", "join"),
+                member("$c2", "@c:other.org", "invite"),
+            ],
+            (2, 1),
+            vec!["example.org", "other.org"],
+        ),
+        (
+            false,
+            vec![
+                member("$b2", "@b:other.org", "leave"),
+                member("$c3", "@c:other.org", "join"),
+                member("$d", "@d:third.org", "invite"),
+                member("$d2", "@d:third.org", "join"),
+            ],
+            (3, 0),
+            vec!["example.org", "other.org", "third.org"],
+        ),
+        (
+            false,
+            vec![member("$c4", "@c:other.org", "ban"), removed],
+            (1, 0),
+            vec!["third.org"],
+        ),
+    ];
+    for (new_room, events, counts, servers) in batches {
+        store
+            .persist(&batch(epoch, "a", new_room, events))
+            .await
+            .unwrap();
+        assert_eq!(store.member_counts(room).await.unwrap(), counts);
+        let recount = store
+            .query_one(
+                "SELECT count(*) FILTER (WHERE membership = 'join'), count(*) FILTER (WHERE membership = 'invite')
+                 FROM room_state WHERE room_id = $1 AND type = 'm.room.member'",
+                &[&room],
+            )
+            .await
+            .unwrap();
+        assert_eq!(counts, (recount.get(0), recount.get(1)));
+        let mut kept = store.servers_in_room(room).await.unwrap();
+        kept.sort();
+        assert_eq!(kept, servers);
+        for server in ["example.org", "other.org", "third.org"] {
+            assert_eq!(
+                store.server_in_room(room, server).await.unwrap(),
+                servers.contains(&server),
+                "{server}"
+            );
+        }
+    }
+    assert_eq!(
+        store.heroes(room, "@x:example.org", 5).await.unwrap(),
+        ["@d:third.org"]
+    );
+    assert_eq!(
+        store.member_counts("!unknown:example.org").await.unwrap(),
+        (0, 0)
+    );
+}

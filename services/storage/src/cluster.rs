@@ -160,26 +160,71 @@ impl Store {
 
     /// Extend the leases this worker holds at the given epochs. Returns the
     /// partitions renewed; any other was lost.
+    ///
+    /// A persist holds its partition's lease row locked until it commits (it
+    /// takes its positions there), so one statement renewing every lease
+    /// would wait on a flooded partition's persist while holding the rows it
+    /// had already renewed, and every quiet partition's persist behind those
+    /// would wait with it: a flood's commit time added to quiet rooms' events
+    /// once a heartbeat. So the leases not being written are renewed at once
+    /// (`SKIP LOCKED`), and only then, in a statement of their own that
+    /// holds no other row, the ones that were.
     pub async fn renew_leases(
         &self,
         worker_id: &str,
         held: &[(u32, i64)],
         ttl: Duration,
     ) -> Result<Vec<u32>> {
-        let partitions: Vec<i32> = held.iter().map(|(p, _)| *p as i32).collect();
-        let epochs: Vec<i64> = held.iter().map(|(_, e)| *e).collect();
+        let (partitions, epochs): (Vec<i32>, Vec<i64>) =
+            held.iter().map(|(p, e)| (*p as i32, *e)).unzip();
         let rows = self
             .query(
-                "UPDATE partition_leases l
-                 SET expires_at = now() + make_interval(secs => $4::float8 / 1000.0)
-                 FROM unnest($2::int[], $3::bigint[]) AS h(partition, epoch)
-                 WHERE l.partition = h.partition AND l.epoch = h.epoch AND l.owner = $1
-                   AND l.expires_at > now()
-                 RETURNING l.partition",
+                "WITH held AS (
+                     SELECT * FROM unnest($2::int[], $3::bigint[]) AS h(partition, epoch)
+                 ), free AS (
+                     SELECT l.partition FROM partition_leases l JOIN held h USING (partition)
+                     WHERE l.epoch = h.epoch AND l.owner = $1 AND l.expires_at > now()
+                     FOR UPDATE OF l SKIP LOCKED
+                 ), renewed AS (
+                     UPDATE partition_leases l
+                     SET expires_at = now() + make_interval(secs => $4::float8 / 1000.0)
+                     FROM free WHERE l.partition = free.partition
+                     RETURNING l.partition
+                 )
+                 SELECT partition, true FROM renewed
+                 UNION ALL
+                 SELECT l.partition, false FROM partition_leases l JOIN held h USING (partition)
+                 WHERE l.epoch = h.epoch AND l.owner = $1 AND l.expires_at > now()
+                   AND l.partition NOT IN (SELECT partition FROM free)",
                 &[&worker_id, &partitions, &epochs, &millis(ttl)],
             )
             .await?;
-        Ok(rows.iter().map(|r| r.get::<_, i32>(0) as u32).collect())
+        let mut renewed = Vec::with_capacity(rows.len());
+        let (mut busy, mut busy_epochs) = (Vec::new(), Vec::new());
+        for row in &rows {
+            let partition: i32 = row.get(0);
+            if row.get(1) {
+                renewed.push(partition as u32);
+            } else if let Some((_, epoch)) = held.iter().find(|(p, _)| *p as i32 == partition) {
+                busy.push(partition);
+                busy_epochs.push(*epoch);
+            }
+        }
+        if !busy.is_empty() {
+            let rows = self
+                .query(
+                    "UPDATE partition_leases l
+                     SET expires_at = now() + make_interval(secs => $4::float8 / 1000.0)
+                     FROM unnest($2::int[], $3::bigint[]) AS h(partition, epoch)
+                     WHERE l.partition = h.partition AND l.epoch = h.epoch AND l.owner = $1
+                       AND l.expires_at > now()
+                     RETURNING l.partition",
+                    &[&worker_id, &busy, &busy_epochs, &millis(ttl)],
+                )
+                .await?;
+            renewed.extend(rows.iter().map(|r| r.get::<_, i32>(0) as u32));
+        }
+        Ok(renewed)
     }
 
     /// Hand a partition back so another worker can claim it at once.

@@ -30,9 +30,26 @@ pub enum CreateError {
     Forbidden(#[from] AuthError),
 }
 
-/// After this many deltas in a row, a state group is written as a full
-/// snapshot, so reading any group walks a bounded chain.
+/// After this many deltas in a row (at least; see [`extends_chain`]), a
+/// state group is written as a full snapshot, so reading any group walks a
+/// bounded chain.
 pub const SNAPSHOT_EVERY: u32 = 100;
+
+/// In a large state, a snapshot comes once every this many slots of state
+/// in deltas: a snapshot writes every slot, so with a fixed chain length a
+/// wave of joins into a room of 20,000 members wrote 200 rows per join
+/// (every hundredth writing 20,000); this way each state change writes at
+/// most about this many rows besides its own, and a read walks at most this
+/// share more rows than the snapshot it ends on.
+const SLOTS_PER_LINK: usize = 16;
+
+/// Whether a new state group may be a delta on a group `chain` deltas away
+/// from its snapshot, in a state of `slots` slots (an unknown chain, `None`,
+/// may not).
+pub fn extends_chain(chain: Option<u32>, slots: usize) -> bool {
+    let limit = SNAPSHOT_EVERY.max(u32::try_from(slots / SLOTS_PER_LINK).unwrap_or(u32::MAX));
+    chain.is_some_and(|chain| chain < limit)
+}
 
 /// A state group to store: the event that defines it, its parent (None for a
 /// full snapshot) and the slots that differ from the parent.
@@ -403,7 +420,9 @@ impl RoomState {
             // A message in a room with a group: the state does not change.
             (Some(_), None) => None,
             // A state change: a delta on the current group, unless the chain is long.
-            (Some((parent, chain)), Some(((kind, key), _))) if *chain < SNAPSHOT_EVERY => {
+            (Some((parent, chain)), Some(((kind, key), _)))
+                if extends_chain(Some(*chain), self.state.len()) =>
+            {
                 Some(GroupDelta {
                     id: id.clone(),
                     parent: Some(parent.clone()),

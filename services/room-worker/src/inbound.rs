@@ -35,7 +35,7 @@ use serde_json::{Value, json};
 use tessera_events::Pdu;
 use tessera_events::auth;
 use tessera_events::resolve;
-use tessera_events::room_state::{RoomState, SNAPSHOT_EVERY};
+use tessera_events::room_state::{RoomState, extends_chain};
 use tessera_events::state_map::{self, StateIds, StateKey};
 use tessera_federation::KeyRing;
 use tessera_replication::EventEntry;
@@ -931,7 +931,8 @@ impl<'e> Turn<'e> {
             });
             slots.push(((kind, key), state_event));
         }
-        let chain = self.chain_length(&current_group).unwrap_or(SNAPSHOT_EVERY);
+        // An unknown chain length: the next state group is a snapshot.
+        let chain = self.chain_length(&current_group).unwrap_or(u32::MAX);
         self.room
             .move_state(slots, extremities, pdu.depth(), (current_group, chain));
         self.current = new_current;
@@ -948,7 +949,7 @@ impl<'e> Turn<'e> {
     ) -> Result<(), String> {
         let parent = parent.and_then(|parent| {
             let chain = self.chain_length(&parent)?;
-            (chain < SNAPSHOT_EVERY).then_some((parent, chain))
+            extends_chain(Some(chain), state.len()).then_some((parent, chain))
         });
         let (parent, chain_length, entries) = match parent {
             Some((parent, chain)) => {

@@ -462,3 +462,20 @@ fn copies_of_the_state_do_not_see_later_changes() {
     assert_eq!(room.state_map(), state);
     assert_eq!(room.depth(), message.depth());
 }
+
+/// Chains of deltas grow with the state: every 100 links in a small state,
+/// every 1,250 in one of 20,000 slots; a chain of unknown length is never
+/// extended.
+#[test]
+fn snapshots_come_later_in_larger_states() {
+    use crate::room_state::extends_chain;
+    assert!(extends_chain(Some(99), 10));
+    assert!(!extends_chain(Some(100), 10));
+    assert!(!extends_chain(Some(100), 1_600));
+    assert!(extends_chain(Some(100), 1_700));
+    assert!(extends_chain(Some(1_249), 20_000));
+    assert!(!extends_chain(Some(1_250), 20_000));
+    assert!(!extends_chain(None, 10));
+    assert!(!extends_chain(None, 20_000));
+    assert!(!extends_chain(Some(u32::MAX), usize::MAX));
+}

@@ -481,3 +481,53 @@ async fn member_counts_and_servers_follow_the_room_state() {
         (0, 0)
     );
 }
+
+/// The upgrade to V10 counts the members and servers of the rooms already
+/// there (its triggers count what comes after).
+#[tokio::test]
+async fn the_v10_migration_counts_the_members_already_there() {
+    let store = test_util::store().await;
+    let member = |room: &str, user: &str, membership: &str, pos: i64| {
+        let store = &store;
+        let (room, user, membership) = (room.to_owned(), user.to_owned(), membership.to_owned());
+        async move {
+            store
+                .execute(
+                    "INSERT INTO room_state (room_id, type, state_key, event_id, membership, pos)
+                     VALUES ($1, 'm.room.member', $2, $3, $4, $5)",
+                    &[&room, &user, &format!("${room}{user}"), &membership, &pos],
+                )
+                .await
+                .unwrap();
+        }
+    };
+    member("!a:x", "@1:one", "join", 1).await;
+    member("!a:x", "@2:one", "join", 2).await;
+    member("!a:x", "@3:two", "invite", 3).await;
+    member("!a:x", "@4:two", "leave", 4).await;
+    member("!b:x", "@1:one", "ban", 5).await;
+    // As a database from before V10 would be: rows, no counts.
+    store
+        .client()
+        .await
+        .unwrap()
+        .batch_execute("DELETE FROM room_member_counts; DELETE FROM room_joined_servers")
+        .await
+        .unwrap();
+    let migration = include_str!("../../migrations/V10__room_member_counts.sql");
+    let counting = &migration[migration
+        .find("INSERT INTO room_member_counts (room_id, joined, invited)")
+        .expect("the part of V10 that counts")..];
+    store
+        .client()
+        .await
+        .unwrap()
+        .batch_execute(counting)
+        .await
+        .unwrap();
+
+    assert_eq!(store.member_counts("!a:x").await.unwrap(), (2, 1));
+    assert_eq!(store.member_counts("!b:x").await.unwrap(), (0, 0));
+    assert_eq!(store.servers_in_room("!a:x").await.unwrap(), ["one"]);
+    assert!(store.servers_in_room("!b:x").await.unwrap().is_empty());
+}

@@ -1,6 +1,9 @@
-//! A fresh database per test: `tessera_t_<random>` on the server named by
-//! `TESSERA_TEST_DATABASE_URL` (default: local Postgres as `root`), migrated and
-//! ready. Tests never share data.
+//! A fresh database per test: `tessera_t_<created, Unix seconds>_<random>`
+//! on the server named by `TESSERA_TEST_DATABASE_URL` (default: local
+//! Postgres as `root`), migrated and ready. Tests never share data. Test
+//! databases older than [`LEFT_OVER_AFTER`] are dropped by the next test
+//! process, so plain `cargo test` runs do not pile them up (`scripts/test`
+//! drops its own at the end).
 
 use std::time::Duration;
 
@@ -14,13 +17,27 @@ pub fn admin_url() -> String {
         .unwrap_or_else(|_| "postgres://root@127.0.0.1:5432/postgres".to_owned())
 }
 
+/// A test database this old is left over from a run that did not clean up
+/// (no test runs for so long).
+pub const LEFT_OVER_AFTER: Duration = Duration::from_secs(6 * 3600);
+
 /// A new empty database; returns its URL.
 pub async fn create_database() -> String {
-    let name = format!("tessera_t_{:016x}", rand::thread_rng().r#gen::<u64>());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let name = format!("tessera_t_{now}_{:08x}", rand::thread_rng().r#gen::<u32>());
     let admin = admin_url();
     let client = admin_client()
         .await
         .unwrap_or_else(|e| panic!("tests need Postgres at {admin}: {e}"));
+    static SWEPT: std::sync::Once = std::sync::Once::new();
+    let mut sweep = false;
+    SWEPT.call_once(|| sweep = true);
+    if sweep {
+        drop_left_over(&client, now).await;
+    }
     client
         .batch_execute(&format!("CREATE DATABASE {name}"))
         .await
@@ -28,6 +45,31 @@ pub async fn create_database() -> String {
     match admin.rsplit_once('/') {
         Some((base, _)) => format!("{base}/{name}"),
         None => panic!("database URL {admin} has no database name"),
+    }
+}
+
+/// Drop test databases created more than [`LEFT_OVER_AFTER`] before `now`
+/// (those named by an older scheme, without a time, are left alone).
+async fn drop_left_over(client: &tokio_postgres::Client, now: u64) {
+    let Ok(rows) = client
+        .query(
+            "SELECT datname FROM pg_database WHERE datname ~ '^tessera_t_[0-9]+_[0-9a-f]+$'",
+            &[],
+        )
+        .await
+    else {
+        return;
+    };
+    for row in rows {
+        let name: String = row.get(0);
+        let created = name
+            .strip_prefix("tessera_t_")
+            .and_then(|rest| rest.split('_').next()?.parse::<u64>().ok());
+        if created.is_some_and(|created| created + LEFT_OVER_AFTER.as_secs() < now) {
+            let _ = client
+                .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .await;
+        }
     }
 }
 

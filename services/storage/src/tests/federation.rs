@@ -375,6 +375,28 @@ async fn to_device_messages_are_kept_once_per_existing_device() {
     );
 }
 
+/// A device's waiting to-device messages go when the device does (a
+/// logout); other devices' stay.
+#[tokio::test]
+async fn a_deleted_devices_to_device_messages_go_with_it() {
+    let store = test_util::store().await;
+    people(&store, &[("@alice:here", &["A1", "A2"])], &[]).await;
+    let message = ToDeviceMessage {
+        sender: "@s:there".to_owned(),
+        event_type: "m.room_key_request".to_owned(),
+        message_id: "m1".to_owned(),
+        user_id: "@alice:here".to_owned(),
+        device_id: "*".to_owned(),
+        content: json!({}),
+    };
+    store.store_to_device("there", &[message]).await.unwrap();
+    store.delete_device("@alice:here", "A1").await.unwrap();
+    assert_eq!(
+        rows(&store, "SELECT device_id FROM to_device_inbox").await,
+        [["A2"]]
+    );
+}
+
 /// The upgrade to V9 moves what received_edus held of device list updates,
 /// signing key updates and to-device messages to their tables, by the same
 /// rules as new EDUs, and leaves it only typing and presence.

@@ -191,9 +191,9 @@ impl Store {
                      FROM free WHERE l.partition = free.partition
                      RETURNING l.partition
                  )
-                 SELECT partition, true FROM renewed
+                 SELECT partition, true, NULL::bigint FROM renewed
                  UNION ALL
-                 SELECT l.partition, false FROM partition_leases l JOIN held h USING (partition)
+                 SELECT l.partition, false, l.epoch FROM partition_leases l JOIN held h USING (partition)
                  WHERE l.epoch = h.epoch AND l.owner = $1 AND l.expires_at > now()
                    AND l.partition NOT IN (SELECT partition FROM free)",
                 &[&worker_id, &partitions, &epochs, &millis(ttl)],
@@ -205,9 +205,9 @@ impl Store {
             let partition: i32 = row.get(0);
             if row.get(1) {
                 renewed.push(partition as u32);
-            } else if let Some((_, epoch)) = held.iter().find(|(p, _)| *p as i32 == partition) {
+            } else {
                 busy.push(partition);
-                busy_epochs.push(*epoch);
+                busy_epochs.push(row.get::<_, i64>(2));
             }
         }
         if !busy.is_empty() {

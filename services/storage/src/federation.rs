@@ -362,23 +362,21 @@ impl Store {
     /// Keep remote users' receipts, the newest (by `ts`) of each room,
     /// receipt type, user and thread replacing the one before.
     pub async fn store_receipts(&self, receipts: &[RemoteReceipt]) -> Result<()> {
-        // One row per key in a statement: the last of the batch wins.
-        let mut newest: HashMap<(&str, &str, &str, &str), &RemoteReceipt> = HashMap::new();
-        for r in receipts {
-            let key = (
-                r.room_id.as_str(),
-                r.receipt_type.as_str(),
-                r.user_id.as_str(),
-                r.thread_id.as_str(),
-            );
-            if newest.get(&key).is_none_or(|kept| kept.ts <= r.ts) {
-                newest.insert(key, r);
-            }
-        }
-        if newest.is_empty() {
+        let rows = newest_per_key(
+            receipts,
+            |r| {
+                (
+                    r.room_id.as_str(),
+                    r.receipt_type.as_str(),
+                    r.user_id.as_str(),
+                    r.thread_id.as_str(),
+                )
+            },
+            |r| r.ts,
+        );
+        if rows.is_empty() {
             return Ok(());
         }
-        let rows: Vec<&RemoteReceipt> = newest.into_values().collect();
         let column = |f: fn(&RemoteReceipt) -> &str| rows.iter().map(|r| f(r)).collect::<Vec<_>>();
         let event_ids: Vec<serde_json::Value> = rows
             .iter()
@@ -417,20 +415,14 @@ impl Store {
         origin: &str,
         updates: &[DeviceListUpdate],
     ) -> Result<()> {
-        let mut newest: HashMap<(&str, &str), &DeviceListUpdate> = HashMap::new();
-        for u in updates {
-            let key = (u.user_id.as_str(), u.device_id.as_str());
-            if newest
-                .get(&key)
-                .is_none_or(|kept| kept.stream_id <= u.stream_id)
-            {
-                newest.insert(key, u);
-            }
-        }
-        if newest.is_empty() {
+        let rows = newest_per_key(
+            updates,
+            |u| (u.user_id.as_str(), u.device_id.as_str()),
+            |u| u.stream_id,
+        );
+        if rows.is_empty() {
             return Ok(());
         }
-        let rows: Vec<&DeviceListUpdate> = newest.into_values().collect();
         let users: Vec<&str> = rows.iter().map(|u| u.user_id.as_str()).collect();
         let devices: Vec<&str> = rows.iter().map(|u| u.device_id.as_str()).collect();
         let stream_ids: Vec<i64> = rows.iter().map(|u| u.stream_id).collect();
@@ -534,6 +526,9 @@ impl Store {
         txn_id: &str,
         edus: &[(i32, String, serde_json::Value)],
     ) -> Result<()> {
+        if edus.is_empty() {
+            return Ok(());
+        }
         let positions: Vec<i32> = edus.iter().map(|e| e.0).collect();
         let kinds: Vec<&str> = edus.iter().map(|e| e.1.as_str()).collect();
         let contents: Vec<&serde_json::Value> = edus.iter().map(|e| &e.2).collect();
@@ -571,4 +566,22 @@ impl Store {
             .await?;
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }
+}
+
+/// The newest (by `order`) of `items` for each key; of equals, the later.
+/// An upsert statement may touch each row once, so a batch keeps one per
+/// key, as the table's `WHERE old <= new` would.
+fn newest_per_key<'a, T, K: std::hash::Hash + Eq>(
+    items: &'a [T],
+    key: impl Fn(&'a T) -> K,
+    order: impl Fn(&T) -> i64,
+) -> Vec<&'a T> {
+    let mut newest: HashMap<K, &'a T> = HashMap::new();
+    for item in items {
+        let slot = newest.entry(key(item)).or_insert(item);
+        if order(slot) <= order(item) {
+            *slot = item;
+        }
+    }
+    newest.into_values().collect()
 }

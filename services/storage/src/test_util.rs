@@ -32,10 +32,8 @@ pub async fn create_database() -> String {
     let client = admin_client()
         .await
         .unwrap_or_else(|e| panic!("tests need Postgres at {admin}: {e}"));
-    static SWEPT: std::sync::Once = std::sync::Once::new();
-    let mut sweep = false;
-    SWEPT.call_once(|| sweep = true);
-    if sweep {
+    static SWEPT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !SWEPT.swap(true, std::sync::atomic::Ordering::Relaxed) {
         drop_left_over(&client, now).await;
     }
     client

@@ -66,23 +66,16 @@ async fn edus_of_a_repeated_transaction_are_kept_once() {
     ] {
         store.store_edus(origin, txn, &edus).await.unwrap();
     }
-    let kept: Vec<(String, String, i64)> = store
-        .query(
-            "SELECT origin, txn_id, count(*) FROM received_edus GROUP BY 1, 2 ORDER BY 1, 2",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
-        .collect();
-    let row = |origin: &str, txn: &str| (origin.to_owned(), txn.to_owned(), 3);
     assert_eq!(
-        kept,
+        rows(
+            &store,
+            "SELECT origin, txn_id, count(*)::text FROM received_edus GROUP BY 1, 2 ORDER BY 1, 2"
+        )
+        .await,
         [
-            row("other.example", "t1"),
-            row("remote.example", "t1"),
-            row("remote.example", "t2")
+            ["other.example", "t1", "3"],
+            ["remote.example", "t1", "3"],
+            ["remote.example", "t2", "3"]
         ]
     );
 }
@@ -123,22 +116,13 @@ async fn old_edus_of_the_given_types_are_pruned() {
             .unwrap(),
         3
     );
-    let left: Vec<(String, String)> = store
-        .query(
-            "SELECT edu_type, content->>'age' FROM received_edus ORDER BY id",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
     assert_eq!(
-        left,
-        [
-            ("m.receipt".to_owned(), "old".to_owned()),
-            ("m.typing".to_owned(), "young".to_owned())
-        ]
+        rows(
+            &store,
+            "SELECT edu_type, content->>'age' FROM received_edus ORDER BY id"
+        )
+        .await,
+        [["m.receipt", "old"], ["m.typing", "young"]]
     );
 }
 
@@ -169,22 +153,14 @@ async fn a_readers_newest_receipt_is_kept() {
         .store_receipts(&[receipt("@a:there", "$3", 3), receipt("@b:there", "$0", 0)])
         .await
         .unwrap();
-    let kept: Vec<(String, serde_json::Value)> = store
-        .query(
-            "SELECT user_id, event_ids FROM remote_receipts ORDER BY user_id",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
     assert_eq!(
-        kept,
-        [
-            ("@a:there".to_owned(), json!(["$3"])),
-            ("@b:there".to_owned(), json!(["$1"]))
-        ]
+        rows(
+            &store,
+            "SELECT user_id, event_ids->>0, jsonb_array_length(event_ids)::text
+             FROM remote_receipts ORDER BY user_id"
+        )
+        .await,
+        [["@a:there", "$3", "1"], ["@b:there", "$1", "1"]]
     );
 }
 
@@ -448,17 +424,12 @@ async fn the_v9_migration_moves_kept_edus_where_they_belong() {
         .collect();
     store.store_edus("there", "t1", &edus).await.unwrap();
 
-    let migration = include_str!("../../migrations/V9__edus_where_they_belong.sql");
-    let moves = &migration[migration
-        .find("-- What received_edus already holds")
-        .expect("the part of V9 that moves rows")..];
-    store
-        .client()
-        .await
-        .unwrap()
-        .batch_execute(moves)
-        .await
-        .unwrap();
+    super::run_migration_from(
+        &store,
+        include_str!("../../migrations/V9__edus_where_they_belong.sql"),
+        "-- What received_edus already holds",
+    )
+    .await;
 
     assert_eq!(
         rows(

@@ -514,17 +514,12 @@ async fn the_v10_migration_counts_the_members_already_there() {
         .batch_execute("DELETE FROM room_member_counts; DELETE FROM room_joined_servers")
         .await
         .unwrap();
-    let migration = include_str!("../../migrations/V10__room_member_counts.sql");
-    let counting = &migration[migration
-        .find("INSERT INTO room_member_counts (room_id, joined, invited)")
-        .expect("the part of V10 that counts")..];
-    store
-        .client()
-        .await
-        .unwrap()
-        .batch_execute(counting)
-        .await
-        .unwrap();
+    super::run_migration_from(
+        &store,
+        include_str!("../../migrations/V10__room_member_counts.sql"),
+        "INSERT INTO room_member_counts (room_id, joined, invited)",
+    )
+    .await;
 
     assert_eq!(store.member_counts("!a:x").await.unwrap(), (2, 1));
     assert_eq!(store.member_counts("!b:x").await.unwrap(), (0, 0));

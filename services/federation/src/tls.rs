@@ -42,14 +42,10 @@ const HANDSHAKE_TIMEOUT: Duration = if cfg!(test) {
 } else {
     Duration::from_secs(10)
 };
-const TIMEOUTS: Timeouts = if cfg!(test) {
-    Timeouts {
-        first_byte: Duration::from_millis(300),
-        headers: Duration::from_millis(300),
-    }
-} else {
-    Timeouts::STANDARD
-};
+#[cfg(not(test))]
+const TIMEOUTS: Timeouts = Timeouts::STANDARD;
+#[cfg(test)]
+const TIMEOUTS: Timeouts = tessera_runtime::http::testing::SHORT;
 
 /// Serve `routes` over TLS until `shutdown` resolves, then drain as
 /// [`tessera_runtime::http::serve_with`] does, so a rolling restart cuts no

@@ -61,10 +61,9 @@ pub async fn serve(
 
 /// Serve `routes` on the connections `listener` accepts, each first passed
 /// through `handshake` (TLS, say; `None` drops the connection) and then held
-/// to `timeouts`, until
-/// `shutdown` resolves. Then stop accepting, and return once the requests
-/// under way are answered (each connection closes after its current
-/// request), so a rolling restart cuts no request short.
+/// to `timeouts`, until `shutdown` resolves. Then stop accepting, and return
+/// once the requests under way are answered (each connection closes after
+/// its current request), so a rolling restart cuts no request short.
 pub async fn serve_with<H, F, Io>(
     listener: TcpListener,
     routes: axum::Router,
@@ -211,6 +210,12 @@ pub mod testing {
 
     use tokio::io::{AsyncRead, AsyncReadExt};
 
+    /// Timeouts a test can wait out.
+    pub const SHORT: super::Timeouts = super::Timeouts {
+        first_byte: Duration::from_millis(300),
+        headers: Duration::from_millis(300),
+    };
+
     /// Whether the server closes `stream` (EOF or reset) within 10 s.
     pub async fn closed_by_server(mut stream: impl AsyncRead + Unpin) -> bool {
         let mut buffer = [0u8; 1024];
@@ -237,13 +242,7 @@ mod tests {
     use tokio::net::TcpStream;
     use tokio::sync::Notify;
 
-    use super::testing::closed_by_server;
-
-    /// Timeouts a test can wait out.
-    const SHORT: super::Timeouts = super::Timeouts {
-        first_byte: Duration::from_millis(300),
-        headers: Duration::from_millis(300),
-    };
+    use super::testing::{SHORT, closed_by_server};
 
     /// A server on loopback, the stop for it, and its task.
     struct Server {
@@ -272,6 +271,15 @@ mod tests {
         }
     }
 
+    /// Reads the server's whole answer on `stream` (it closes the
+    /// connection) and checks it is a 200 whose body is `body`.
+    async fn assert_answered(stream: &mut TcpStream, body: &str) {
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.ends_with(body), "{answer}");
+    }
+
     fn hello() -> axum::Router {
         axum::Router::new().route("/", axum::routing::get(|| async { "hi" }))
     }
@@ -296,10 +304,7 @@ mod tests {
             .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
             .await
             .unwrap();
-        let mut answer = String::new();
-        whole.read_to_string(&mut answer).await.unwrap();
-        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-        assert!(answer.ends_with("hi"), "{answer}");
+        assert_answered(&mut whole, "hi").await;
     }
 
     /// A connection that has sent its first byte is not cut by the first-byte
@@ -320,10 +325,7 @@ mod tests {
         .unwrap();
         tokio::time::sleep(SHORT.first_byte.max(SHORT.headers) * 2).await;
         tcp.write_all(b"cd").await.unwrap();
-        let mut answer = String::new();
-        tcp.read_to_string(&mut answer).await.unwrap();
-        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-        assert!(answer.ends_with("abcd"), "{answer}");
+        assert_answered(&mut tcp, "abcd").await;
     }
 
     /// Shutdown stops new connections at once, and `serve` returns only once
@@ -372,10 +374,7 @@ mod tests {
         );
 
         release.notify_one();
-        let mut answer = String::new();
-        request.read_to_string(&mut answer).await.unwrap();
-        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-        assert!(answer.ends_with("answered"), "{answer}");
+        assert_answered(&mut request, "answered").await;
         tokio::time::timeout(Duration::from_secs(10), server)
             .await
             .expect("serve returns once the request is answered")

@@ -50,37 +50,44 @@ pub async fn keep(
         let Some(content) = edu.get_mut("content").map(Value::take) else {
             continue;
         };
-        // Label values from a fixed list: a remote names the type.
-        let label = match kind.as_str() {
-            "m.typing"
-            | "m.receipt"
-            | "m.presence"
-            | "m.device_list_update"
-            | "m.direct_to_device"
-            | "m.signing_key_update" => kind.clone(),
-            _ => "other".to_owned(),
+        let handled = match kind.as_str() {
+            "m.receipt" => {
+                kept.receipts.extend(receipts_of(origin, &content));
+                true
+            }
+            "m.device_list_update" => {
+                kept.device_lists
+                    .extend(device_list_update_of(origin, content));
+                true
+            }
+            "m.signing_key_update" => {
+                kept.signing_keys
+                    .extend(signing_key_update_of(origin, &content));
+                true
+            }
+            "m.direct_to_device" => {
+                kept.to_device.extend(to_device_of(origin, &content));
+                true
+            }
+            "m.typing" => {
+                kept.typing
+                    .extend(typing_of(origin, &content).map(|room| (room, position, content)));
+                true
+            }
+            "m.presence" => {
+                kept.presence
+                    .extend(presence_of(origin, content).map(|content| (position, content)));
+                true
+            }
+            _ => {
+                tracing::debug!(%origin, edu_type = %kind, "dropped an EDU of a type we do not handle");
+                false
+            }
         };
+        // Label values from the fixed list above: a remote names the type.
+        let label = if handled { kind } else { "other".to_owned() };
         metrics::counter!("tessera_federation_server_received_edus_total", "type" => label)
             .increment(1);
-        match kind.as_str() {
-            "m.receipt" => kept.receipts.extend(receipts_of(origin, &content)),
-            "m.device_list_update" => kept
-                .device_lists
-                .extend(device_list_update_of(origin, content)),
-            "m.signing_key_update" => kept
-                .signing_keys
-                .extend(signing_key_update_of(origin, &content)),
-            "m.direct_to_device" => kept.to_device.extend(to_device_of(origin, &content)),
-            "m.typing" => kept
-                .typing
-                .extend(typing_of(origin, &content).map(|room| (room, position, content))),
-            "m.presence" => kept
-                .presence
-                .extend(presence_of(origin, content).map(|content| (position, content))),
-            _ => {
-                tracing::debug!(%origin, edu_type = %kind, "dropped an EDU of a type we do not handle")
-            }
-        }
     }
     let receipts = in_rooms_with(state, origin, kept.receipts, |r| &r.room_id).await?;
     let typing = in_rooms_with(state, origin, kept.typing, |t| &t.0).await?;
@@ -99,13 +106,7 @@ pub async fn keep(
         store.store_device_list_updates(origin, &kept.device_lists),
         store.store_signing_key_updates(origin, &kept.signing_keys),
         store.store_to_device(origin, &kept.to_device),
-        async {
-            if ephemeral.is_empty() {
-                Ok(())
-            } else {
-                store.store_edus(origin, txn, &ephemeral).await
-            }
-        }
+        store.store_edus(origin, txn, &ephemeral),
     );
     receipts?;
     device_lists?;

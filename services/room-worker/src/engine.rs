@@ -347,6 +347,8 @@ impl Engine {
         if let Some((_, old_cost)) = groups.insert(id.to_owned(), ((state, chain), cost)) {
             *slots -= old_cost;
         }
+        metrics::gauge!("tessera_room_worker_state_groups").set(groups.len() as f64);
+        metrics::gauge!("tessera_room_worker_state_group_slots").set(*slots as f64);
         drop(cache);
         // Freeing up to the whole bound's trees takes long (a flooded room's
         // low-priority turn once held every other room's commit this way):

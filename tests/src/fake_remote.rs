@@ -52,7 +52,7 @@ impl Drop for FakeRemote {
 }
 
 fn pdu_value(pdu: &Pdu) -> Value {
-    serde_json::to_value(pdu.json()).expect("canonical JSON is JSON")
+    serde_json::from_str(pdu.canonical_json()).expect("canonical JSON is JSON")
 }
 
 impl FakeRemote {

@@ -1465,7 +1465,7 @@ async fn stage_directly(
     let client = cluster.db().await;
     let partition = tessera_cluster::partition_of(room, cluster.spec().partitions) as i32;
     let ids: Vec<String> = pdus.iter().map(|p| p.event_id().to_string()).collect();
-    let jsons: Vec<String> = pdus.iter().map(|p| p.canonical_string()).collect();
+    let jsons: Vec<String> = pdus.iter().map(|p| p.canonical_json().to_owned()).collect();
     let depths: Vec<i64> = pdus.iter().map(|p| p.depth() as i64).collect();
     client
         .execute(

@@ -98,7 +98,7 @@ pub fn stripped_state(pdu: &Pdu) -> Value {
 
 /// The content left after redaction under the room version's rules.
 pub fn redacted_content(pdu: &Pdu, rules: &RoomVersionRules) -> Value {
-    match redact(pdu.json().clone(), &rules.redaction, None) {
+    match redact(pdu.to_object(), &rules.redaction, None) {
         Ok(object) => match object.get("content") {
             Some(CanonicalJsonValue::Object(content)) => canonical_to_value(content),
             _ => json!({}),

@@ -1,5 +1,6 @@
-//! [`Pdu`]: a persistent data unit parsed once, readable by ruma's auth and state
-//! resolution code through the `ruma::state_res::Event` trait.
+//! [`Pdu`]: a persistent data unit as its canonical JSON text and the fields
+//! parsed from it once, readable by ruma's auth and state resolution code
+//! through the `ruma::state_res::Event` trait.
 
 use std::sync::Arc;
 
@@ -42,7 +43,10 @@ pub struct Pdu {
     redacts: Option<OwnedEventId>,
     depth: u64,
     rejected: bool,
-    json: CanonicalJsonObject,
+    /// The PDU's canonical JSON text. Kept as text, not as a parsed object:
+    /// a room's state holds every state event, and a parsed member event
+    /// takes about ten times the memory of its text (7 KB against 700 bytes).
+    json: Box<str>,
 }
 
 pub type SharedPdu = Arc<Pdu>;
@@ -56,6 +60,37 @@ impl Pdu {
         json: CanonicalJsonObject,
         rejected: bool,
     ) -> Result<Self, PduError> {
+        // A BTreeMap of canonical values serializes sorted and compact: canonical JSON.
+        let text = serde_json::to_string(&json).map_err(|e| PduError::Invalid {
+            field: "json",
+            reason: e.to_string(),
+        })?;
+        Self::from_object_and_text(event_id, room_id, &json, text.into_boxed_str(), rejected)
+    }
+
+    /// Parse a PDU stored as canonical JSON text (as [`Pdu::canonical_json`]
+    /// gave it), keeping that text instead of writing it again.
+    pub fn from_canonical_text(
+        event_id: OwnedEventId,
+        room_id: &RoomId,
+        text: &str,
+        rejected: bool,
+    ) -> Result<Self, PduError> {
+        let json: CanonicalJsonObject =
+            serde_json::from_str(text).map_err(|e| PduError::Invalid {
+                field: "json",
+                reason: e.to_string(),
+            })?;
+        Self::from_object_and_text(event_id, room_id, &json, text.into(), rejected)
+    }
+
+    fn from_object_and_text(
+        event_id: OwnedEventId,
+        room_id: &RoomId,
+        json: &CanonicalJsonObject,
+        text: Box<str>,
+        rejected: bool,
+    ) -> Result<Self, PduError> {
         let room_id_in_json = json.contains_key("room_id");
         let room_id = match json.get("room_id") {
             Some(CanonicalJsonValue::String(s)) => {
@@ -67,11 +102,11 @@ impl Pdu {
             Some(_) => return Err(PduError::Field("room_id")),
             None => room_id.to_owned(),
         };
-        let sender = UserId::parse(str_field(&json, "sender")?).map_err(|e| PduError::Invalid {
+        let sender = UserId::parse(str_field(json, "sender")?).map_err(|e| PduError::Invalid {
             field: "sender",
             reason: e.to_string(),
         })?;
-        let kind = TimelineEventType::from(str_field(&json, "type")?);
+        let kind = TimelineEventType::from(str_field(json, "type")?);
         let origin_server_ts = match json.get("origin_server_ts") {
             Some(CanonicalJsonValue::Integer(i)) => MilliSecondsSinceUnixEpoch(
                 UInt::try_from(i64::from(*i)).map_err(|_| PduError::Field("origin_server_ts"))?,
@@ -98,9 +133,9 @@ impl Pdu {
                 field: "content",
                 reason: e.to_string(),
             })?;
-        let prev_events = id_list(&json, "prev_events")?;
-        let auth_events = id_list(&json, "auth_events")?;
-        let redacts = redacts_of(&json, &kind)?;
+        let prev_events = id_list(json, "prev_events")?;
+        let auth_events = id_list(json, "auth_events")?;
+        let redacts = redacts_of(json, &kind)?;
         Ok(Self {
             event_id,
             room_id,
@@ -115,7 +150,7 @@ impl Pdu {
             redacts,
             depth,
             rejected,
-            json,
+            json: text,
         })
     }
 
@@ -203,14 +238,14 @@ impl Pdu {
     pub fn room_id_in_json(&self) -> bool {
         self.room_id_in_json
     }
-    /// The PDU exactly as it goes over federation (no `event_id` field).
-    pub fn json(&self) -> &CanonicalJsonObject {
-        &self.json
+    /// The PDU exactly as it goes over federation (no `event_id` field), as
+    /// an object: parsed from the text on every call.
+    pub fn to_object(&self) -> CanonicalJsonObject {
+        serde_json::from_str(&self.json).expect("a PDU's own canonical JSON parses")
     }
-    /// Canonical JSON text of the PDU, as stored.
-    pub fn canonical_string(&self) -> String {
-        // A BTreeMap of canonical values serializes sorted and compact: canonical JSON.
-        serde_json::to_string(&self.json).expect("canonical JSON serializes")
+    /// Canonical JSON text of the PDU, as stored and sent over federation.
+    pub fn canonical_json(&self) -> &str {
+        &self.json
     }
     /// `content.membership` of a member event.
     pub fn membership(&self) -> Option<String> {
@@ -333,5 +368,62 @@ impl ruma::state_res::Event for Pdu {
     }
     fn rejected(&self) -> bool {
         self.rejected
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ruma::RoomVersionId;
+    use serde_json::json;
+
+    use super::*;
+    use crate::room_setup::Preset;
+    use crate::room_state::tests::{create_room, setup};
+    use crate::test_support::{key, server, template};
+
+    /// An event our room made: its text, its object and its ID agree, and
+    /// reading the text back keeps the same text and fields.
+    #[test]
+    fn a_pdu_is_kept_as_its_canonical_text() {
+        let (room, _) = create_room(&setup(RoomVersionId::V11, Preset::PrivateChat, &[]));
+        let pdu = room
+            .create_event(
+                &template(
+                    "alice",
+                    "m.room.message",
+                    None,
+                    json!({"body": "é ☃", "n": 2}),
+                ),
+                key(),
+                server(),
+            )
+            .unwrap();
+        let object = pdu.to_object();
+        assert_eq!(
+            pdu.canonical_json(),
+            serde_json::to_string(&object).unwrap(),
+            "sorted and compact"
+        );
+        assert!(!pdu.canonical_json().contains(": "));
+        assert_eq!(&event_id_of(&object, room.rules()).unwrap(), pdu.event_id());
+
+        let read = Pdu::from_canonical_text(
+            pdu.event_id().to_owned(),
+            pdu.room_id(),
+            pdu.canonical_json(),
+            true,
+        )
+        .unwrap();
+        assert_eq!(read.canonical_json(), pdu.canonical_json());
+        assert_eq!(read.content().get(), pdu.content().get());
+        assert_eq!(read.sender(), pdu.sender());
+        assert_eq!(read.prev_events(), pdu.prev_events());
+        assert!(read.rejected());
+
+        let err = Pdu::from_canonical_text(pdu.event_id().to_owned(), pdu.room_id(), "{", false);
+        assert!(
+            matches!(err, Err(PduError::Invalid { field: "json", .. })),
+            "{err:?}"
+        );
     }
 }

@@ -23,13 +23,11 @@ pub async fn load(
         if known.room_id != room_id.as_str() {
             continue;
         }
-        let (Ok(object), Ok(id)) = (
-            serde_json::from_str::<tessera_events::ruma::CanonicalJsonObject>(&known.json),
-            EventId::parse(known.event_id.as_str()),
-        ) else {
+        let Ok(id) = EventId::parse(known.event_id.as_str()) else {
             continue;
         };
-        if let Ok(pdu) = Pdu::from_parts(id.clone(), room_id, object, known.rejected) {
+        if let Ok(pdu) = Pdu::from_canonical_text(id.clone(), room_id, &known.json, known.rejected)
+        {
             out.insert(id, (Arc::new(pdu), known.outlier));
         }
     }

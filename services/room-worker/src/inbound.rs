@@ -146,14 +146,9 @@ fn snapshot_entries(state: &StateIds) -> Vec<(String, String, Option<String>)> {
         .collect()
 }
 
-fn canonical(pdu: &Pdu) -> String {
-    pdu.canonical_string()
-}
-
 fn parse(event_id: &str, room_id: &RoomId, json: &str, rejected: bool) -> Option<Pdu> {
-    let object: CanonicalJsonObject = serde_json::from_str(json).ok()?;
     let event_id = EventId::parse(event_id).ok()?;
-    let mut pdu = Pdu::from_parts(event_id, room_id, object, rejected).ok()?;
+    let mut pdu = Pdu::from_canonical_text(event_id, room_id, json, rejected).ok()?;
     pdu.set_rejected(rejected);
     Some(pdu)
 }
@@ -567,7 +562,7 @@ impl<'e> Turn<'e> {
         self.outlier_ids.insert(id.clone());
         self.outliers.push(Outlier {
             event_id: id.to_string(),
-            json: canonical(event),
+            json: event.canonical_json().to_owned(),
             rejected,
         });
     }
@@ -823,7 +818,7 @@ impl<'e> Turn<'e> {
                 membership: pdu.membership(),
                 rejected,
                 prev_state_event_id: prev_state.map(|e| e.to_string()),
-                json: canonical(&pdu),
+                json: pdu.canonical_json().to_owned(),
                 state_changes,
                 redacts,
                 txn: None,
@@ -1195,7 +1190,7 @@ async fn staged_turn(
             turn.rejected.insert(id.clone());
             turn.outliers.push(Outlier {
                 event_id: id.to_string(),
-                json: canonical(&pdu),
+                json: pdu.canonical_json().to_owned(),
                 rejected: true,
             });
             done.push(row.id);
@@ -1463,7 +1458,7 @@ pub async fn process_membership(
     let state: Vec<String> = kept
         .iter()
         .filter_map(|id| turn.pdus.get(id))
-        .map(|p| canonical(p))
+        .map(|p| p.canonical_json().to_owned())
         .collect();
     let chain = resolve::auth_chain(
         kept.iter().cloned().chain([pdu.event_id().to_owned()]),
@@ -1472,9 +1467,9 @@ pub async fn process_membership(
     let auth_chain: Vec<String> = chain
         .iter()
         .filter_map(|id| turn.pdus.get(id))
-        .map(|p| canonical(p))
+        .map(|p| p.canonical_json().to_owned())
         .collect();
-    let event_json = canonical(&pdu);
+    let event_json = pdu.canonical_json().to_owned();
     let room = turn.commit(epoch, vec![]).await.map_err(unavailable)?;
     engine.cache_state(room);
     Ok(MembershipResult {

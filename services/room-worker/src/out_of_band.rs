@@ -149,7 +149,7 @@ async fn persist(
         origin_server_ts: pdu.origin_server_ts() as i64,
         depth: pdu.depth() as i64,
         membership: membership.clone(),
-        json: pdu.canonical_string(),
+        json: pdu.canonical_json().to_owned(),
         state_changes: vec![StateChange {
             kind: pdu.kind().to_string(),
             state_key,

@@ -455,7 +455,7 @@ async fn commit(
                     .replaced
                     .as_ref()
                     .map(|p| p.event_id().to_string()),
-                json: pdu.canonical_string(),
+                json: pdu.canonical_json().to_owned(),
                 state_changes: pdu
                     .state_key()
                     .map(|k| {

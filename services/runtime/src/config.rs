@@ -228,7 +228,7 @@ pub struct RoomWorkerConfig {
     /// backend's CPU per worker, leaves the rest to quiet rooms.
     pub bulk_connections: usize,
     /// How many state events the rooms' current states kept in memory
-    /// between turns may hold in all (about 11 KiB each); past it, the rooms
+    /// between turns may hold in all (about 6 KiB each); past it, the rooms
     /// used least recently are read from Postgres again on their next turn.
     /// A room larger than this alone is still kept while in use.
     pub state_cache_events: usize,

@@ -102,13 +102,11 @@ pub(crate) fn parse_pdu(
     json: &str,
     rejected: bool,
 ) -> Result<Arc<Pdu>> {
-    let object: CanonicalJsonObject = serde_json::from_str(json)
-        .map_err(|e| StoreError::Corrupt(format!("event {event_id}: {e}")))?;
-    let event_id = EventId::parse(event_id).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let id = EventId::parse(event_id).map_err(|e| StoreError::Corrupt(e.to_string()))?;
     let room_id = RoomId::parse(room_id).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-    Pdu::from_parts(event_id, &room_id, object, rejected)
+    Pdu::from_canonical_text(id, &room_id, json, rejected)
         .map(Arc::new)
-        .map_err(|e| StoreError::Corrupt(e.to_string()))
+        .map_err(|e| StoreError::Corrupt(format!("event {event_id}: {e}")))
 }
 
 /// Neighbour events are joined by JSON only; recompute their IDs.

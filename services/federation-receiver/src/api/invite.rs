@@ -57,7 +57,7 @@ pub async fn invite(
     if hosted {
         super::room_for(&state, room_id.as_str(), origin).await?;
     }
-    let mut signed_event = pdu.json().clone();
+    let mut signed_event = pdu.to_object();
     tessera_events::ruma::signatures::sign_event(
         state.server_name.as_str(),
         state.key.pair(),

@@ -295,7 +295,7 @@ async fn submit<'a>(
             RemoteMembershipRequest {
                 room_id: room_id.to_string(),
                 origin: origin.to_owned(),
-                event_json: pdu.canonical_string(),
+                event_json: pdu.canonical_json().to_owned(),
                 omit_members,
                 keep_members,
             },

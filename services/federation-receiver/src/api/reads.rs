@@ -43,7 +43,7 @@ async fn may_read(state: &AppState, room: &RoomId, origin: &str) -> Result<(), M
 
 pub(crate) fn json_of(pdus: &[Arc<Pdu>]) -> Vec<Value> {
     pdus.iter()
-        .filter_map(|p| serde_json::to_value(p.json()).ok())
+        .filter_map(|p| serde_json::from_str(p.canonical_json()).ok())
         .collect()
 }
 

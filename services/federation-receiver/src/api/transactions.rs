@@ -421,7 +421,7 @@ async fn sender_may_send(
     }
     Ok(StagedPdu {
         event_id,
-        json: checked.pdu.canonical_string(),
+        json: checked.pdu.canonical_json().to_owned(),
         depth: i64::try_from(checked.pdu.depth()).unwrap_or(i64::MAX),
     })
 }

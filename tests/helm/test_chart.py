@@ -173,6 +173,23 @@ class RenderedChart(unittest.TestCase):
             self.assertEqual(set(refs.values()), {"tessera-credentials"})
             self.assertIn("TESSERA_DATABASE__URL", refs)
 
+    def test_extra_environment_reaches_every_pod(self):
+        result = helm_template(
+            "--set", "extraEnv[0].name=MALLOC_ARENA_MAX",
+            "--set-string", "extraEnv[0].value=2",
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        docs = [d for d in yaml.safe_load_all(result.stdout) if d]
+        pods = [d["spec"]["template"]["spec"] for d in docs if d["kind"] in ("Deployment", "Job")]
+        self.assertGreaterEqual(len(pods), 5)
+        for pod in pods:
+            env = {e["name"]: e for e in pod["containers"][0]["env"]}
+            self.assertEqual(env["MALLOC_ARENA_MAX"], {"name": "MALLOC_ARENA_MAX", "value": "2"})
+            self.assertIn("TESSERA_DATABASE__URL", env, "the chart's own stay")
+        refused = helm_template("--set", "extraEnv[0].value=2")
+        self.assertNotEqual(refused.returncode, 0)
+        self.assertIn("name is required", refused.stderr)
+
     def test_migrations_run_as_a_pre_upgrade_hook_with_their_own_copies(self):
         docs = manifests("minimal")
         job = by_kind(docs, "Job")["tessera-migrate"]

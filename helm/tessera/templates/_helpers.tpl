@@ -106,6 +106,9 @@ federation-receiver only with federation.enabled.
   valueFrom:
     fieldRef:
       fieldPath: status.podIP
+{{- with $v.extraEnv }}
+{{ toYaml . }}
+{{- end }}
 {{- end }}
 
 {{/* Volumes every Tessera pod gets: the config, the signing key if any, /tmp. */}}

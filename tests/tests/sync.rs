@@ -157,3 +157,154 @@ async fn long_polls_wait_for_something_relevant() {
     );
     assert!(timeline(&sync, &alices_room).is_empty());
 }
+
+/// One `/sync` with an inline filter.
+async fn filtered_sync(
+    cluster: &TestCluster,
+    user: &tessera_tests::client::TestUser,
+    since: Option<&str>,
+    filter: &Value,
+) -> Value {
+    let mut url = format!(
+        "{}/_matrix/client/v3/sync?timeout=0&filter={}",
+        cluster.sync_urls[0],
+        tessera_tests::client::enc(&filter.to_string())
+    );
+    if let Some(since) = since {
+        url.push_str(&format!("&since={since}"));
+    }
+    let (status, body) = cluster
+        .api()
+        .call_raw(reqwest::Method::GET, &url, Some(&user.token), None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+/// [`filtered_sync`] again until the room's timeline ends with a message
+/// whose body is `last` (the sync-workers see a commit a moment after it is
+/// acknowledged).
+async fn filtered_sync_until(
+    cluster: &TestCluster,
+    user: &tessera_tests::client::TestUser,
+    since: Option<&str>,
+    filter: &Value,
+    room: &str,
+    last: &str,
+) -> Value {
+    for _ in 0..100 {
+        let sync = filtered_sync(cluster, user, since, filter).await;
+        if timeline(&sync, room)
+            .last()
+            .is_some_and(|e| e["content"]["body"] == last)
+        {
+            return sync;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{last:?} never reached the end of {room}'s timeline");
+}
+
+/// The users whose member events a room's state section carries, sorted.
+fn state_members(sync: &Value, room: &str) -> Vec<String> {
+    let mut members: Vec<String> = sync["rooms"]["join"][room]["state"]["events"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["type"] == "m.room.member")
+        .map(|e| e["state_key"].as_str().unwrap().to_owned())
+        .collect();
+    members.sort();
+    members
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn lazy_loaded_members_are_the_timeline_senders() {
+    let cluster = TestCluster::start(Spec {
+        room_workers: 1,
+        ..Spec::default()
+    })
+    .await;
+    let api = cluster.api();
+    let alice = cluster.register("alice").await;
+    let bob = cluster.register("bob").await;
+    let room = api.public_room(&alice).await;
+    let mut others = Vec::new();
+    for n in 0..8 {
+        let user = cluster.register(&format!("user{n}")).await;
+        if n < 6 {
+            api.join(&user, &room).await;
+        }
+        others.push(user);
+    }
+    api.join(&bob, &room).await;
+    api.send_text(&others[1], &room, "a", "from user1").await;
+    api.send_text(&others[2], &room, "b", "from user2").await;
+
+    let lazy = json!({"room": {"timeline": {"limit": 2}, "state": {"lazy_load_members": true}}});
+    let whole = json!({"room": {"timeline": {"limit": 2}}});
+    let first = filtered_sync_until(&cluster, &bob, None, &lazy, &room, "from user2").await;
+    let mut expected = vec![
+        bob.user_id.clone(),
+        others[1].user_id.clone(),
+        others[2].user_id.clone(),
+    ];
+    expected.sort();
+    assert_eq!(
+        state_members(&first, &room),
+        expected,
+        "the senders and bob"
+    );
+    let state_types: Vec<&str> = first["rooms"]["join"][&room]["state"]["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["type"].as_str())
+        .collect();
+    for kind in ["m.room.create", "m.room.power_levels", "m.room.join_rules"] {
+        assert!(state_types.contains(&kind), "{kind} in {state_types:?}");
+    }
+    let summary = &first["rooms"]["join"][&room]["summary"];
+    assert_eq!(summary["m.joined_member_count"], 8, "{summary}");
+    // Without lazy loading, every member.
+    let full = filtered_sync_until(&cluster, &bob, None, &whole, &room, "from user2").await;
+    assert_eq!(state_members(&full, &room).len(), 8);
+
+    // A gap: two users join and user5, a member from before, speaks three
+    // times; the limited timeline's state has user5's member event (not
+    // changed in the gap) and not the joins'.
+    let token = first["next_batch"].as_str().unwrap().to_owned();
+    api.join(&others[6], &room).await;
+    api.join(&others[7], &room).await;
+    for n in 0..3 {
+        api.send_text(
+            &others[5],
+            &room,
+            &format!("c{n}"),
+            &format!("from user5 {n}"),
+        )
+        .await;
+    }
+    let gap = filtered_sync_until(&cluster, &bob, Some(&token), &lazy, &room, "from user5 2").await;
+    assert_eq!(gap["rooms"]["join"][&room]["timeline"]["limited"], true);
+    assert_eq!(state_members(&gap, &room), vec![others[5].user_id.clone()]);
+    assert_eq!(
+        gap["rooms"]["join"][&room]["summary"]["m.joined_member_count"],
+        10
+    );
+    let gap_whole =
+        filtered_sync_until(&cluster, &bob, Some(&token), &whole, &room, "from user5 2").await;
+    let mut joined = vec![others[6].user_id.clone(), others[7].user_id.clone()];
+    joined.sort();
+    assert_eq!(state_members(&gap_whole, &room), joined);
+
+    // No gap: the one sender's member event comes along.
+    let token = gap["next_batch"].as_str().unwrap().to_owned();
+    api.send_text(&others[0], &room, "d", "from user0").await;
+    let next = filtered_sync_until(&cluster, &bob, Some(&token), &lazy, &room, "from user0").await;
+    assert_eq!(next["rooms"]["join"][&room]["timeline"]["limited"], false);
+    assert_eq!(state_members(&next, &room), vec![others[0].user_id.clone()]);
+    let next_whole =
+        filtered_sync_until(&cluster, &bob, Some(&token), &whole, &room, "from user0").await;
+    assert_eq!(state_members(&next_whole, &room), Vec::<String>::new());
+}

@@ -1,12 +1,14 @@
 //! Client filters: the `RoomEventFilter` of `/messages` and `/context`, and the
-//! `/sync` filter (room list, timeline and state filters, `include_leave`).
+//! `/sync` filter (room list, timeline and state filters, `include_leave`,
+//! lazy-loaded members).
 
 use serde_json::Value;
 use tessera_storage::events::StoredEvent;
 
 use crate::error::{MatrixError, MatrixResult};
 
-/// A client's RoomEventFilter, the parts we apply: types, senders, limit.
+/// A client's RoomEventFilter, the parts we apply: types, senders, limit,
+/// and (in a `/sync` filter's state filter) `lazy_load_members`.
 #[derive(Debug, Clone, Default)]
 pub struct EventFilter {
     pub types: Option<Vec<String>>,
@@ -14,6 +16,9 @@ pub struct EventFilter {
     pub senders: Option<Vec<String>>,
     pub not_senders: Vec<String>,
     pub limit: Option<u64>,
+    /// Send only the member events of the timeline's senders (and, in a
+    /// full state, the syncing user's own), not the whole member list.
+    pub lazy_load_members: bool,
 }
 
 /// `*` wildcards, as filters use them. Patterns with many wildcards are
@@ -63,12 +68,22 @@ impl EventFilter {
                 MatrixError::bad_json("filter.limit must be a non-negative integer")
             })?),
         };
+        let lazy_load_members = match value.get("lazy_load_members") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => {
+                return Err(MatrixError::bad_json(
+                    "filter.lazy_load_members must be a boolean",
+                ));
+            }
+        };
         Ok(Self {
             types: list("types")?,
             not_types: list("not_types")?.unwrap_or_default(),
             senders: list("senders")?,
             not_senders: list("not_senders")?.unwrap_or_default(),
             limit,
+            lazy_load_members,
         })
     }
 
@@ -189,5 +204,22 @@ mod tests {
         assert!(!glob("a*c", "abb"));
         assert!(glob("é*ü", "éaü"), "multi-byte characters are not split");
         assert!(EventFilter::parse(&json!({"types": "m.room.message"})).is_err());
+    }
+
+    #[test]
+    fn lazy_loading_is_read_from_the_state_filter() {
+        let filter =
+            SyncFilter::parse(&json!({"room": {"state": {"lazy_load_members": true}}})).unwrap();
+        assert!(filter.state.lazy_load_members);
+        assert!(!filter.timeline.lazy_load_members);
+        assert!(
+            !SyncFilter::parse(&json!({}))
+                .unwrap()
+                .state
+                .lazy_load_members
+        );
+        let err = SyncFilter::parse(&json!({"room": {"state": {"lazy_load_members": "yes"}}}))
+            .unwrap_err();
+        assert!(err.to_string().contains("lazy_load_members"), "{err}");
     }
 }

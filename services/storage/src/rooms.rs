@@ -12,6 +12,24 @@ use tessera_events::ruma::{
 use crate::events::{EVENT_COLUMNS, EVENT_JOINS, StoredEvent};
 use crate::{Result, Store, StoreError, conflict};
 
+/// Which member events a read of a room's state returns.
+#[derive(Debug, Clone, Copy)]
+pub enum Members<'a> {
+    All,
+    /// Only these users' (a client's lazy-loaded members); the rest of the
+    /// state all the same.
+    Only(&'a [String]),
+}
+
+impl<'a> Members<'a> {
+    fn only(self) -> Option<&'a [String]> {
+        match self {
+            Members::All => None,
+            Members::Only(users) => Some(users),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct RoomRow {
     pub room_id: String,
@@ -221,16 +239,27 @@ impl Store {
     /// The room state right after position `pos`: the newest history row per
     /// slot at or before it.
     pub async fn state_at(&self, room_id: &str, pos: i64) -> Result<Vec<StoredEvent>> {
+        self.state_at_with(room_id, pos, Members::All).await
+    }
+
+    /// [`Store::state_at`], with only some of the member events.
+    pub async fn state_at_with(
+        &self,
+        room_id: &str,
+        pos: i64,
+        members: Members<'_>,
+    ) -> Result<Vec<StoredEvent>> {
         let sql = format!(
             "WITH slots AS (
                  SELECT DISTINCT ON (type, state_key) event_id FROM room_state_history
                  WHERE room_id = $1 AND pos <= $2
+                   AND ($3::text[] IS NULL OR type <> 'm.room.member' OR state_key = ANY($3))
                  ORDER BY type, state_key, pos DESC
              )
              SELECT {EVENT_COLUMNS} FROM slots s JOIN events e ON e.event_id = s.event_id {EVENT_JOINS}
              ORDER BY e.pos"
         );
-        let rows = self.query(&sql, &[&room_id, &pos]).await?;
+        let rows = self.query(&sql, &[&room_id, &pos, &members.only()]).await?;
         Ok(rows.iter().map(StoredEvent::from_row).collect())
     }
 
@@ -241,16 +270,55 @@ impl Store {
         after: i64,
         upto: i64,
     ) -> Result<Vec<StoredEvent>> {
+        self.state_changes_with(room_id, after, upto, Members::All)
+            .await
+    }
+
+    /// [`Store::state_changes`], with only some of the member events.
+    pub async fn state_changes_with(
+        &self,
+        room_id: &str,
+        after: i64,
+        upto: i64,
+        members: Members<'_>,
+    ) -> Result<Vec<StoredEvent>> {
         let sql = format!(
             "WITH slots AS (
                  SELECT DISTINCT ON (type, state_key) event_id FROM room_state_history
                  WHERE room_id = $1 AND pos > $2 AND pos <= $3
+                   AND ($4::text[] IS NULL OR type <> 'm.room.member' OR state_key = ANY($4))
                  ORDER BY type, state_key, pos DESC
              )
              SELECT {EVENT_COLUMNS} FROM slots s JOIN events e ON e.event_id = s.event_id {EVENT_JOINS}
              ORDER BY e.pos"
         );
-        let rows = self.query(&sql, &[&room_id, &after, &upto]).await?;
+        let rows = self
+            .query(&sql, &[&room_id, &after, &upto, &members.only()])
+            .await?;
+        Ok(rows.iter().map(StoredEvent::from_row).collect())
+    }
+
+    /// Some users' member events in the room's state at `pos` (those who
+    /// have one), read by their slots alone however large the room.
+    pub async fn members_at(
+        &self,
+        room_id: &str,
+        pos: i64,
+        users: &[String],
+    ) -> Result<Vec<StoredEvent>> {
+        if users.is_empty() {
+            return Ok(Vec::new());
+        }
+        let sql = format!(
+            "WITH slots AS (
+                 SELECT DISTINCT ON (state_key) event_id FROM room_state_history
+                 WHERE room_id = $1 AND type = 'm.room.member' AND state_key = ANY($3) AND pos <= $2
+                 ORDER BY state_key, pos DESC
+             )
+             SELECT {EVENT_COLUMNS} FROM slots s JOIN events e ON e.event_id = s.event_id {EVENT_JOINS}
+             ORDER BY e.pos"
+        );
+        let rows = self.query(&sql, &[&room_id, &pos, &users]).await?;
         Ok(rows.iter().map(StoredEvent::from_row).collect())
     }
 

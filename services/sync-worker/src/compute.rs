@@ -14,7 +14,7 @@ use tessera_matrix_http::filter::{EventFilter, SyncFilter};
 use tessera_matrix_http::render::{Viewer, now_ms, render};
 use tessera_replication::token::merge;
 use tessera_storage::events::{Direction, StoredEvent};
-use tessera_storage::rooms::MembershipRow;
+use tessera_storage::rooms::{Members, MembershipRow};
 use tessera_storage::{Store, StoreError};
 
 use crate::view::{View, user_key};
@@ -229,13 +229,16 @@ pub async fn compute(
                 let visibility = load_visibility(store, room_id, rows).await?;
                 timeline.retain(|e| visible(&visibility, e, request.user_id));
                 let first = timeline.first().map(|e| e.pos).unwrap_or(left_at + 1);
-                let state = if initial {
-                    store.state_at(room_id, first - 1).await?
-                } else if limited {
-                    store.state_changes(room_id, after, first - 1).await?
-                } else {
-                    vec![]
-                };
+                let state = state_before_timeline(
+                    store,
+                    request,
+                    room_id,
+                    &timeline,
+                    (after, first - 1),
+                    initial,
+                    limited,
+                )
+                .await?;
                 leave.insert(
                     room_id.clone(),
                     json!({
@@ -386,15 +389,21 @@ async fn joined_room(
         timeline.retain(|e| visible(&visibility, e, request.user_id));
     }
     let first = timeline.first().map(|e| e.pos).unwrap_or(upto + 1);
-    let state = if newly {
-        store.state_at(room_id, first - 1).await?
-    } else if limited {
-        store.state_changes(room_id, after, first - 1).await?
-    } else {
-        vec![]
-    };
+    let state = state_before_timeline(
+        store,
+        request,
+        room_id,
+        &timeline,
+        (after, first - 1),
+        newly,
+        limited,
+    )
+    .await?;
     let mut room = Map::new();
+    // With lazy-loaded members, a gap's member changes are not in `state`:
+    // a limited timeline then always gets the summary.
     let membership_changed = newly
+        || (limited && request.filter.state.lazy_load_members)
         || timeline
             .iter()
             .any(|e| kind_of(e).is_some_and(|(k, _, _)| k == "m.room.member"))
@@ -423,6 +432,58 @@ async fn joined_room(
     );
     room.insert("ephemeral".into(), json!({ "events": [] }));
     Ok(Some(room))
+}
+
+/// A room's state section: the state before its timeline (at `before`),
+/// whole (`whole`: an initial sync, a new join, `full_state`), as changed
+/// since `after` (a limited timeline), or nothing. With lazy-loaded members,
+/// of the member events only those of the timeline's senders (and, in a
+/// whole state, the syncing user's), whether they changed or not: a room of
+/// 20,000 members costs its timeline's senders, not 20,000 events. They are
+/// sent again on later syncs (as with `include_redundant_members`), which
+/// clients take as they take any state.
+async fn state_before_timeline(
+    store: &Store,
+    request: &Request<'_>,
+    room_id: &str,
+    timeline: &[StoredEvent],
+    (after, before): (i64, i64),
+    whole: bool,
+    limited: bool,
+) -> Result<Vec<StoredEvent>, StoreError> {
+    if !request.filter.state.lazy_load_members {
+        return if whole {
+            store.state_at(room_id, before).await
+        } else if limited {
+            store.state_changes(room_id, after, before).await
+        } else {
+            Ok(vec![])
+        };
+    }
+    let mut senders: Vec<String> = timeline
+        .iter()
+        .filter_map(|e| kind_of(e).map(|(_, _, sender)| sender))
+        .collect();
+    if whole {
+        senders.push(request.user_id.to_owned());
+    }
+    senders.sort_unstable();
+    senders.dedup();
+    if whole {
+        return store
+            .state_at_with(room_id, before, Members::Only(&senders))
+            .await;
+    }
+    let mut state = if limited {
+        store
+            .state_changes_with(room_id, after, before, Members::Only(&[]))
+            .await?
+    } else {
+        vec![]
+    };
+    state.extend(store.members_at(room_id, before, &senders).await?);
+    state.sort_by_key(|e| e.pos);
+    Ok(state)
 }
 
 /// The stripped state shown with an invite or knock: the room's basics at

@@ -76,7 +76,7 @@ pub async fn serve(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
@@ -84,14 +84,14 @@ mod tests {
     use tokio::io::AsyncWriteExt;
 
     /// A TLS server on loopback, the stop for it, and its certificate.
-    struct Server {
-        address: std::net::SocketAddr,
+    pub(crate) struct Server {
+        pub(crate) address: std::net::SocketAddr,
         stop: tokio::sync::oneshot::Sender<()>,
         task: tokio::task::JoinHandle<()>,
         certificate: rustls::pki_types::CertificateDer<'static>,
     }
 
-    async fn start(routes: axum::Router) -> Server {
+    pub(crate) async fn start(routes: axum::Router) -> Server {
         let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
         let acceptor = super::acceptor_from_pem(
             cert.cert.pem().as_bytes(),

@@ -55,6 +55,11 @@ fn lower_priority() {
     }
 }
 
+/// Whether the calling thread belongs to a low-priority runtime.
+pub fn on_low_priority_thread() -> bool {
+    ON_BULK_THREAD.get()
+}
+
 /// The longest one bulk step waits for urgent work to finish.
 pub const MAX_DEFERRAL: Duration = Duration::from_millis(20);
 

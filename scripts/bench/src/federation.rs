@@ -73,6 +73,9 @@ struct Args {
     /// Milliseconds between two quiet messages (round-robin over the quiet rooms).
     #[arg(long, default_value_t = 50)]
     quiet_interval_ms: u64,
+    /// Sync as Element does, with lazy-loaded members (`room.state.lazy_load_members`).
+    #[arg(long)]
+    lazy_load_members: bool,
     /// The Tessera cluster's `federation.staged_batch` (default: the shipped one).
     #[arg(long, default_value_t = tessera_runtime::config::FederationConfig::default().staged_batch)]
     staged_batch: i64,
@@ -276,6 +279,7 @@ fn sync_loop(
     busy: String,
     seen: Arc<Mutex<Seen>>,
     stop: Arc<std::sync::atomic::AtomicBool>,
+    filter: Option<String>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         // The default timeline limit, as clients use it: a busy room's sync is
@@ -283,6 +287,9 @@ fn sync_loop(
         let mut since: Option<String> = None;
         while !stop.load(std::sync::atomic::Ordering::Relaxed) {
             let mut request = format!("{url}/_matrix/client/v3/sync?timeout=1000");
+            if let Some(filter) = &filter {
+                request.push_str(&format!("&filter={}", enc(filter)));
+            }
             if let Some(since) = &since {
                 request.push_str(&format!("&since={since}"));
             }
@@ -546,6 +553,9 @@ async fn main() -> anyhow::Result<()> {
     let seen = Arc::new(Mutex::new(Seen::default()));
     let seen_by_bob = Arc::new(Mutex::new(Seen::default()));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let filter = args
+        .lazy_load_members
+        .then(|| json!({"room": {"state": {"lazy_load_members": true}}}).to_string());
     let syncer = sync_loop(
         http.clone(),
         target.sync_url.clone(),
@@ -553,6 +563,7 @@ async fn main() -> anyhow::Result<()> {
         busy.clone(),
         Arc::clone(&seen),
         Arc::clone(&stop),
+        filter.clone(),
     );
     let bob_syncer = sync_loop(
         http.clone(),
@@ -561,6 +572,7 @@ async fn main() -> anyhow::Result<()> {
         busy.clone(),
         Arc::clone(&seen_by_bob),
         Arc::clone(&stop),
+        filter,
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
     let probe_dir = args

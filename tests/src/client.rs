@@ -191,7 +191,23 @@ impl Api {
         since: Option<&str>,
         timeout_ms: u64,
     ) -> Value {
+        self.sync_filtered_at(base, user, since, timeout_ms, None)
+            .await
+    }
+
+    /// [`Api::sync_at`] with an inline filter.
+    pub async fn sync_filtered_at(
+        &self,
+        base: &str,
+        user: &TestUser,
+        since: Option<&str>,
+        timeout_ms: u64,
+        filter: Option<&Value>,
+    ) -> Value {
         let mut url = format!("{base}/_matrix/client/v3/sync?timeout={timeout_ms}");
+        if let Some(filter) = filter {
+            url.push_str(&format!("&filter={}", enc(&filter.to_string())));
+        }
         if let Some(since) = since {
             url.push_str(&format!("&since={since}"));
         }

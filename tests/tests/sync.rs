@@ -158,30 +158,7 @@ async fn long_polls_wait_for_something_relevant() {
     assert!(timeline(&sync, &alices_room).is_empty());
 }
 
-/// One `/sync` with an inline filter.
-async fn filtered_sync(
-    cluster: &TestCluster,
-    user: &tessera_tests::client::TestUser,
-    since: Option<&str>,
-    filter: &Value,
-) -> Value {
-    let mut url = format!(
-        "{}/_matrix/client/v3/sync?timeout=0&filter={}",
-        cluster.sync_urls[0],
-        tessera_tests::client::enc(&filter.to_string())
-    );
-    if let Some(since) = since {
-        url.push_str(&format!("&since={since}"));
-    }
-    let (status, body) = cluster
-        .api()
-        .call_raw(reqwest::Method::GET, &url, Some(&user.token), None)
-        .await;
-    assert_eq!(status, 200, "{body}");
-    body
-}
-
-/// [`filtered_sync`] again until the room's timeline ends with a message
+/// A filtered `/sync` again until the room's timeline ends with a message
 /// whose body is `last` (the sync-workers see a commit a moment after it is
 /// acknowledged).
 async fn filtered_sync_until(
@@ -193,7 +170,10 @@ async fn filtered_sync_until(
     last: &str,
 ) -> Value {
     for _ in 0..100 {
-        let sync = filtered_sync(cluster, user, since, filter).await;
+        let sync = cluster
+            .api()
+            .sync_filtered_at(&cluster.sync_urls[0], user, since, 0, Some(filter))
+            .await;
         if timeline(&sync, room)
             .last()
             .is_some_and(|e| e["content"]["body"] == last)

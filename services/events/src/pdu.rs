@@ -232,9 +232,6 @@ impl Pdu {
     pub fn rejected(&self) -> bool {
         self.rejected
     }
-    pub fn set_rejected(&mut self, rejected: bool) {
-        self.rejected = rejected;
-    }
     pub fn room_id_in_json(&self) -> bool {
         self.room_id_in_json
     }

@@ -148,9 +148,7 @@ fn snapshot_entries(state: &StateIds) -> Vec<(String, String, Option<String>)> {
 
 fn parse(event_id: &str, room_id: &RoomId, json: &str, rejected: bool) -> Option<Pdu> {
     let event_id = EventId::parse(event_id).ok()?;
-    let mut pdu = Pdu::from_canonical_text(event_id, room_id, json, rejected).ok()?;
-    pdu.set_rejected(rejected);
-    Some(pdu)
+    Pdu::from_canonical_text(event_id, room_id, json, rejected).ok()
 }
 
 impl<'e> Turn<'e> {

@@ -225,11 +225,7 @@ impl RoomRouter {
                                 continue;
                             }
                         }
-                        Code::Unavailable
-                        | Code::Unknown
-                        | Code::Cancelled
-                        | Code::DeadlineExceeded
-                        | Code::Aborted => {
+                        _ if not_answered(&status) => {
                             self.directory.invalidate(partition);
                             last_error = format!("{addr}: {}", status.message());
                         }
@@ -249,5 +245,22 @@ impl RoomRouter {
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_millis(500));
         }
+    }
+}
+
+/// Whether a call failed without the worker's answer (so another attempt,
+/// perhaps at another owner, may succeed). tonic reports a connection the
+/// worker closed under the call (its GOAWAY when it stops) as Internal, with
+/// the transport error as its source.
+fn not_answered(status: &Status) -> bool {
+    match status.code() {
+        Code::Unavailable
+        | Code::Unknown
+        | Code::Cancelled
+        | Code::DeadlineExceeded
+        | Code::Aborted => true,
+        Code::Internal => std::error::Error::source(status)
+            .is_some_and(|source| source.downcast_ref::<tonic::transport::Error>().is_some()),
+        _ => false,
     }
 }

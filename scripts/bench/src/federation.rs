@@ -6,7 +6,8 @@
 //! created: one (or `--flood-origins` of them) floods a busy room with N
 //! PDUs (50 a transaction, four in flight, retrying on 429); ten others, one per quiet room, write one
 //! message every `--quiet-interval-ms` round-robin into the 10 quiet rooms,
-//! first alone (idle), then during the flood. Two local users follow `/sync`: alice, in every
+//! first alone (idle), then during the flood (`--floods N`: N times over,
+//! figures pooled). Two local users follow `/sync`: alice, in every
 //! room, and bob, in the quiet rooms only. Measured:
 //!
 //! - quiet-room latency (the remote's `PUT /send` start to the `/sync`
@@ -110,6 +111,61 @@ struct Args {
     /// database's disk (default: the temporary directory).
     #[arg(long)]
     flush_probe_dir: Option<std::path::PathBuf>,
+    /// Flood the busy room this many times, each flood of `--flood` events
+    /// after `--idle-seconds` of quiet traffic alone; every figure is then
+    /// over all of them (their quiet samples pooled), so one run gives a p99
+    /// during the flood from several hundred messages rather than ~100.
+    #[arg(long, default_value_t = 1)]
+    floods: usize,
+}
+
+/// Quiet traffic right after a flood drained is neither idle nor during it.
+const SETTLE: Duration = Duration::from_secs(3);
+
+/// When the quiet messages count as idle and when as during a flood.
+struct Phases {
+    /// Before the first flood, and between a flood's end (plus [`SETTLE`])
+    /// and the next flood's start.
+    idle: Vec<(Instant, Instant)>,
+    /// Each flood from its first transaction until its last event was visible.
+    during: Vec<(Instant, Instant)>,
+}
+
+impl Phases {
+    fn new(first_quiet: Instant, floods: &[(Instant, Instant)]) -> Self {
+        let mut idle = Vec::new();
+        let mut from = first_quiet;
+        for (start, end) in floods {
+            if from < *start {
+                idle.push((from, *start));
+            }
+            from = *end + SETTLE;
+        }
+        Self {
+            idle,
+            during: floods.to_vec(),
+        }
+    }
+
+    fn contains(&self, at: &Instant, during: bool) -> bool {
+        if during {
+            self.during
+                .iter()
+                .any(|(from, to)| (*from..=*to).contains(at))
+        } else {
+            self.idle.iter().any(|(from, to)| (*from..*to).contains(at))
+        }
+    }
+
+    fn name(&self, at: &Instant) -> &'static str {
+        if self.contains(at, true) {
+            "during"
+        } else if self.contains(at, false) {
+            "idle"
+        } else {
+            "after"
+        }
+    }
 }
 
 /// Where events showed up in the local user's /sync.
@@ -364,6 +420,50 @@ async fn count_visible(http: &reqwest::Client, base: &str, user: &TestUser, room
     count
 }
 
+/// One flood's events (those numbered `range`), each origin's share in
+/// transactions of 50, the origins' transactions interleaved; with the
+/// number of PDUs (joins included).
+fn flood_events(
+    flooders: &[(Arc<FakeRemote>, OwnedUserId)],
+    busy: &str,
+    range: std::ops::Range<usize>,
+    join_every: usize,
+) -> (Vec<(Arc<FakeRemote>, Vec<Value>)>, usize) {
+    let mut per_origin: Vec<Vec<Value>> = vec![Vec::new(); flooders.len()];
+    for i in range {
+        let (flooder, spammer) = &flooders[i % flooders.len()];
+        if join_every > 0 && i % join_every == 0 {
+            let joiner = flooder.user(&format!("flood-{i}"));
+            per_origin[i % flooders.len()].push(json_of(&flooder.build(
+                busy,
+                &joiner,
+                "m.room.member",
+                Some(joiner.as_str()),
+                json!({ "membership": "join" }),
+            )));
+        }
+        per_origin[i % flooders.len()].push(json_of(&flooder.text(
+            busy,
+            spammer,
+            &format!("flood {i}"),
+        )));
+    }
+    let pdus = per_origin.iter().map(Vec::len).sum();
+    let chunked: Vec<Vec<Vec<Value>>> = per_origin
+        .iter()
+        .map(|pdus| pdus.chunks(50).map(<[Value]>::to_vec).collect())
+        .collect();
+    let mut transactions = Vec::new();
+    for round in 0..chunked.iter().map(Vec::len).max().unwrap_or(0) {
+        for (origin, chunks) in chunked.iter().enumerate() {
+            if let Some(chunk) = chunks.get(round) {
+                transactions.push((Arc::clone(&flooders[origin].0), chunk.clone()));
+            }
+        }
+    }
+    (transactions, pdus)
+}
+
 /// A runtime owned by async code: dropped without blocking.
 struct OwnRuntime(Option<tokio::runtime::Runtime>);
 
@@ -514,42 +614,21 @@ async fn main() -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("talker join: {e}"))?;
         talkers.push((talker, friend));
     }
-    eprintln!("   rooms joined; building {} flood events", args.flood);
-    // Each origin's share of the flood in transactions of 50, the origins'
-    // transactions interleaved.
-    let mut per_origin: Vec<Vec<Value>> = vec![Vec::new(); flooders.len()];
-    for i in 0..args.flood {
-        let (flooder, spammer) = &flooders[i % flooders.len()];
-        if args.flood_join_every > 0 && i % args.flood_join_every == 0 {
-            let joiner = flooder.user(&format!("flood-{i}"));
-            per_origin[i % flooders.len()].push(json_of(&flooder.build(
-                &busy,
-                &joiner,
-                "m.room.member",
-                Some(joiner.as_str()),
-                json!({ "membership": "join" }),
-            )));
-        }
-        per_origin[i % flooders.len()].push(json_of(&flooder.text(
+    let floods = args.floods.max(1);
+    eprintln!(
+        "   rooms joined; building {} flood events",
+        args.flood * floods
+    );
+    let mut flood_transactions = Vec::new();
+    for flood in 0..floods {
+        let (transactions, pdus) = flood_events(
+            &flooders,
             &busy,
-            spammer,
-            &format!("flood {i}"),
-        )));
+            flood * args.flood..(flood + 1) * args.flood,
+            args.flood_join_every,
+        );
+        flood_transactions.push((transactions, pdus));
     }
-    let flood_pdus: usize = per_origin.iter().map(Vec::len).sum();
-    let mut transactions: Vec<(Arc<FakeRemote>, Vec<Value>)> = Vec::new();
-    let chunked: Vec<Vec<Vec<Value>>> = per_origin
-        .iter()
-        .map(|pdus| pdus.chunks(50).map(<[Value]>::to_vec).collect())
-        .collect();
-    for round in 0..chunked.iter().map(Vec::len).max().unwrap_or(0) {
-        for (origin, chunks) in chunked.iter().enumerate() {
-            if let Some(chunk) = chunks.get(round) {
-                transactions.push((Arc::clone(&flooders[origin].0), chunk.clone()));
-            }
-        }
-    }
-
     let seen = Arc::new(Mutex::new(Seen::default()));
     let seen_by_bob = Arc::new(Mutex::new(Seen::default()));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -617,79 +696,92 @@ async fn main() -> anyhow::Result<()> {
             }
         })
     };
-    eprintln!("   idle phase: {} s of quiet traffic", args.idle_seconds);
-    tokio::time::sleep(Duration::from_secs(args.idle_seconds)).await;
-    let rss_before = rss(&target.pids);
-
-    eprintln!(
-        "   flood phase: {} messages and {} joins from {} servers, 50 PDUs a transaction, 4 in flight",
-        args.flood,
-        flood_pdus - args.flood,
-        flooders.len()
-    );
-    let flood_start = Instant::now();
     let rss_samples: Arc<Mutex<Vec<f64>>> = Arc::default();
-    let sampler = {
-        let (pids, samples, stop) = (
-            target.pids.clone(),
-            Arc::clone(&rss_samples),
-            Arc::clone(&quiet_stop),
+    let mut rss_before = f64::NAN;
+    let mut sampler = None;
+    // Each flood: its start, when its last event was visible (or progress
+    // stopped), and how long sending it took.
+    let mut flood_windows: Vec<(Instant, Instant)> = Vec::new();
+    let mut flood_sent = Vec::new();
+    for (flood, (transactions, pdus)) in flood_transactions.into_iter().enumerate() {
+        eprintln!("   idle phase: {} s of quiet traffic", args.idle_seconds);
+        tokio::time::sleep(Duration::from_secs(args.idle_seconds)).await;
+        if flood == 0 {
+            rss_before = rss(&target.pids);
+        }
+        eprintln!(
+            "   flood phase{}: {} messages and {} joins from {} servers, 50 PDUs a transaction, 4 in flight",
+            if floods > 1 {
+                format!(" {} of {floods}", flood + 1)
+            } else {
+                String::new()
+            },
+            args.flood,
+            pdus - args.flood,
+            flooders.len()
         );
-        tokio::spawn(async move {
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                samples.lock().unwrap().push(rss(&pids));
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        })
-    };
-    let retries: usize = flood_runtime
-        .spawn({
-            use futures::StreamExt;
-            futures::stream::iter(transactions.into_iter().enumerate().map(
-                |(i, (flooder, chunk))| async move {
-                    send_with_retry(&flooder, &format!("flood-{i}"), &chunk).await - 1
-                },
-            ))
-            .buffer_unordered(4)
-            .collect::<Vec<_>>()
-        })
-        .await?
-        .into_iter()
-        .sum();
-    let flood_sent = flood_start.elapsed();
-    eprintln!(
-        "   flood sent in {:.1} s ({retries} retries); waiting for it to show up",
-        flood_sent.as_secs_f64()
-    );
-
-    // Wait until the last flood event is visible, or progress stalls.
-    let mut last_progress = (0usize, Instant::now());
-    loop {
-        let max = seen
-            .lock()
-            .unwrap()
-            .flood_progress
-            .last()
-            .map(|(n, _)| *n)
-            .unwrap_or(0);
-        if max + 1 >= args.flood {
-            break;
-        }
-        if max > last_progress.0 {
-            last_progress = (max, Instant::now());
-        } else if last_progress.1.elapsed() > Duration::from_secs(args.stall_seconds) {
-            eprintln!(
-                "   no progress for {} s; stopping the wait",
-                args.stall_seconds
+        let flood_start = Instant::now();
+        if sampler.is_none() {
+            let (pids, samples, stop) = (
+                target.pids.clone(),
+                Arc::clone(&rss_samples),
+                Arc::clone(&quiet_stop),
             );
-            break;
+            sampler = Some(tokio::spawn(async move {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    samples.lock().unwrap().push(rss(&pids));
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }));
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        let retries: usize = flood_runtime
+            .spawn({
+                use futures::StreamExt;
+                futures::stream::iter(transactions.into_iter().enumerate().map(
+                    move |(i, (flooder, chunk))| async move {
+                        send_with_retry(&flooder, &format!("flood-{flood}-{i}"), &chunk).await - 1
+                    },
+                ))
+                .buffer_unordered(4)
+                .collect::<Vec<_>>()
+            })
+            .await?
+            .into_iter()
+            .sum();
+        flood_sent.push(flood_start.elapsed());
+        eprintln!(
+            "   flood sent in {:.1} s ({retries} retries); waiting for it to show up",
+            flood_start.elapsed().as_secs_f64()
+        );
+
+        // Wait until the flood's last event is visible, or progress stalls.
+        let last = (flood + 1) * args.flood - 1;
+        let mut last_progress = (0usize, Instant::now());
+        let end = loop {
+            let newest = seen.lock().unwrap().flood_progress.last().copied();
+            let max = newest.map_or(0, |(n, _)| n);
+            if max >= last {
+                break newest.map_or(flood_start, |(_, at)| at);
+            }
+            if max > last_progress.0 {
+                last_progress = (max, Instant::now());
+            } else if last_progress.1.elapsed() > Duration::from_secs(args.stall_seconds) {
+                eprintln!(
+                    "   no progress for {} s; stopping the wait",
+                    args.stall_seconds
+                );
+                break newest.map_or(flood_start, |(_, at)| at.max(flood_start));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        flood_windows.push((flood_start, end));
+        tokio::time::sleep(SETTLE).await;
     }
-    tokio::time::sleep(Duration::from_secs(3)).await;
     quiet_stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = quiet.await;
-    let _ = sampler.await;
+    if let Some(sampler) = sampler {
+        let _ = sampler.await;
+    }
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = syncer.await;
@@ -714,20 +806,11 @@ async fn main() -> anyhow::Result<()> {
     let seen = seen.lock().unwrap();
     let seen_by_bob = seen_by_bob.lock().unwrap();
     let sent = quiet_sent.lock().unwrap();
-    // Quiet messages sent before the flood started are "idle"; those sent
-    // from its start until its last event was visible are "during"; later
-    // ones (the flood drained) count in neither.
-    let flood_end = seen
-        .flood_progress
-        .last()
-        .map_or(flood_start, |(_, at)| *at);
-    let in_phase = |at: &Instant, during: bool| {
-        if during {
-            (flood_start..=flood_end).contains(at)
-        } else {
-            *at < flood_start
-        }
-    };
+    // Quiet messages sent before a flood started are "idle"; those sent
+    // from its start until its last event was visible are "during"; those
+    // sent while it drained and settled count in neither.
+    let phases = Phases::new(idle_start, &flood_windows);
+    let in_phase = |at: &Instant, during: bool| phases.contains(at, during);
     // A message's way overlapped a storage stall if one was under way
     // between its sending and bob's seeing it.
     let stalled = |body: &String, at: &Instant| {
@@ -778,16 +861,25 @@ async fn main() -> anyhow::Result<()> {
                 format!("{:.1}", t.duration_since(*at).as_secs_f64() * 1000.0)
             })
         };
-        let mut csv =
-            String::from("sent_ms_from_flood_start,answered_ms,bob_ms,alice_ms,flush_stall_ms\n");
+        let mut csv = String::from(
+            "flood,sent_ms_from_flood_start,answered_ms,bob_ms,alice_ms,flush_stall_ms,phase\n",
+        );
         for (body, at) in sent.iter() {
+            // The flood the message came before or during (the last one
+            // for messages after it).
+            let flood = flood_windows
+                .iter()
+                .position(|(_, end)| *at <= *end + SETTLE)
+                .unwrap_or(flood_windows.len() - 1);
+            let flood_start = flood_windows[flood].0;
             let offset = if *at >= flood_start {
                 at.duration_since(flood_start).as_secs_f64()
             } else {
                 -flood_start.duration_since(*at).as_secs_f64()
             };
             csv.push_str(&format!(
-                "{:.1},{},{},{},{}\n",
+                "{},{:.1},{},{},{},{},{}\n",
+                flood + 1,
                 offset * 1000.0,
                 after(at, acked.get(body)),
                 after(at, seen_by_bob.quiet.get(body)),
@@ -796,6 +888,7 @@ async fn main() -> anyhow::Result<()> {
                     "{:.1}",
                     d.as_secs_f64() * 1000.0
                 )),
+                phases.name(at),
             ));
         }
         std::fs::write(path, csv)?;
@@ -813,9 +906,7 @@ async fn main() -> anyhow::Result<()> {
             let mut v: Vec<f64> = seen
                 .syncs
                 .iter()
-                .filter(|(at, took)| {
-                    (*at >= flood_start) == during && *took < Duration::from_millis(900)
-                })
+                .filter(|(at, took)| in_phase(at, during) && *took < Duration::from_millis(900))
                 .map(|(_, took)| took.as_secs_f64() * 1000.0)
                 .collect();
             v.sort_by(f64::total_cmp);
@@ -831,29 +922,38 @@ async fn main() -> anyhow::Result<()> {
             percentile(&while_flooding, 99.0)
         );
     }
-    let last_visible = seen
-        .flood_progress
-        .last()
-        .map(|(_, at)| at.duration_since(flood_start).as_secs_f64())
-        .unwrap_or(f64::NAN);
-    let quarter_rates: Vec<String> = (1..=4)
-        .map(|q| {
-            let (lo, hi) = ((q - 1) * args.flood / 4, q * args.flood / 4 - 1);
-            let at = |n: usize| {
-                seen.flood_progress
-                    .iter()
-                    .find(|(m, _)| *m >= n)
-                    .map(|(_, t)| *t)
-            };
-            match (at(lo), at(hi)) {
-                (Some(a), Some(b)) if b > a => format!(
-                    "{:.0}",
-                    (hi - lo) as f64 / b.duration_since(a).as_secs_f64()
-                ),
-                _ => "-".to_owned(),
-            }
-        })
+    // Seconds from each flood's start until its last event was visible.
+    let flood_seconds: Vec<f64> = flood_windows
+        .iter()
+        .map(|(start, end)| end.duration_since(*start).as_secs_f64())
         .collect();
+    let flooding: f64 = flood_seconds.iter().sum();
+    // One flood's rate per quarter of it; several floods' rate each.
+    let rates: Vec<String> = if floods > 1 {
+        flood_seconds
+            .iter()
+            .map(|s| format!("{:.0}", args.flood as f64 / s))
+            .collect()
+    } else {
+        (1..=4)
+            .map(|q| {
+                let (lo, hi) = ((q - 1) * args.flood / 4, q * args.flood / 4 - 1);
+                let at = |n: usize| {
+                    seen.flood_progress
+                        .iter()
+                        .find(|(m, _)| *m >= n)
+                        .map(|(_, t)| *t)
+                };
+                match (at(lo), at(hi)) {
+                    (Some(a), Some(b)) if b > a => format!(
+                        "{:.0}",
+                        (hi - lo) as f64 / b.duration_since(a).as_secs_f64()
+                    ),
+                    _ => "-".to_owned(),
+                }
+            })
+            .collect()
+    };
     let rss_during = rss_samples
         .lock()
         .unwrap()
@@ -874,7 +974,7 @@ async fn main() -> anyhow::Result<()> {
         "   quiet messages never seen: bob {idle_missing} idle, {during_missing} during; alice {alice_idle_missing} idle, {alice_during_missing} during"
     );
     println!(
-        "| {} | {:.1} / {:.1} ms | {:.1} / {:.1} ms | {:.1} / {:.1} ms | {} of {} | {:.0} events/s ({} per quarter) | {:.0} → {:.0} MiB | {} / {} |",
+        "| {} | {:.1} / {:.1} ms | {:.1} / {:.1} ms | {:.1} / {:.1} ms | {} of {} | {:.0} events/s ({} per {}) | {:.0} → {:.0} MiB | {} / {} |",
         args.target,
         percentile(&idle, 50.0),
         percentile(&idle, 99.0),
@@ -883,9 +983,10 @@ async fn main() -> anyhow::Result<()> {
         percentile(&alice_during, 50.0),
         percentile(&alice_during, 99.0),
         visible,
-        args.flood,
-        visible as f64 / last_visible,
-        quarter_rates.join(" / "),
+        args.flood * floods,
+        visible as f64 / flooding,
+        rates.join(" / "),
+        if floods > 1 { "flood" } else { "quarter" },
         rss_before,
         rss_during,
         lost(false),
@@ -914,8 +1015,20 @@ async fn main() -> anyhow::Result<()> {
             "   storage flushes of {} ms or more (probe in {}): idle {}, during the flood {}",
             flush_probe::SLOW.as_millis(),
             probe_dir.display(),
-            describe(&in_window(idle_start, flood_start)),
-            describe(&in_window(flood_start, flood_end)),
+            describe(
+                &phases
+                    .idle
+                    .iter()
+                    .flat_map(|(a, b)| in_window(*a, *b))
+                    .collect::<Vec<_>>()
+            ),
+            describe(
+                &phases
+                    .during
+                    .iter()
+                    .flat_map(|(a, b)| in_window(*a, *b))
+                    .collect::<Vec<_>>()
+            ),
         );
         let (idle_clear, _) = latencies_of(&seen_by_bob, false, true);
         let (during_clear, _) = latencies_of(&seen_by_bob, true, true);
@@ -930,9 +1043,17 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     eprintln!(
-        "   flood sent in {:.1} s, last flood event visible after {:.1} s; quiet messages sent: {} idle, {} during",
-        flood_sent.as_secs_f64(),
-        last_visible,
+        "   flood sent in {} s, last flood event visible after {} s; quiet messages sent: {} idle, {} during",
+        flood_sent
+            .iter()
+            .map(|d| format!("{:.1}", d.as_secs_f64()))
+            .collect::<Vec<_>>()
+            .join(" / "),
+        flood_seconds
+            .iter()
+            .map(|s| format!("{s:.1}"))
+            .collect::<Vec<_>>()
+            .join(" / "),
         sent.iter().filter(|(_, at)| in_phase(at, false)).count(),
         sent.iter().filter(|(_, at)| in_phase(at, true)).count(),
     );

@@ -117,6 +117,11 @@ struct Args {
     /// during the flood from several hundred messages rather than ~100.
     #[arg(long, default_value_t = 1)]
     floods: usize,
+    /// This many more local users join the busy room and follow `/sync`
+    /// throughout, as a room's local members do (each syncing again as soon
+    /// as it has an answer); not timed.
+    #[arg(long, default_value_t = 0)]
+    busy_room_local_users: usize,
 }
 
 /// Quiet traffic right after a flood drained is neither idle nor during it.
@@ -186,6 +191,8 @@ struct Target {
     alice: TestUser,
     /// In the quiet rooms only.
     bob: TestUser,
+    /// `--busy-room-local-users` of them.
+    locals: Vec<TestUser>,
     pids: Vec<u32>,
     cluster: Option<TestCluster>,
 }
@@ -211,6 +218,10 @@ async fn target(args: &Args) -> anyhow::Result<Target> {
         .await;
         let alice = cluster.register("alice").await;
         let bob = cluster.register("bob").await;
+        let mut locals = Vec::new();
+        for i in 0..args.busy_room_local_users {
+            locals.push(cluster.register(&format!("local-{i}")).await);
+        }
         let mut pids = vec![cluster.pid("federation-receiver")];
         pids.extend(cluster.live_room_workers().iter().map(|w| cluster.pid(w)));
         return Ok(Target {
@@ -219,6 +230,7 @@ async fn target(args: &Args) -> anyhow::Result<Target> {
             server_name: cluster.server_name.clone(),
             alice,
             bob,
+            locals,
             pids,
             cluster: Some(cluster),
         });
@@ -233,6 +245,12 @@ async fn target(args: &Args) -> anyhow::Result<Target> {
         .ok_or_else(|| anyhow::anyhow!("--shared-secret is needed"))?;
     let alice = tessera_tests::client::register(&http, &client_url, secret, "alice", false).await;
     let bob = tessera_tests::client::register(&http, &client_url, secret, "bob", false).await;
+    let mut locals = Vec::new();
+    for i in 0..args.busy_room_local_users {
+        let name = format!("local-{i}");
+        locals
+            .push(tessera_tests::client::register(&http, &client_url, secret, &name, false).await);
+    }
     Ok(Target {
         sync_url: client_url.clone(),
         client_url,
@@ -242,6 +260,7 @@ async fn target(args: &Args) -> anyhow::Result<Target> {
             .ok_or_else(|| anyhow::anyhow!("--server-name is needed"))?,
         alice,
         bob,
+        locals,
         pids: args.pid.clone(),
         cluster: None,
     })
@@ -420,6 +439,9 @@ async fn count_visible(http: &reqwest::Client, base: &str, user: &TestUser, room
     count
 }
 
+/// A transaction of the flood: its origin and PDUs.
+type Transaction = (Arc<FakeRemote>, Vec<Value>);
+
 /// One flood's events (those numbered `range`), each origin's share in
 /// transactions of 50, the origins' transactions interleaved; with the
 /// number of PDUs (joins included).
@@ -428,7 +450,7 @@ fn flood_events(
     busy: &str,
     range: std::ops::Range<usize>,
     join_every: usize,
-) -> (Vec<(Arc<FakeRemote>, Vec<Value>)>, usize) {
+) -> (Vec<Transaction>, usize) {
     let mut per_origin: Vec<Vec<Value>> = vec![Vec::new(); flooders.len()];
     for i in range {
         let (flooder, spammer) = &flooders[i % flooders.len()];
@@ -494,6 +516,9 @@ async fn main() -> anyhow::Result<()> {
     let mut target = target(&args).await?;
     eprintln!("== target {} ({})", args.target, target.server_name);
     let busy = create_room(&http, &target.client_url, &target.alice).await?;
+    for local in &target.locals {
+        join(&http, &target.client_url, local, &busy).await?;
+    }
     let mut quiet_rooms = Vec::new();
     for _ in 0..10 {
         let room = create_room(&http, &target.client_url, &target.alice).await?;
@@ -651,8 +676,23 @@ async fn main() -> anyhow::Result<()> {
         busy.clone(),
         Arc::clone(&seen_by_bob),
         Arc::clone(&stop),
-        filter,
+        filter.clone(),
     );
+    let local_syncers: Vec<_> = target
+        .locals
+        .iter()
+        .map(|user| {
+            sync_loop(
+                http.clone(),
+                target.sync_url.clone(),
+                user.clone(),
+                busy.clone(),
+                Arc::default(),
+                Arc::clone(&stop),
+                filter.clone(),
+            )
+        })
+        .collect();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let probe_dir = args
         .flush_probe_dir
@@ -786,6 +826,9 @@ async fn main() -> anyhow::Result<()> {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = syncer.await;
     let _ = bob_syncer.await;
+    for syncer in local_syncers {
+        let _ = syncer.await;
+    }
     let stalls = probe.stalls();
     drop(probe);
     let visible = count_visible(&http, &target.client_url, &target.alice, &busy).await;
@@ -1000,10 +1043,15 @@ async fn main() -> anyhow::Result<()> {
         percentile(&alice_during, 99.0),
     );
     {
-        let in_window = |from: Instant, to: Instant| -> Vec<f64> {
+        // The stalls that began in any of `windows`, in ms.
+        let in_windows = |windows: &[(Instant, Instant)]| -> Vec<f64> {
             stalls
                 .iter()
-                .filter(|(start, _)| (from..=to).contains(start))
+                .filter(|(start, _)| {
+                    windows
+                        .iter()
+                        .any(|(from, to)| (from..=to).contains(&start))
+                })
                 .map(|(_, took)| took.as_secs_f64() * 1000.0)
                 .collect()
         };
@@ -1015,20 +1063,8 @@ async fn main() -> anyhow::Result<()> {
             "   storage flushes of {} ms or more (probe in {}): idle {}, during the flood {}",
             flush_probe::SLOW.as_millis(),
             probe_dir.display(),
-            describe(
-                &phases
-                    .idle
-                    .iter()
-                    .flat_map(|(a, b)| in_window(*a, *b))
-                    .collect::<Vec<_>>()
-            ),
-            describe(
-                &phases
-                    .during
-                    .iter()
-                    .flat_map(|(a, b)| in_window(*a, *b))
-                    .collect::<Vec<_>>()
-            ),
+            describe(&in_windows(&phases.idle)),
+            describe(&in_windows(&phases.during)),
         );
         let (idle_clear, _) = latencies_of(&seen_by_bob, false, true);
         let (during_clear, _) = latencies_of(&seen_by_bob, true, true);

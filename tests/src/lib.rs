@@ -41,6 +41,9 @@ pub struct Spec {
     pub otlp_endpoint: Option<String>,
     /// The room-workers' `room_worker.state_cache_events` (their default when None).
     pub state_cache_events: Option<usize>,
+    /// The sync-workers' `sync_worker.busy_room_events_per_second` and
+    /// `busy_room_response_interval_ms` (their defaults when None).
+    pub sync_busy_room: Option<(u32, u64)>,
 }
 
 /// Federation settings for a test cluster.
@@ -104,6 +107,7 @@ impl Default for Spec {
             federation: None,
             otlp_endpoint: None,
             state_cache_events: None,
+            sync_busy_room: None,
         }
     }
 }
@@ -319,6 +323,7 @@ sync_workers = {sync_list:?}
 filter = "{log_filter}"
 {telemetry_section}
 {room_worker_section}
+{sync_worker_section}
 {federation_section}"#,
                 redis = redis_url(),
                 partitions = spec.partitions,
@@ -331,6 +336,12 @@ filter = "{log_filter}"
                 room_worker_section = spec
                     .state_cache_events
                     .map(|events| format!("[room_worker]\nstate_cache_events = {events}\n"))
+                    .unwrap_or_default(),
+                sync_worker_section = spec
+                    .sync_busy_room
+                    .map(|(rate, interval)| format!(
+                        "[sync_worker]\nbusy_room_events_per_second = {rate}\nbusy_room_response_interval_ms = {interval}\n"
+                    ))
                     .unwrap_or_default(),
                 telemetry_section = match &spec.otlp_endpoint {
                     Some(endpoint) => format!(

@@ -158,6 +158,107 @@ async fn long_polls_wait_for_something_relevant() {
     assert!(timeline(&sync, &alices_room).is_empty());
 }
 
+/// A device whose only news is in a busy room is held back (here for a
+/// minute); a message in another room ends the wait at once, and the answer
+/// carries both rooms' news.
+#[tokio::test(flavor = "multi_thread")]
+async fn busy_room_news_waits_and_other_news_ends_the_wait() {
+    let cluster = TestCluster::start(Spec {
+        room_workers: 1,
+        // Busy from 8 events a second: a room's creation (six
+        // events) does not make it busy.
+        sync_busy_room: Some((8, 60_000)),
+        ..Spec::default()
+    })
+    .await;
+    let api = cluster.api();
+    let alice = cluster.register("alice").await;
+    let busy = api.create_room(&alice, json!({})).await;
+    let quiet = api.create_room(&alice, json!({})).await;
+    let initial = api.initial_token(&alice).await;
+
+    // The busy room gets messages as fast as they go for the whole test.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sender = {
+        let (api, alice, busy, stop) = (api.clone(), alice.clone(), busy.clone(), stop.clone());
+        tokio::spawn(async move {
+            for n in 0..5_000 {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                api.send_text(&alice, &busy, &format!("b{n}"), &format!("busy {n}"))
+                    .await;
+            }
+        })
+    };
+    let busy_seen = |sync: &Value| {
+        messages(sync)
+            .iter()
+            .filter(|(room, _)| *room == busy)
+            .count()
+    };
+    for _ in 0..100 {
+        if busy_seen(&api.sync(&alice, Some(&initial), 0).await) >= 5 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let waits = || async {
+        cluster
+            .metrics("sync-worker-0")
+            .await
+            .lines()
+            .find(|l| l.starts_with("tessera_sync_busy_room_waits_total"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+
+    // A long-poll from a current token: the busy room's next message wakes
+    // it, and being the only news, holds it. (A message that woke it before
+    // the room counted as busy answers it; then try again.)
+    let mut held = None;
+    for _ in 0..5 {
+        let since = api.sync(&alice, Some(&initial), 0).await["next_batch"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let before = waits().await;
+        let waiting = {
+            let (api, alice) = (api.clone(), alice.clone());
+            tokio::spawn(async move { api.sync(&alice, Some(&since), 50_000).await })
+        };
+        for _ in 0..100 {
+            if waits().await > before || waiting.is_finished() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if !waiting.is_finished() && waits().await > before {
+            held = Some(waiting);
+            break;
+        }
+    }
+    let waiting = held.expect("the busy room's news alone never held a long-poll");
+    assert!(!waiting.is_finished(), "answered while held");
+
+    api.send_text(&alice, &quiet, "q", "quiet one").await;
+    let sync = tokio::time::timeout(Duration::from_secs(30), waiting)
+        .await
+        .expect("the quiet room's message ended the wait")
+        .unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    sender.await.unwrap();
+    let got = messages(&sync);
+    assert!(
+        got.contains(&(quiet.clone(), "quiet one".to_owned())),
+        "{got:?}"
+    );
+    assert!(
+        busy_seen(&sync) >= 1,
+        "the answer has the busy room's news too: {got:?}"
+    );
+}
+
 /// A filtered `/sync` again until the room's timeline ends with a message
 /// whose body is `last` (the sync-workers see a commit a moment after it is
 /// acknowledged).

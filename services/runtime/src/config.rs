@@ -258,6 +258,13 @@ pub struct SyncWorkerConfig {
     pub checkpoint_interval_secs: u64,
     /// Days a sync token stays valid.
     pub token_lifetime_days: u64,
+    /// Events a second (over the last second or two) from which a room is
+    /// busy for `/sync` (0: no room is).
+    pub busy_room_events_per_second: u32,
+    /// A device whose only news is busy rooms' events gets at most one such
+    /// answer per this many milliseconds, counted from its request; news in
+    /// any other room, or for the user, is answered at once (0: off).
+    pub busy_room_response_interval_ms: u64,
 }
 
 impl Default for SyncWorkerConfig {
@@ -266,6 +273,8 @@ impl Default for SyncWorkerConfig {
             listen: "127.0.0.1:8082".parse().expect("literal address"),
             checkpoint_interval_secs: 60,
             token_lifetime_days: 30,
+            busy_room_events_per_second: 20,
+            busy_room_response_interval_ms: 100,
         }
     }
 }

@@ -1,6 +1,14 @@
 //! `GET /_matrix/client/v3/sync`: parse the request, then loop: register for
 //! wake-ups, snapshot the positions, compute; answer if there is something
 //! new (or this is an initial sync, or the timeout passed), else wait.
+//!
+//! A device whose only news is in busy rooms (`view.rs`) is answered no
+//! sooner than `sync_worker.busy_room_response_interval_ms` after its request
+//! began: a client that syncs again as soon as it has an answer would
+//! otherwise, in a flooded room, ask for one more answer per few events,
+//! each costing the sync-worker and Postgres a whole sync, and every local
+//! member of the room does so at once. Any other news (a quiet room's event,
+//! the user's own membership or account data) ends the wait at once.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -105,6 +113,7 @@ async fn sync(
     Query(query): Query<SyncQuery>,
 ) -> MatrixResult<Json<Value>> {
     let _in_flight = InFlight::new();
+    let started = Instant::now();
     let api = &api.0;
     let limits = &api.config.limits;
     let filter = match query.filter.as_deref() {
@@ -179,8 +188,26 @@ async fn sync(
         .into_iter()
         .chain([user_key(auth.user_id.as_str())])
         .collect();
+    let calm_until = (started
+        + Duration::from_millis(api.config.sync_worker.busy_room_response_interval_ms))
+    .min(deadline);
     loop {
-        let notify = api.view.register(&keys);
+        let waiter = api.view.register(&keys);
+        if let Some(since) = &since
+            && !full_state
+            && Instant::now() < calm_until
+            && api
+                .view
+                .only_busy_rooms_moved(&keys, &since.positions, partitions)
+        {
+            metrics::counter!("tessera_sync_busy_room_waits_total").increment(1);
+            while !waiter.is_urgent() {
+                tokio::select! {
+                    _ = waiter.notified() => {}
+                    _ = tokio::time::sleep_until(calm_until) => break,
+                }
+            }
+        }
         let snapshot = api.view.positions();
         let response = compute(&api.store, &api.view, &request, &snapshot, &keys).await?;
         let done =
@@ -197,7 +224,7 @@ async fn sync(
         }
         keys = response.wait_keys;
         tokio::select! {
-            _ = notify.notified() => {}
+            _ = waiter.notified() => {}
             _ = tokio::time::sleep_until(deadline) => {}
         }
     }

@@ -48,7 +48,10 @@ async fn run(started: Started) -> anyhow::Result<()> {
     // Start from the committed heads: history before them is read from
     // Postgres by each sync; the stream brings everything after.
     let heads = store.partition_heads().await?;
-    let view = view::View::new(heads.clone());
+    let view = view::View::new(
+        heads.clone(),
+        config.sync_worker.busy_room_events_per_second,
+    );
     let reader = StreamReader::new(
         store.clone(),
         redis,

@@ -12,7 +12,7 @@
 //! once per `sync_worker.busy_room_response_interval_ms` for a device).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -31,6 +31,10 @@ pub struct View {
     waiters: Mutex<HashMap<String, Vec<Weak<Waiter>>>>,
     /// Events a second from which a room counts as busy (0: none is).
     busy_events_per_second: u32,
+    /// When some room was last busy, in ms after `created` (0: never):
+    /// while none has been for two windows, no long-poll scans its rooms.
+    last_busy_ms: AtomicU64,
+    created: Instant,
 }
 
 /// A room's newest position and how many events it had lately.
@@ -122,6 +126,8 @@ impl View {
             room_heads: RwLock::new(HashMap::new()),
             waiters: Mutex::new(HashMap::new()),
             busy_events_per_second,
+            last_busy_ms: AtomicU64::new(0),
+            created: Instant::now(),
         })
     }
 
@@ -149,6 +155,11 @@ impl View {
     /// not known in memory: then there may be other news.
     pub fn only_busy_rooms_moved(&self, keys: &[String], since: &[i64], partitions: u32) -> bool {
         let now = Instant::now();
+        let last_busy = self.last_busy_ms.load(Ordering::Relaxed);
+        let since_start = now.saturating_duration_since(self.created).as_millis() as u64;
+        if last_busy == 0 || since_start > last_busy + 2 * RATE_WINDOW.as_millis() as u64 {
+            return false;
+        }
         let heads = self.room_heads.read().expect("heads lock");
         let mut moved = false;
         for room_id in keys.iter().filter(|k| k.starts_with('!')) {
@@ -219,6 +230,11 @@ impl ReplicationSink for View {
                         .is_some_and(|h| h.busy(self.busy_events_per_second, now))
                 });
             }
+        }
+        if busy.values().any(|b| *b) {
+            let since_start = now.saturating_duration_since(self.created).as_millis() as u64;
+            self.last_busy_ms
+                .store(since_start.max(1), Ordering::Relaxed);
         }
         self.positions.write().expect("positions lock")[partition as usize] = last.pos;
         metrics::gauge!("tessera_sync_stream_position", "partition" => partition.to_string())

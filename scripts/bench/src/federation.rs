@@ -122,6 +122,10 @@ struct Args {
     /// as it has an answer); not timed.
     #[arg(long, default_value_t = 0)]
     busy_room_local_users: usize,
+    /// The Tessera cluster's `sync_worker.busy_room_response_interval_ms`
+    /// (default: the shipped one; 0 turns the bounded rate off).
+    #[arg(long, default_value_t = tessera_runtime::config::SyncWorkerConfig::default().busy_room_response_interval_ms)]
+    busy_room_interval_ms: u64,
 }
 
 /// Quiet traffic right after a flood drained is neither idle nor during it.
@@ -213,6 +217,10 @@ async fn target(args: &Args) -> anyhow::Result<Target> {
                 staged_batch: args.staged_batch,
                 ..FederationSpec::default()
             }),
+            sync_busy_room: Some((
+                tessera_runtime::config::SyncWorkerConfig::default().busy_room_events_per_second,
+                args.busy_room_interval_ms,
+            )),
             ..Spec::default()
         })
         .await;

@@ -304,7 +304,10 @@ async fn newest_events(
 
 /// The timeline reads `joined_room` will make for the hinted rooms that are
 /// not newly joined (so read from the since position) and have events after
-/// it: same arguments, made ahead. Keyed by room ID.
+/// it: same arguments, made ahead, [`PREFETCH_CONCURRENCY`] at a time (a
+/// device in a flooded room and a quiet one waits for one round trip, not
+/// two; one catching up on hundreds of rooms does not take the whole pool).
+/// Keyed by room ID.
 async fn prefetch_timelines(
     store: &Store,
     view: &View,
@@ -313,26 +316,33 @@ async fn prefetch_timelines(
     next: &[i64],
     joined_hint: &[String],
 ) -> Result<HashMap<String, Vec<StoredEvent>>, StoreError> {
-    let mut timelines = HashMap::new();
+    use futures::{StreamExt, TryStreamExt};
     if request.since.is_none() || request.full_state {
-        return Ok(timelines);
+        return Ok(HashMap::new());
     }
-    for room_id in joined_hint.iter().filter(|key| key.starts_with('!')) {
-        if !request.filter.wants_room(room_id) {
-            continue;
-        }
-        let p = tessera_cluster::partition_of(room_id, request.partitions);
-        let (after, upto) = (since[p as usize], next[p as usize]);
-        let has_news = view
-            .room_head_after(room_id, p, after)
-            .is_some_and(|head| head > after);
-        if has_news {
-            let events = newest_events(store, request, room_id, after, upto).await?;
-            timelines.insert(room_id.clone(), events);
-        }
-    }
-    Ok(timelines)
+    let with_news: Vec<(String, i64, i64)> = joined_hint
+        .iter()
+        .filter(|key| key.starts_with('!') && request.filter.wants_room(key))
+        .filter_map(|room_id| {
+            let p = tessera_cluster::partition_of(room_id, request.partitions);
+            let (after, upto) = (since[p as usize], next[p as usize]);
+            view.room_head_after(room_id, p, after)
+                .is_some_and(|head| head > after)
+                .then(|| (room_id.clone(), after, upto))
+        })
+        .collect();
+    futures::stream::iter(with_news)
+        .map(|(room_id, after, upto)| async move {
+            let events = newest_events(store, request, &room_id, after, upto).await?;
+            Ok::<_, StoreError>((room_id, events))
+        })
+        .buffer_unordered(PREFETCH_CONCURRENCY)
+        .try_collect()
+        .await
 }
+
+/// Timeline reads one sync makes at once ahead of time.
+const PREFETCH_CONCURRENCY: usize = 4;
 
 async fn load_visibility(
     store: &Store,

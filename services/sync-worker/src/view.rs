@@ -150,14 +150,19 @@ impl View {
         )
     }
 
+    fn ms_since_created(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.created).as_millis() as u64
+    }
+
     /// Whether the rooms among `keys` with events after `since` are all
     /// busy ones (and there is at least one). False when a room's head is
     /// not known in memory: then there may be other news.
     pub fn only_busy_rooms_moved(&self, keys: &[String], since: &[i64], partitions: u32) -> bool {
         let now = Instant::now();
         let last_busy = self.last_busy_ms.load(Ordering::Relaxed);
-        let since_start = now.saturating_duration_since(self.created).as_millis() as u64;
-        if last_busy == 0 || since_start > last_busy + 2 * RATE_WINDOW.as_millis() as u64 {
+        if last_busy == 0
+            || self.ms_since_created(now) > last_busy + 2 * RATE_WINDOW.as_millis() as u64
+        {
             return false;
         }
         let heads = self.room_heads.read().expect("heads lock");
@@ -232,9 +237,8 @@ impl ReplicationSink for View {
             }
         }
         if busy.values().any(|b| *b) {
-            let since_start = now.saturating_duration_since(self.created).as_millis() as u64;
             self.last_busy_ms
-                .store(since_start.max(1), Ordering::Relaxed);
+                .store(self.ms_since_created(now).max(1), Ordering::Relaxed);
         }
         self.positions.write().expect("positions lock")[partition as usize] = last.pos;
         metrics::gauge!("tessera_sync_stream_position", "partition" => partition.to_string())

@@ -126,6 +126,12 @@ struct Args {
     /// (default: the shipped one; 0 turns the bounded rate off).
     #[arg(long, default_value_t = tessera_runtime::config::SyncWorkerConfig::default().busy_room_response_interval_ms)]
     busy_room_interval_ms: u64,
+    /// Run the flooding servers (their HTTP servers, signing and sending)
+    /// on threads of low CPU priority, as if they were on machines of their
+    /// own; for diagnosis: how much of the quiet rooms' extra time is the
+    /// load generator's share of the cores.
+    #[arg(long)]
+    flood_low_priority: bool,
 }
 
 /// Quiet traffic right after a flood drained is neither idle nor during it.
@@ -544,7 +550,11 @@ async fn main() -> anyhow::Result<()> {
             .enable_all()
             .build()?,
     ));
-    let flood_runtime = flood_owner.handle();
+    let flood_runtime = if args.flood_low_priority {
+        tessera_runtime::bulk::low_priority_runtime("bench-flood", 2)?
+    } else {
+        flood_owner.handle()
+    };
     let join_flooder = |busy: String| {
         let server_name = target.server_name.clone();
         async move {

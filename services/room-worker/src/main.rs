@@ -101,7 +101,7 @@ async fn run(started: Started) -> anyhow::Result<()> {
         let timeout = Duration::from_secs(config.database.connect_timeout_secs);
         bulk_runtime
             .spawn(async move {
-                let store = Store::connect(&url, connections, timeout).await?;
+                let store = Store::connect_lane(&url, Some("bulk"), connections, timeout).await?;
                 store.warm(connections).await;
                 Ok::<_, tessera_storage::StoreError>(store)
             })

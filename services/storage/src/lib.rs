@@ -130,6 +130,18 @@ impl Store {
     /// Connect, retrying for `connect_timeout` so that a cluster whose database
     /// starts a little later still comes up; then fail with a clear message.
     pub async fn connect(url: &str, pool_size: usize, connect_timeout: Duration) -> Result<Self> {
+        Self::connect_lane(url, None, pool_size, connect_timeout).await
+    }
+
+    /// [`Store::connect`] for one of a process's pools: `lane` is added to
+    /// the connections' application name (`tessera-room-worker-bulk`), so
+    /// that `pg_stat_activity` tells a flood's connections from the rest.
+    pub async fn connect_lane(
+        url: &str,
+        lane: Option<&str>,
+        pool_size: usize,
+        connect_timeout: Duration,
+    ) -> Result<Self> {
         let mut config: tokio_postgres::Config = url
             .parse()
             .map_err(|e| StoreError::Incompatible(format!("invalid database URL: {e}")))?;
@@ -149,7 +161,10 @@ impl Store {
                 .and_then(|path| path.file_stem().map(|s| s.to_string_lossy().into_owned()))
                 .filter(|name| name.starts_with("tessera"))
                 .unwrap_or_else(|| "tessera".to_owned());
-            config.application_name(&binary);
+            match lane {
+                Some(lane) => config.application_name(format!("{binary}-{lane}")),
+                None => config.application_name(&binary),
+            };
         }
         let manager = Manager::from_connect(
             config,

@@ -85,3 +85,35 @@ async fn warm_opens_connections_ahead_of_need() {
     drop(store);
     test_util::drop_database(&url).await.unwrap();
 }
+
+/// A lane's connections carry the lane in their application name, so that
+/// `pg_stat_activity` tells them from the process's other pool; the name in
+/// a database URL still wins.
+#[tokio::test]
+async fn a_lanes_connections_are_named_after_it() {
+    let url = test_util::create_database().await;
+    let name = |store: Store| async move {
+        let client = store.client().await.unwrap();
+        client
+            .query_one("SELECT current_setting('application_name')", &[])
+            .await
+            .unwrap()
+            .get::<_, String>(0)
+    };
+    let plain = Store::connect(&url, 1, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let bulk = Store::connect_lane(&url, Some("bulk"), 1, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let plain = name(plain).await;
+    assert!(plain.starts_with("tessera"), "{plain}");
+    assert_eq!(name(bulk).await, format!("{plain}-bulk"));
+
+    let separator = if url.contains('?') { '&' } else { '?' };
+    let named = format!("{url}{separator}application_name=mine");
+    let given = Store::connect_lane(&named, Some("bulk"), 1, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(name(given).await, "mine");
+}

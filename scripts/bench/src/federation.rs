@@ -543,16 +543,17 @@ async fn main() -> anyhow::Result<()> {
     // connections and sending): serializing and signing 50-PDU transactions
     // would otherwise hold the threads that time the quiet messages and read
     // /sync, and the load generator's own queueing would count as latency.
-    let flood_owner = OwnRuntime(Some(
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("bench-flood")
-            .enable_all()
-            .build()?,
-    ));
+    let flood_owner;
     let flood_runtime = if args.flood_low_priority {
         tessera_runtime::bulk::low_priority_runtime("bench-flood", 2)?
     } else {
+        flood_owner = OwnRuntime(Some(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("bench-flood")
+                .enable_all()
+                .build()?,
+        ));
         flood_owner.handle()
     };
     let join_flooder = |busy: String| {

@@ -138,7 +138,7 @@ impl View {
     /// The room's newest position if this worker knows it for every position
     /// after `since`; `None` means "ask Postgres".
     pub fn room_head_after(&self, room_id: &str, partition: u32, since: i64) -> Option<i64> {
-        if since < self.started[partition as usize] {
+        if !self.heads_known_after(partition as usize, since) {
             return None;
         }
         Some(
@@ -148,6 +148,12 @@ impl View {
                 .get(room_id)
                 .map_or(0, |head| head.pos),
         )
+    }
+
+    /// Whether every room head of `partition` after `since` is in memory:
+    /// this worker has applied every event since it started.
+    fn heads_known_after(&self, partition: usize, since: i64) -> bool {
+        since >= self.started[partition]
     }
 
     fn ms_since_created(&self, now: Instant) -> u64 {
@@ -172,7 +178,7 @@ impl View {
             let Some(&after) = since.get(p) else {
                 return false;
             };
-            if after < self.started[p] {
+            if !self.heads_known_after(p, after) {
                 return false;
             }
             if let Some(head) = heads.get(room_id.as_str())
